@@ -1,0 +1,903 @@
+"""What the HVP training scripts share: config CLI, data streaming, multi-view augmentation with
+recorded crop parameters, hard-view selection, checkpoints and exports, logging, k-NN.
+
+Hard View Pretraining (Ferreira et al., "Beyond Random Augmentations: Pretraining with Hard Views",
+ICLR 2025): sample more views than the method trains on, score every candidate pair (or multi-crop
+tuple) with the method's own per-sample loss in one no-grad forward, and train on the hardest.
+
+This module knows no method by name. A training script passes in its per-sample loss and gets back
+indices and gathered tensors. Copy this file and one `train_<method>.py` and you have a working
+project.
+
+Tensor layout: batches are batch-major. `views` is (B, N, C, H, W) and `params` is (B, N, P).
+Score matrices are (B, K): K candidates per sample, first candidate wins ties.
+"""
+import argparse
+import dataclasses
+import hashlib
+import inspect
+import io
+import itertools
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+REPO_DIR = Path(__file__).resolve().parent
+DEFAULT_DATASET = str(REPO_DIR / "data" / "fashion_mnist_small")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class HVPError(Exception):
+    """A user-facing error: printed as one line, exit status 2, nothing half-written."""
+
+
+def run_main(main):
+    """Run `main()`, turning HVPError into a one-line message and exit status 2."""
+    try:
+        main()
+    except HVPError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------- config / CLI
+
+def _field_comments(cls):
+    """The `# comment` after each dataclass field, used as its --help text."""
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s*(\w+)\s*:[^#]*#\s*(.*)$", line)
+        if m:
+            comments[m.group(1)] = m.group(2)
+    return comments
+
+
+def parse_config(cls, argv=None, presets=None, description=None):
+    """Turn a @dataclass into a CLI (one flag per field, its comment as help).
+
+    `presets` maps a dataset name to defaults that replace the dataclass defaults when that
+    dataset is used, for the flags the user did not give. Returns (config, preset keys applied).
+    """
+    parser = argparse.ArgumentParser(description=description)
+    comments = _field_comments(cls)
+    for f in dataclasses.fields(cls):
+        kwargs = dict(default=argparse.SUPPRESS, help=f"{comments.get(f.name, '')} (default: {f.default})")
+        if isinstance(f.default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif isinstance(f.default, tuple):
+            kwargs.update(nargs=len(f.default), type=type(f.default[0]))
+        else:
+            kwargs["type"] = type(f.default) if f.default is not None else str
+        parser.add_argument(f"--{f.name}", **kwargs)
+    given = vars(parser.parse_args(argv))  # only the flags on the command line
+    values = {f.name: f.default for f in dataclasses.fields(cls)}
+    preset = (presets or {}).get(given.get("dataset", values.get("dataset")), {})
+    values.update(preset)
+    values.update({k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
+    return cls(**values), sorted(set(preset) - set(given))
+
+
+def seed_all(seed):
+    """Seed python `random`, numpy and torch (decision D8)."""
+    import random
+    import numpy as np
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def mix_seed(*parts):
+    """A 63-bit seed derived from integers; different tuples give unrelated streams."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+# ----------------------------------------------------------------------------------- data
+
+def _load_stream(name, split):
+    import datasets
+    path = Path(name).expanduser()
+    if path.is_file() or any(ch in name for ch in "*?["):
+        # a single file or a glob: its contents are the split, whatever it is called
+        suffix = Path(name.split("*")[0] + "x.parquet").suffix if "*" in name else path.suffix
+        builder = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}.get(suffix, "parquet")
+        return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True)
+    return datasets.load_dataset(str(path) if path.exists() else name, split=split, streaming=True)
+
+
+def open_dataset(name, split, image_column="image", label_column="label"):
+    """Open a dataset as a streamed `datasets.IterableDataset` with images left undecoded.
+
+    `name` is a Hugging Face Hub dataset id, a local folder (image folder or parquet files in the
+    Hub layout), a parquet file or a glob of them. Raises HVPError with one line on any problem,
+    before a model is built. Returns (dataset, has_labels).
+    """
+    import datasets
+    try:
+        ds = _load_stream(name, split)
+    except ValueError as e:
+        if "split" in str(e).lower():
+            raise HVPError(f"dataset {name!r} has no split {split!r} ({str(e).splitlines()[0]})") from None
+        raise HVPError(f"cannot open dataset {name!r}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, HTTP...)
+        where = "a local path" if Path(name).expanduser().exists() else "not a local path nor a reachable Hub dataset"
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise HVPError(f"cannot open dataset {name!r} ({where}): {msg}") from None
+    features = ds.features
+    if features is None:  # some Hub streams only know their columns after the first example
+        try:
+            columns = list(next(iter(ds)).keys())
+        except Exception as e:
+            raise HVPError(f"cannot read dataset {name!r}: {e}") from None
+    else:
+        columns = list(features)
+    if image_column not in columns:
+        raise HVPError(f"dataset {name!r} has no image column {image_column!r} (columns: {columns}); "
+                       f"pass --image_column")
+    if features is not None and isinstance(features[image_column], datasets.Image):
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))
+    return ds, label_column in columns
+
+
+def num_examples(ds, split):
+    """Size of a split from the dataset card, or by one pass over a single light column."""
+    splits = ds.info.splits or {}
+    if split in splits and splits[split].num_examples:
+        return splits[split].num_examples
+    column = [c for c in (ds.column_names or []) if c != "image"][:1] or ds.column_names[:1]
+    return sum(1 for _ in ds.select_columns(column))
+
+
+def shard_for_rank(ds, rank, world_size, num_workers=1):
+    """This rank's disjoint part of the stream (split_dataset_by_node). Parquet files are split into
+    row groups (`reshard`) when there are too few files for every process and loader worker."""
+    from datasets.distributed import split_dataset_by_node
+    if ds.num_shards % world_size or ds.num_shards < world_size * max(1, num_workers):
+        ds = ds.reshard()
+    if world_size > 1 and ds.num_shards % world_size:
+        print(f"warning: {ds.num_shards} shards do not divide by {world_size} processes: every "
+              "process reads the whole stream and keeps every n-th example", file=sys.stderr)
+    return split_dataset_by_node(ds, rank=rank, world_size=world_size) if world_size > 1 else ds
+
+
+def decode_image(value):
+    """Decode a dataset image cell (PIL image, {'bytes','path'} dict, bytes or path) to RGB.
+    Returns None when it cannot be decoded."""
+    from PIL import Image
+    try:
+        if isinstance(value, Image.Image):
+            img = value
+        elif isinstance(value, dict):
+            img = Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
+        elif isinstance(value, (bytes, bytearray)):
+            img = Image.open(io.BytesIO(value))
+        else:
+            img = Image.open(value)
+        img.load()
+        if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit / float grayscale: rescale to 8 bits
+            import numpy as np
+            a = np.asarray(img, dtype=np.float32)
+            a = (a - a.min()) / max(float(a.max() - a.min()), 1e-6) * 255
+            img = Image.fromarray(a.astype(np.uint8), mode="L")
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            rgba = img.convert("RGBA")
+            img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        return img.convert("RGB")
+    except Exception:  # truncated, corrupt, unsupported: the caller skips and counts it
+        return None
+
+
+class ViewStream(torch.utils.data.IterableDataset):
+    """A rank's stream of transformed samples for one epoch: {**transform(image), label, skipped}.
+
+    - Every sample's augmentation uses its own generator seeded from (seed, epoch, rank, worker,
+      index), so the stream is reproducible and resuming is exact (see `epoch_batches`).
+    - The rank's shards are cycled, so every worker always has data and the training loop
+      decides when an epoch ends (a fixed number of steps on every rank: DDP needs that).
+    - Undecodable images are skipped; `skipped` counts them in the batch that follows.
+    """
+
+    def __init__(self, ds, transform, image_column, label_column, seed, rank, batch_size, cycle=True):
+        super().__init__()
+        self.ds, self.transform, self.seed, self.rank = ds, transform, seed, rank
+        self.image_column, self.label_column, self.batch_size, self.cycle = image_column, label_column, batch_size, cycle
+        self.epoch, self.skip_batches = 0, 0
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        # The loader takes batches round-robin from workers 0, 1, ..., so whole rounds are skipped
+        # here and the remaining skip_batches % num_workers batches by `epoch_batches`.
+        skip = self.skip_batches // num_workers * self.batch_size
+        index, produced, skipped = 0, 0, 0
+        for cycle in itertools.count():
+            self.ds.set_epoch(self.epoch + 1_000_003 * cycle)
+            empty = True
+            for example in self.ds:
+                empty = False
+                i, index = index, index + 1
+                image = decode_image(example[self.image_column])
+                if image is None:
+                    skipped += produced >= skip
+                    continue
+                produced += 1
+                if produced <= skip:
+                    continue
+                generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, self.rank, worker, i))
+                sample = self.transform(image, generator)
+                label = example.get(self.label_column) if self.label_column else None
+                sample["label"] = -1 if label is None else int(label)
+                sample["skipped"] = skipped
+                skipped = 0
+                yield sample
+            if empty or not self.cycle:
+                return
+
+
+def epoch_batches(loader, epoch, skip_batches=0):
+    """Iterator over one epoch of a ViewStream loader, starting after `skip_batches` batches: exactly
+    the batches an uninterrupted epoch would give from there on (for resuming mid-epoch)."""
+    loader.dataset.epoch, loader.dataset.skip_batches = epoch, skip_batches
+    batches = iter(loader)
+    for _ in range(skip_batches % max(1, loader.num_workers)):
+        next(batches)
+    return batches
+
+
+def make_loader(stream, batch_size, num_workers, num_shards, pin_memory=False):
+    """DataLoader over a ViewStream. Workers never outnumber the rank's shards (an idle worker
+    would break the round-robin order that resuming relies on)."""
+    workers = max(0, min(num_workers, num_shards))
+    return torch.utils.data.DataLoader(stream, batch_size=batch_size, num_workers=workers,
+                                       pin_memory=pin_memory, drop_last=False,
+                                       persistent_workers=False, prefetch_factor=4 if workers else None)
+
+
+# ----------------------------------------------------------------------------------- views
+
+PARAM_NAMES = ("top", "left", "height", "width", "src_height", "src_width", "flip",
+               "brightness", "contrast", "saturation", "hue", "jitter_order",
+               "grayscale", "blur_sigma", "solarize")
+P = {name: i for i, name in enumerate(PARAM_NAMES)}
+_JITTER_ORDERS = list(itertools.permutations(range(4)))
+
+
+@dataclasses.dataclass
+class ViewAug:
+    """One augmentation recipe. Blur kernel and sigma are given for 224 px and scale with `size`."""
+    size: int = 224
+    scale: tuple = (0.2, 1.0)                 # random-resized-crop area range
+    ratio: tuple = (3 / 4, 4 / 3)             # random-resized-crop aspect range
+    flip_p: float = 0.5
+    jitter: tuple = (0.4, 0.4, 0.4, 0.1)      # brightness, contrast, saturation, hue strengths
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma: tuple = (0.1, 2.0)
+    blur_kernel: int = 9
+    solarize_p: float = 0.0
+    interpolation: str = "bilinear"
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+
+
+def _uniform(g, low, high):
+    return low + (high - low) * torch.rand((), generator=g).item()
+
+
+def sample_crop(height, width, scale, ratio, g):
+    """Random-resized-crop box (top, left, h, w) in source pixels: area fraction in `scale`,
+    log-uniform aspect ratio in `ratio`, 10 tries, then the largest central crop in range."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * _uniform(g, *scale)
+        aspect = math.exp(_uniform(g, *log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (), generator=g))
+            left = int(torch.randint(0, width - w + 1, (), generator=g))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def augment_view(image, aug, g):
+    """One augmented view of a uint8 (3, H, W) tensor. Returns (float view, param vector).
+    Order: crop+resize, flip, colour jitter, grayscale, blur, solarize, normalise."""
+    import torchvision.transforms.v2.functional as TF
+    H, W = image.shape[-2:]
+    p = torch.zeros(len(PARAM_NAMES))
+    top, left, h, w = sample_crop(H, W, aug.scale, aug.ratio, g)
+    p[[P["top"], P["left"], P["height"], P["width"], P["src_height"], P["src_width"]]] = torch.tensor(
+        [top, left, h, w, H, W], dtype=torch.float)
+    mode = TF.InterpolationMode.BICUBIC if aug.interpolation == "bicubic" else TF.InterpolationMode.BILINEAR
+    view = TF.resized_crop(image, top, left, h, w, [aug.size, aug.size], interpolation=mode, antialias=True)
+    view = view.float().div_(255)
+    if torch.rand((), generator=g) < aug.flip_p:
+        view, p[P["flip"]] = view.flip(-1), 1
+    p[P["brightness"]], p[P["contrast"]], p[P["saturation"]], p[P["jitter_order"]] = 1, 1, 1, -1
+    if torch.rand((), generator=g) < aug.jitter_p:
+        b, c, s, hue = aug.jitter
+        factors = [_uniform(g, max(0, 1 - b), 1 + b), _uniform(g, max(0, 1 - c), 1 + c),
+                   _uniform(g, max(0, 1 - s), 1 + s), _uniform(g, -hue, hue)]
+        order = int(torch.randint(0, 24, (), generator=g))
+        ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+        for k in _JITTER_ORDERS[order]:
+            if factors[k] != (0 if k == 3 else 1):
+                view = ops[k](view, factors[k])
+        p[[P["brightness"], P["contrast"], P["saturation"], P["hue"], P["jitter_order"]]] = torch.tensor(
+            factors + [order], dtype=torch.float)
+    if torch.rand((), generator=g) < aug.gray_p:
+        view, p[P["grayscale"]] = TF.rgb_to_grayscale(view, num_output_channels=3), 1
+    if torch.rand((), generator=g) < aug.blur_p:
+        rel = aug.size / 224
+        sigma = _uniform(g, aug.blur_sigma[0] * rel, aug.blur_sigma[1] * rel)
+        kernel = max(3, int(round(aug.blur_kernel * rel)) // 2 * 2 + 1)
+        view, p[P["blur_sigma"]] = TF.gaussian_blur(view, [kernel, kernel], [sigma, sigma]), sigma
+    if torch.rand((), generator=g) < aug.solarize_p:
+        view, p[P["solarize"]] = TF.solarize(view, 0.5), 1
+    return TF.normalize(view, list(aug.mean), list(aug.std)), p
+
+
+class MultiViewTransform:
+    """N independent views per image, each from its own recipe, plus their parameters.
+
+    `groups` maps an output name to a list of recipes, one per view, e.g.
+    {"views": [simsiam_aug] * 4} or {"global_views": [gt1, gt2, gt1, gt2], "local_views": [local] * 8}.
+    Returns {name: (n, 3, S, S) tensor, name + "_params": (n, len(PARAM_NAMES)) tensor}.
+    """
+
+    def __init__(self, groups):
+        self.groups = groups
+
+    def __call__(self, image, generator):
+        import torchvision.transforms.v2.functional as TF
+        src = TF.pil_to_tensor(image)
+        out = {}
+        for name, recipes in self.groups.items():
+            views, params = zip(*(augment_view(src, aug, generator) for aug in recipes))
+            out[name], out[name + "_params"] = torch.stack(views), torch.stack(params)
+        return out
+
+
+class EvalTransform:
+    """Resize the shorter side to size / crop_pct, centre-crop `size`, normalise (k-NN, linear)."""
+
+    def __init__(self, size, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.875, interpolation="bicubic"):
+        self.size, self.mean, self.std, self.crop_pct, self.interpolation = size, mean, std, crop_pct, interpolation
+
+    def __call__(self, image, generator=None):
+        import torchvision.transforms.v2.functional as TF
+        mode = TF.InterpolationMode.BICUBIC if self.interpolation == "bicubic" else TF.InterpolationMode.BILINEAR
+        x = TF.resize(TF.pil_to_tensor(image), int(self.size / self.crop_pct), interpolation=mode, antialias=True)
+        x = TF.center_crop(x, [self.size, self.size]).float().div_(255)
+        return {"image": TF.normalize(x, list(self.mean), list(self.std))}
+
+
+def resize_views(x, factor):
+    """Downscale a (..., C, H, W) batch by `factor` for a cheaper selection forward (decision D6)."""
+    if factor == 1:
+        return x
+    size = [max(1, round(s * factor)) for s in x.shape[-2:]]
+    return F.interpolate(x.flatten(0, -4), size=size, mode="bilinear", antialias=True,
+                         align_corners=False).unflatten(0, x.shape[:-3])
+
+
+def crop_iou(params_a, params_b):
+    """IoU of two sets of crop boxes in source pixels (flip ignored), shape (...)."""
+    t1, l1, h1, w1 = params_a[..., :4].unbind(-1)
+    t2, l2, h2, w2 = params_b[..., :4].unbind(-1)
+    ih = (torch.minimum(t1 + h1, t2 + h2) - torch.maximum(t1, t2)).clamp(min=0)
+    iw = (torch.minimum(l1 + w1, l2 + w2) - torch.maximum(l1, l2)).clamp(min=0)
+    inter = ih * iw
+    return inter / (h1 * w1 + h2 * w2 - inter)
+
+
+def crop_area(params):
+    """Crop area as a fraction of the source image."""
+    return params[..., P["height"]] * params[..., P["width"]] / (params[..., P["src_height"]] * params[..., P["src_width"]])
+
+
+# ----------------------------------------------------------------------------------- selection
+
+def candidate_pairs(num_views, device=None):
+    """All unordered view pairs (K, 2) in the reference's loop order (0,1), (0,2), ..., (N-2,N-1)."""
+    return torch.combinations(torch.arange(num_views, device=device), 2)
+
+
+def pair_scores(outputs, pair_loss, pairs):
+    """Score every candidate pair for every sample in one vectorised call.
+
+    outputs: a tensor or tuple of tensors shaped (B, N, ...) (per-view model outputs).
+    pair_loss(first, second): the method's per-sample loss for pairs of such outputs, given
+      tensors shaped (B, K, ...); returns (B, K). Higher = harder.
+    """
+    def take(col):
+        return tuple(t[:, pairs[:, col]] for t in outputs) if isinstance(outputs, tuple) else outputs[:, pairs[:, col]]
+    return pair_loss(take(0), take(1))
+
+
+def hardest(scores):
+    """Per-sample argmax over candidates (B, K) -> (index (B,), score (B,)). The first candidate
+    reaching the maximum wins ties (as the reference's running strict-improvement loop); a NaN
+    score wins like the reference's running max does."""
+    index = scores.argmax(dim=1)
+    return index, scores.gather(1, index[:, None])[:, 0]
+
+
+def gather_views(views, index):
+    """Pick per sample the views named by `index` with one indexed gather.
+    views (B, N, ...); index (B,) -> (B, ...) or (B, S) -> (B, S, ...)."""
+    rows = torch.arange(views.shape[0], device=views.device)
+    return views[rows[:, None], index] if index.dim() == 2 else views[rows, index]
+
+
+def select_hard_pairs(outputs, pair_loss):
+    """HVP for pair methods (SimSiam, SimCLR). Returns (pair (B, 2) view indices with the lower
+    index first, its score (B,), scores (B, K) of all candidates; column 0 is the plain pair (0, 1))."""
+    first = outputs[0] if isinstance(outputs, tuple) else outputs
+    pairs = candidate_pairs(first.shape[1], first.device)
+    scores = pair_scores(outputs, pair_loss, pairs)
+    index, best = hardest(scores)
+    return pairs[index], best, scores
+
+
+def global_pairs(num_globals, device=None):
+    """Candidate (even, odd) global pairs in the reference order: product(evens, odds). Slot 0
+    always holds an even view (global transform 1), slot 1 an odd one (transform 2)."""
+    evens = torch.arange(0, num_globals, 2, device=device)
+    odds = torch.arange(1, num_globals, 2, device=device)
+    return torch.cartesian_prod(evens, odds).view(-1, 2)
+
+
+def tuple_score(cost, g0, g1, locals_, extra=None):
+    """Score of tuples (g0, g1, locals) from a cost table, per sample.
+    cost (B, G, V); g0, g1 (B,) global indices; locals_ (B, L) absolute view indices (>= G)."""
+    rows = torch.arange(cost.shape[0], device=cost.device)
+    score = cost[rows, g0, g1] + cost[rows, g1, g0]
+    if locals_.shape[1]:
+        score = score + (cost[rows[:, None], g0[:, None], locals_] + cost[rows[:, None], g1[:, None], locals_]).sum(1)
+    if extra is not None:
+        score = score + extra[rows, g0] + extra[rows, g1]
+    return score
+
+
+def select_multicrop(cost, num_locals, extra=None, limit=0, generator=None):
+    """HVP for multi-crop methods (DINO, iBOT): choose per sample the (even, odd, L locals) tuple
+    with the highest additive score.
+
+    cost (B, G, V): cost[b, q, v] = loss term of teacher global q against student view v, views
+      ordered [G globals, L_loader locals]; extra (B, G) optional per-global term (iBOT patch loss).
+    Score of (g0, g1, S) = cost[g0,g1] + cost[g1,g0] + sum_{l in S} (cost[g0,l] + cost[g1,l])
+      (+ extra[g0] + extra[g1]); for DINO this is the sum of the 2(L+1) cross-entropy terms.
+    Because the score is additive and |S| is fixed, the best S for a global pair is the top-L locals
+    by cost[g0,l] + cost[g1,l]: exactly the exhaustive search over C(L_loader, L) subsets (D4).
+    Global pairs are compared in product(evens, odds) order, first wins ties.
+    limit > 0: score only `limit` random tuples drawn with `generator`, shared by the batch.
+    Returns (globals (B, 2), locals (B, L) ascending absolute indices, score (B,)).
+    """
+    B, G, V = cost.shape
+    L_loader = V - G
+    if num_locals > L_loader:
+        raise ValueError(f"cannot keep {num_locals} locals out of {L_loader}")
+    pairs = global_pairs(G, cost.device)
+    if limit and limit < len(pairs) * math.comb(L_loader, num_locals):
+        return _select_multicrop_limited(cost, num_locals, pairs, extra, limit, generator)
+    g0, g1 = pairs[:, 0], pairs[:, 1]                              # (Pn,)
+    pair_part = cost[:, g0, g1] + cost[:, g1, g0]                  # (B, Pn)
+    if extra is not None:
+        pair_part = pair_part + extra[:, g0] + extra[:, g1]
+    local_w = cost[:, g0, G:] + cost[:, g1, G:]                    # (B, Pn, L_loader)
+    top_w, top_i = local_w.topk(num_locals, dim=2)
+    k, best = hardest(pair_part + top_w.sum(2))
+    rows = torch.arange(B, device=cost.device)
+    locals_ = top_i[rows, k].sort(dim=1).values + G
+    return pairs[k], locals_, best
+
+
+def _select_multicrop_limited(cost, num_locals, pairs, extra, limit, generator):
+    B, G, V = cost.shape
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    pick = torch.randint(0, len(pairs), (limit,), generator=generator, device=gen_device).to(cost.device)
+    subsets = torch.rand(limit, V - G, generator=generator, device=gen_device).argsort(1)[:, :num_locals]
+    subsets = subsets.sort(1).values.to(cost.device) + G            # (limit, L)
+    g = pairs[pick]                                                 # (limit, 2)
+    scores = torch.stack([tuple_score(cost, g[t, 0].expand(B), g[t, 1].expand(B),
+                                      subsets[t].expand(B, -1), extra) for t in range(limit)], 1)
+    index, best = hardest(scores)
+    return g[index], subsets[index], best
+
+
+def selection_stats(params, hard_pair, hard_score, random_score):
+    """Decision D9 statistics for a batch: mean score, crop IoU and crop area of the selected pair
+    vs the plain pair (0, 1). params (B, N, P) on CPU; hard_pair (B, 2)."""
+    hard_pair = hard_pair.cpu()
+    a, b = gather_views(params, hard_pair[:, 0]), gather_views(params, hard_pair[:, 1])
+    return {
+        "hard_score": float(hard_score.float().mean()), "random_score": float(random_score.float().mean()),
+        "hard_iou": float(crop_iou(a, b).mean()), "random_iou": float(crop_iou(params[:, 0], params[:, 1]).mean()),
+        "hard_area": float((crop_area(a) + crop_area(b)).mean() / 2),
+        "random_area": float((crop_area(params[:, 0]) + crop_area(params[:, 1])).mean() / 2),
+    }
+
+
+# ----------------------------------------------------------------------------------- models
+
+ARCH_ALIASES = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224",
+                "vit_base": "vit_base_patch16_224", "vit_large": "vit_large_patch16_224"}
+
+
+def create_backbone(arch, image_size=224, small_stem=False, drop_path_rate=0.0, **model_args):
+    """A timm backbone without classifier (num_classes=0). ViTs accept any image size
+    (dynamic_img_size), so global and local crops and reduced-resolution selection share one model.
+    small_stem (28-64 px inputs): ResNet-style models get a 3x3 stride-1 first conv and no max-pool;
+    ViTs get patch size 4 (<= 48 px) or 8."""
+    import timm
+    name = ARCH_ALIASES.get(arch, arch)
+    if not timm.is_model(name):
+        raise HVPError(f"unknown --arch {arch!r}: not a timm model name (try resnet18, resnet50, vit_small, "
+                       f"vit_base, or any name from timm.list_models())")
+    kwargs = dict(num_classes=0, **model_args)
+    if drop_path_rate:
+        kwargs["drop_path_rate"] = drop_path_rate
+    is_vit = timm.models.is_model_in_modules(name, ["vision_transformer", "deit", "eva", "beit"])
+    if is_vit:
+        kwargs.setdefault("img_size", image_size)
+        kwargs.setdefault("dynamic_img_size", True)
+        if small_stem:
+            kwargs.setdefault("patch_size", 4 if image_size <= 48 else 8)
+    model = timm.create_model(name, **kwargs)
+    if small_stem and not is_vit:
+        conv, pool = getattr(model, "conv1", None), getattr(model, "maxpool", None)
+        if not isinstance(conv, nn.Conv2d) or pool is None:
+            raise HVPError(f"--small_stem supports ResNet-style (conv1 + maxpool) and ViT models, not {arch!r}")
+        model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, 1, 1, bias=False)
+        model.maxpool = nn.Identity()
+        model.hvp_small_stem = True
+    return model
+
+
+def export_backbone(backbone, out_dir, data_config, tag):
+    """Write `model.safetensors` + timm `config.json` to `out_dir` atomically. Standard backbones
+    load with `timm.create_model("local-dir:<out_dir>", pretrained=True)` (or "hf-hub:<id>" once
+    pushed); small-stem ResNets need `load_backbone` (timm cannot express that stem)."""
+    import timm
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model_config = {"pretrained_cfg": {"tag": tag}}
+    if getattr(backbone, "hvp_small_stem", False):
+        model_config["hvp_small_stem"] = True
+    timm.models.save_for_hf(backbone, tmp, model_config=model_config, safe_serialization=True,
+                            data_config=data_config)
+    _replace_dir(tmp, out_dir)
+    return out_dir
+
+
+def load_backbone(source):
+    """Load a backbone from an export folder (config.json + model.safetensors), a checkpoint folder,
+    a training output folder, or a timm/Hub name ("hf-hub:org/name"). Returns (model, config dict)."""
+    import timm
+    from safetensors.torch import load_file
+    path = Path(source).expanduser()
+    if str(source).startswith(("hf-hub:", "timm/")):
+        model = timm.create_model(str(source), pretrained=True, num_classes=0)
+        return model, {"architecture": str(source), "pretrained_cfg": model.pretrained_cfg}
+    for candidate in (path, path / "backbone"):
+        if (candidate / "config.json").is_file() and (candidate / "model.safetensors").is_file():
+            path = candidate
+            break
+    else:
+        ckpt = latest_checkpoint(path) if path.is_dir() else None
+        if ckpt is not None and (ckpt / "backbone" / "config.json").is_file():
+            path = ckpt / "backbone"
+        else:
+            raise HVPError(f"no backbone found at {source!r}: expected a folder with config.json and "
+                           "model.safetensors, a checkpoint folder, a training output folder, or hf-hub:<id>")
+    config = json.loads((path / "config.json").read_text())
+    if config.get("hvp_small_stem"):
+        args = {k: v for k, v in config.get("model_args", {}).items() if k not in ("num_classes", "in_chans", "global_pool")}
+        model = create_backbone(config["architecture"], small_stem=True, **args)
+        model.load_state_dict(load_file(path / "model.safetensors"))
+    else:
+        model = timm.create_model(f"local-dir:{path}", pretrained=True)
+    return model, config
+
+
+# ----------------------------------------------------------------------------------- checkpoints
+
+def _flatten(obj, tensors, prefix):
+    """Split a nested state into JSON-able structure + a flat {key: tensor} dict (no pickle)."""
+    if torch.is_tensor(obj):
+        key = f"{len(tensors)}:{prefix}"  # the counter keeps keys unique whatever the dict keys are
+        tensors[key] = obj.detach().cpu().contiguous().clone()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {k: _flatten(v, tensors, f"{prefix}.{k}" if prefix else k) for k, v in obj.items()}
+        return {"__items__": [[k, _flatten(v, tensors, f"{prefix}.{k}")] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return {"__list__": [_flatten(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)],
+                "tuple": isinstance(obj, tuple)}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot checkpoint a {type(obj).__name__} at {prefix!r}")
+
+
+def _unflatten(obj, tensors):
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__items__" in obj:
+            return {k: _unflatten(v, tensors) for k, v in obj["__items__"]}
+        if "__list__" in obj:
+            items = [_unflatten(v, tensors) for v in obj["__list__"]]
+            return tuple(items) if obj["tuple"] else items
+        return {k: _unflatten(v, tensors) for k, v in obj.items()}
+    return obj
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_dir(tmp, final):
+    """Move a finished folder into place; an existing one is swapped out first, then removed."""
+    for f in Path(tmp).iterdir():
+        _fsync(f)
+    old = None
+    if final.exists():
+        old = final.with_name(final.name + f".old-{os.getpid()}")
+        os.rename(final, old)
+    os.rename(tmp, final)
+    _fsync(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def save_checkpoint(output_dir, step, state, backbone=None, data_config=None, tag="hvp", keep=2):
+    """Write `output_dir/checkpoint-<step>/` atomically: state.safetensors (every tensor),
+    state.json (everything else), backbone/ (timm export). A kill at any moment leaves either the
+    old or the new checkpoint complete, never a half-written latest one."""
+    from safetensors.torch import save_file
+    output_dir = Path(output_dir)
+    final = output_dir / f"checkpoint-{step:08d}"
+    tmp = output_dir / f".tmp-checkpoint-{step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {}
+    skeleton = _flatten(state, tensors, "")
+    save_file(tensors, tmp / "state.safetensors")
+    (tmp / "state.json").write_text(json.dumps(skeleton))
+    if backbone is not None:
+        export_backbone(backbone, tmp / "backbone", data_config, tag)
+    _replace_dir(tmp, final)
+    old = sorted(p for p in output_dir.iterdir() if CHECKPOINT_RE.match(p.name))
+    for p in old[:-keep] if keep > 0 else []:
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(output_dir):
+    """The newest complete checkpoint folder in output_dir (or output_dir itself if it is one)."""
+    output_dir = Path(output_dir)
+    if (output_dir / "state.json").is_file():
+        return output_dir
+    if not output_dir.is_dir():
+        return None
+    done = [p for p in output_dir.iterdir() if CHECKPOINT_RE.match(p.name) and (p / "state.json").is_file()
+            and (p / "state.safetensors").is_file()]
+    return max(done, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)), default=None)
+
+
+def load_checkpoint(path):
+    """Read a checkpoint written by save_checkpoint. Only safetensors and JSON are parsed."""
+    from safetensors.torch import load_file
+    path = Path(path)
+    try:
+        return _unflatten(json.loads((path / "state.json").read_text()), load_file(path / "state.safetensors"))
+    except Exception as e:
+        raise HVPError(f"cannot read checkpoint {path}: {e}") from None
+
+
+def cleanup_partial_checkpoints(output_dir):
+    for p in Path(output_dir).glob(".tmp-checkpoint-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------- training plumbing
+
+def make_accelerator(mixed_precision, grad_accum, report_to, output_dir):
+    """Accelerator for CUDA, or CPU (also several CPU processes over gloo under accelerate launch)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    on_cpu = not torch.cuda.is_available()
+    trackers = None if report_to in ("", "none") else report_to.split(",")
+    return Accelerator(cpu=on_cpu, mixed_precision=mixed_precision or None,
+                       gradient_accumulation_steps=grad_accum, log_with=trackers,
+                       project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir)))
+
+
+def cosine(step, total_steps, start, end=0.0, warmup_steps=0, warmup_start=0.0):
+    """Linear warmup from warmup_start to start, then cosine from start to end."""
+    if step < warmup_steps:
+        return warmup_start + (start - warmup_start) * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class StopRequest:
+    """Turns SIGTERM into a flag the loop checks between steps, so it can save and exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        try:
+            signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            pass
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def agreed(self, accelerator):
+        """True on every process if any process got SIGTERM."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per logged step) + the Accelerate tracker, main process only."""
+
+    def __init__(self, accelerator, output_dir):
+        self.accelerator = accelerator
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.file = open(self.path, "a") if accelerator.is_main_process else None
+
+    def log(self, record):
+        if self.file is None:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "epoch")}
+        self.accelerator.log(numbers, step=record["step"])
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+
+
+def write_run_info(output_dir, config):
+    """Record the resolved config, versions and the script itself next to the results."""
+    import platform
+    info = {"config": dataclasses.asdict(config), "argv": sys.argv, "python": platform.python_version(),
+            "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for mod in ("timm", "accelerate", "datasets"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    Path(output_dir, "config.json").write_text(json.dumps(info, indent=2))
+
+
+def save_view_grid(path, views, hard_pair, mean=IMAGENET_MEAN, std=IMAGENET_STD, max_images=8):
+    """PNG grid: one row per image, all its candidate views; the selected pair is framed green."""
+    import torchvision
+    views = views[:max_images].float().cpu()
+    B, N = views.shape[:2]
+    x = views * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
+    x = F.pad(x.clamp(0, 1), (2, 2, 2, 2), value=0.0)
+    chosen = torch.zeros(B, N, dtype=torch.bool)
+    chosen[torch.arange(B)[:, None], hard_pair[:B].cpu()] = True
+    frame = torch.zeros_like(x[0, 0])
+    frame[1, :2], frame[1, -2:], frame[1, :, :2], frame[1, :, -2:] = 1, 1, 1, 1
+    mask = frame.sum(0, keepdim=True) > 0
+    x = torch.where(chosen[:, :, None, None, None] & mask, frame, x)
+    torchvision.utils.save_image(x.flatten(0, 1), path, nrow=N, padding=2)
+
+
+# ----------------------------------------------------------------------------------- k-NN
+
+@torch.no_grad()
+def extract_features(forward, loader, accelerator, desc="features"):
+    """Run `forward` over a loader of {"image", "label"} batches on every process and gather the
+    (features, labels) of all processes onto every process."""
+    from tqdm.auto import tqdm
+    feats, labels = [], []
+    for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
+        with accelerator.autocast():
+            f = forward(batch["image"].to(accelerator.device, non_blocking=True))
+        feats.append(f.float())
+        labels.append(batch["label"].to(accelerator.device))
+    device = accelerator.device
+    feats = torch.cat(feats) if feats else torch.zeros(0, 0, device=device)
+    labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
+    if accelerator.num_processes > 1:  # ranks hold different counts: pad, gather, strip the padding
+        count = accelerator.gather(torch.tensor([len(labels)], device=device))
+        dim = int(accelerator.gather(torch.tensor([feats.shape[1]], device=device)).max())
+        if feats.shape[1] != dim:  # this rank had no data
+            feats = torch.zeros(0, dim, device=device)
+        feats = accelerator.gather(accelerator.pad_across_processes(feats, dim=0))
+        labels = accelerator.gather(accelerator.pad_across_processes(labels, dim=0, pad_index=-1))
+        longest = len(labels) // len(count)
+        keep = torch.cat([torch.arange(longest, device=device) < c for c in count])
+        feats, labels = feats[keep], labels[keep]
+    return feats, labels
+
+
+@torch.no_grad()
+def knn_classify(train_feats, train_labels, test_feats, k=20, temperature=0.07, num_classes=None, chunk=1024):
+    """Weighted k-NN (the DINO protocol): cosine similarity on L2-normalised features, the k nearest
+    training samples vote for their class with weight exp(sim / T). Returns class scores (M, C)."""
+    num_classes = num_classes or int(train_labels.max()) + 1
+    train = F.normalize(train_feats.float(), dim=1)
+    k = min(k, len(train))
+    out = []
+    for start in range(0, len(test_feats), chunk):
+        test = F.normalize(test_feats[start:start + chunk].float(), dim=1)
+        sim, idx = (test @ train.T).topk(k, dim=1)
+        votes = torch.zeros(len(test), num_classes, device=test.device)
+        votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp())
+        out.append(votes)
+    return torch.cat(out)
+
+
+def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k=20, temperature=0.07):
+    """Top-1 and top-5 accuracy (%) of the weighted k-NN classifier."""
+    num_classes = int(torch.cat([train_labels, test_labels]).max()) + 1
+    scores = knn_classify(train_feats, train_labels, test_feats, k, temperature, num_classes)
+    top = scores.topk(min(5, num_classes), dim=1).indices
+    top1 = (top[:, 0] == test_labels).float().mean().item() * 100
+    top5 = (top == test_labels[:, None]).any(1).float().mean().item() * 100
+    return top1, top5
+
+
+def eval_loader(dataset, split, image_column, label_column, image_size, accelerator, batch_size, num_workers,
+                mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """A non-shuffled, non-augmented loader over this process's part of a labelled split."""
+    ds, has_labels = open_dataset(dataset, split, image_column, label_column)
+    if not has_labels:
+        raise HVPError(f"dataset {dataset!r} split {split!r} has no label column {label_column!r}")
+    ds = shard_for_rank(ds, accelerator.process_index, accelerator.num_processes, num_workers)
+    stream = ViewStream(ds, EvalTransform(image_size, mean, std), image_column, label_column,
+                        seed=0, rank=accelerator.process_index, batch_size=batch_size, cycle=False)
+    return make_loader(stream, batch_size, num_workers, ds.num_shards, pin_memory=torch.cuda.is_available())
+
+
+def knn_eval(forward, accelerator, dataset, train_split, test_split, image_column, label_column, image_size,
+             batch_size=256, num_workers=2, k=20, temperature=0.07, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """k-NN accuracy of frozen features: memory bank = train split, queries = test split."""
+    loaders = [eval_loader(dataset, s, image_column, label_column, image_size, accelerator, batch_size,
+                           num_workers, mean, std) for s in (train_split, test_split)]
+    train_feats, train_labels = extract_features(forward, loaders[0], accelerator, f"k-NN {train_split}")
+    test_feats, test_labels = extract_features(forward, loaders[1], accelerator, f"k-NN {test_split}")
+    top1, top5 = knn_accuracy(train_feats, train_labels, test_feats, test_labels, k, temperature)
+    return {"knn_top1": top1, "knn_top5": top5, "k": k, "temperature": temperature,
+            "train_samples": len(train_labels), "test_samples": len(test_labels)}

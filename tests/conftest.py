@@ -1,0 +1,61 @@
+"""Shared fixtures: offline Hugging Face settings, a tiny copy of the shipped dataset, a runner for
+the training scripts as real subprocesses."""
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+# Read by huggingface_hub / datasets at import time: set before anything imports them.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hvp-test-hf-"))
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+sys.path.insert(0, str(REPO))
+
+SHIPPED = REPO / "data" / "fashion_mnist_small"
+
+
+def write_parquet_split(folder, split, rows, row_group_size):
+    """Write rows of the shipped dataset as `folder/data/<split>-00000-of-00001.parquet`, keeping the
+    Hugging Face feature metadata so `image` still decodes as an Image column."""
+    import pyarrow.parquet as pq
+    source = pq.ParquetFile(SHIPPED / "data" / f"{split}-00000-of-00001.parquet")
+    table = source.read().slice(0, rows) if isinstance(rows, int) else source.read().take(rows)
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    pq.write_table(table.replace_schema_metadata(source.schema_arrow.metadata),
+                   folder / "data" / f"{split}-00000-of-00001.parquet", row_group_size=row_group_size)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """96 train / 48 test images of the shipped subset, 8 row groups each (so 2 processes x 2 workers
+    each get their own shards), without a dataset card (the size is counted)."""
+    folder = tmp_path_factory.mktemp("tiny_fmnist")
+    write_parquet_split(folder, "train", 96, 12)
+    write_parquet_split(folder, "test", 48, 6)
+    return folder
+
+
+def script_env(**extra):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **extra)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def run_script(args, timeout=300, check=True, **popen):
+    """Run a repository script (`python <args>`) in the repository, return CompletedProcess."""
+    result = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=script_env(), capture_output=True,
+                            text=True, timeout=timeout, **popen)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+# Small, fast settings shared by the training-script tests.
+TINY_TRAIN = ["--arch", "resnet18", "--small_stem", "--image_size", "28", "--batch_size", "8",
+              "--proj_dim", "64", "--pred_dim", "16", "--num_workers", "0", "--log_every", "1",
+              "--report_to", "none", "--mixed_precision", "no"]

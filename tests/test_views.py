@@ -1,0 +1,107 @@
+"""Multi-view augmentation: recorded parameters describe the produced views exactly."""
+import io
+
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+
+import hvp_utils as hvp
+
+PLAIN = dict(jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+
+
+def random_image(h=40, w=56, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy())
+
+
+@pytest.mark.parametrize("flip_p", [0.0, 1.0])
+def test_crop_parameters_reproduce_the_view(flip_p):
+    image = random_image()
+    src = TF.pil_to_tensor(image)
+    aug = hvp.ViewAug(size=16, scale=(0.1, 1.0), flip_p=flip_p, **PLAIN)
+    out = hvp.MultiViewTransform({"views": [aug] * 6})(image, torch.Generator().manual_seed(3))
+    assert out["views"].shape == (6, 3, 16, 16) and out["views_params"].shape == (6, len(hvp.PARAM_NAMES))
+    for view, p in zip(out["views"], out["views_params"]):
+        top, left, h, w, H, W = (int(v) for v in p[:6])
+        assert (H, W) == (40, 56) and 0 <= top and top + h <= H and 0 <= left and left + w <= W
+        expected = TF.resized_crop(src, top, left, h, w, [16, 16], antialias=True).float() / 255
+        if p[hvp.P["flip"]]:
+            expected = expected.flip(-1)
+        assert p[hvp.P["flip"]] == flip_p
+        assert torch.equal(view, expected)
+
+
+def test_crop_boxes_respect_scale_and_ratio():
+    aug = hvp.ViewAug(size=8, scale=(0.3, 0.6), **PLAIN)
+    out = hvp.MultiViewTransform({"views": [aug] * 64})(random_image(100, 100), torch.Generator().manual_seed(0))
+    area = hvp.crop_area(out["views_params"])
+    h, w = out["views_params"][:, 2], out["views_params"][:, 3]
+    assert (area > 0.29).all() and (area < 0.61).all()
+    assert ((w / h) > 0.74).all() and ((w / h) < 1.34).all()
+
+
+def test_every_image_and_view_gets_its_own_random_parameters():
+    aug = hvp.ViewAug(size=8)
+    t = hvp.MultiViewTransform({"views": [aug] * 4})
+    a = t(random_image(), torch.Generator().manual_seed(1))
+    b = t(random_image(), torch.Generator().manual_seed(2))
+    again = t(random_image(), torch.Generator().manual_seed(1))
+    assert torch.equal(a["views"], again["views"]) and torch.equal(a["views_params"], again["views_params"])
+    assert not torch.equal(a["views_params"], b["views_params"])
+    assert len({tuple(p[:4].tolist()) for p in a["views_params"]}) == 4
+
+
+def test_recorded_photometric_parameters_match_their_effect():
+    image = random_image()
+    gray = hvp.ViewAug(size=12, gray_p=1.0, jitter_p=0.0, blur_p=0.0, mean=(0, 0, 0), std=(1, 1, 1))
+    out = hvp.MultiViewTransform({"views": [gray] * 3})(image, torch.Generator().manual_seed(0))
+    assert (out["views_params"][:, hvp.P["grayscale"]] == 1).all()
+    assert torch.equal(out["views"][:, 0], out["views"][:, 1])
+    jitter = hvp.ViewAug(size=12, jitter_p=1.0, gray_p=0.0, blur_p=1.0, solarize_p=1.0)
+    p = hvp.MultiViewTransform({"v": [jitter] * 5})(image, torch.Generator().manual_seed(0))["v_params"]
+    assert ((p[:, hvp.P["brightness"]] - 1).abs() <= 0.4).all() and (p[:, hvp.P["jitter_order"]] >= 0).all()
+    assert (p[:, hvp.P["blur_sigma"]] > 0).all() and (p[:, hvp.P["solarize"]] == 1).all()
+
+
+def test_groups_with_different_recipes_and_sizes():
+    g1, g2 = hvp.ViewAug(size=16, blur_p=1.0), hvp.ViewAug(size=16, blur_p=0.1, solarize_p=0.2)
+    local = hvp.ViewAug(size=8, scale=(0.05, 0.4))
+    out = hvp.MultiViewTransform({"global_views": [g1, g2, g1, g2], "local_views": [local] * 5})(
+        random_image(), torch.Generator().manual_seed(0))
+    assert out["global_views"].shape == (4, 3, 16, 16) and out["local_views"].shape == (5, 3, 8, 8)
+    assert (out["global_views_params"][0::2, hvp.P["blur_sigma"]] > 0).all()  # transform 1 always blurs
+
+
+def test_crop_iou_on_known_boxes():
+    box = lambda t, l, h, w: torch.tensor([t, l, h, w], dtype=torch.float)
+    assert hvp.crop_iou(box(0, 0, 10, 10), box(0, 0, 10, 10)) == 1
+    assert hvp.crop_iou(box(0, 0, 10, 10), box(10, 10, 5, 5)) == 0
+    assert hvp.crop_iou(box(0, 0, 10, 10), box(0, 5, 10, 10)) == pytest.approx(50 / 150)
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA", "CMYK", "I;16", "1", "RGB"])
+def test_every_image_mode_decodes_to_rgb(mode):
+    image = random_image(20, 24).convert(mode if mode != "I;16" else "L")
+    if mode == "I;16":
+        image = Image.fromarray((torch.arange(20 * 24).view(20, 24) * 100).numpy().astype("uint16"))
+    buf = io.BytesIO()
+    image.save(buf, format="TIFF" if mode in ("CMYK", "I;16") else "PNG")
+    decoded = hvp.decode_image({"bytes": buf.getvalue(), "path": None})
+    assert decoded.mode == "RGB" and decoded.size == (24, 20)
+    if mode == "I;16":  # 16-bit values are rescaled, not clipped to white
+        assert decoded.getextrema()[0] == (0, 255)
+
+
+def test_undecodable_image_gives_none():
+    assert hvp.decode_image({"bytes": b"\x89PNG\r\n\x1a\nnot really", "path": None}) is None
+    buf = io.BytesIO()
+    random_image().save(buf, format="JPEG")
+    assert hvp.decode_image(buf.getvalue()[: len(buf.getvalue()) // 3]) is None  # truncated JPEG
+
+
+def test_resize_views_keeps_leading_dims():
+    views = torch.randn(2, 4, 3, 16, 16)
+    assert hvp.resize_views(views, 0.5).shape == (2, 4, 3, 8, 8)
+    assert hvp.resize_views(views, 1.0) is views

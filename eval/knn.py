@@ -1,0 +1,86 @@
+"""Weighted k-NN evaluation of a frozen backbone (the DINO protocol).
+
+Features of the train split form the memory bank, the test split is classified by its k nearest
+neighbours (cosine similarity on L2-normalised features), each voting with weight exp(sim / T).
+
+    python eval/knn.py --backbone outputs/simsiam                  # a training output folder
+    python eval/knn.py --backbone outputs/simsiam/checkpoint-00000780
+    python eval/knn.py --backbone outputs/simsiam/backbone --dataset <hub id | folder | parquet>
+    python eval/knn.py --backbone hf-hub:<org>/<repo> --image_size 224
+    python eval/knn.py --raw_pixels                                # the floor: k-NN on raw pixels
+    accelerate launch --multi_gpu --num_processes 8 eval/knn.py --backbone ... --dataset ILSVRC/imagenet-1k \\
+        --test_split validation
+
+Writes a JSON result (--output, default <backbone>/knn.json) and prints one line per k.
+"""
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import hvp_utils as hvp  # noqa: E402
+
+
+@dataclass
+class Config:
+    backbone: str = ""  # training output folder, checkpoint folder, export folder (config.json + model.safetensors) or hf-hub:<id>
+    raw_pixels: bool = False  # use flattened normalised pixels as features instead of a backbone (the baseline floor)
+    dataset: str = hvp.DEFAULT_DATASET  # Hub dataset id, local image folder, or parquet file/folder
+    train_split: str = "train"  # memory bank split
+    test_split: str = "test"  # query split
+    image_column: str = "image"  # dataset column holding images
+    label_column: str = "label"  # dataset column holding labels
+    image_size: int = 0  # eval crop size; 0 = the size the backbone was trained at (config.json)
+    k: str = "10,20,100,200"  # neighbour counts, comma-separated
+    temperature: float = 0.07  # vote weight exp(sim / T)
+    batch_size: int = 256  # images per process per forward
+    num_workers: int = 2  # data loader workers per process
+    mixed_precision: str = ""  # no | fp16 | bf16 for feature extraction; empty = accelerate's setting
+    output: str = ""  # JSON result file; default <backbone folder>/knn.json (or ./knn_raw_pixels.json)
+
+
+def main():
+    cfg, _ = hvp.parse_config(Config, description=__doc__.splitlines()[0])
+    if not cfg.backbone and not cfg.raw_pixels:
+        raise hvp.HVPError("give --backbone <folder | checkpoint | hf-hub:id> or --raw_pixels")
+    ks = [int(k) for k in cfg.k.split(",")]
+    accelerator = hvp.make_accelerator(cfg.mixed_precision, 1, "none", ".")
+    if cfg.raw_pixels:
+        size = cfg.image_size or 28
+        forward, mean, std, name = (lambda x: x.flatten(1)), hvp.IMAGENET_MEAN, hvp.IMAGENET_STD, "raw pixels"
+        default_output = Path("knn_raw_pixels.json")
+    else:
+        model, config = hvp.load_backbone(cfg.backbone)
+        pretrained = config.get("pretrained_cfg", {})
+        size = cfg.image_size or pretrained.get("input_size", (3, 224, 224))[-1]
+        mean, std = tuple(pretrained.get("mean", hvp.IMAGENET_MEAN)), tuple(pretrained.get("std", hvp.IMAGENET_STD))
+        model = model.to(accelerator.device).eval()
+        forward, name = model, cfg.backbone
+        source = Path(cfg.backbone)
+        default_output = (source if source.is_dir() else Path(".")) / "knn.json"
+
+    # One feature pass; every k is then a cheap vote over the same features.
+    loaders = [hvp.eval_loader(cfg.dataset, split, cfg.image_column, cfg.label_column, size, accelerator,
+                               cfg.batch_size, cfg.num_workers, mean, std)
+               for split in (cfg.train_split, cfg.test_split)]
+    train_feats, train_labels = hvp.extract_features(forward, loaders[0], accelerator, cfg.train_split)
+    test_feats, test_labels = hvp.extract_features(forward, loaders[1], accelerator, cfg.test_split)
+    results = {"backbone": name, "dataset": cfg.dataset, "image_size": size, "temperature": cfg.temperature,
+               "train_samples": len(train_labels), "test_samples": len(test_labels), "knn": {}}
+    for k in ks:
+        top1, top5 = hvp.knn_accuracy(train_feats, train_labels, test_feats, test_labels, k, cfg.temperature)
+        results["knn"][str(k)] = {"top1": top1, "top5": top5}
+        if accelerator.is_main_process:
+            print(f"k-NN {name} on {Path(cfg.dataset).name or cfg.dataset} [{cfg.test_split}] k={k}: "
+                  f"top-1 {top1:.2f} %, top-5 {top5:.2f} %", flush=True)
+    if accelerator.is_main_process:
+        output = Path(cfg.output) if cfg.output else default_output
+        output.write_text(json.dumps(results, indent=2))
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    hvp.run_main(main)

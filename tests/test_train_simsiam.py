@@ -1,0 +1,155 @@
+"""train_simsiam.py end to end, as a user runs it (real subprocesses, the real CLI)."""
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import hvp_utils as hvp
+from conftest import REPO, TINY_TRAIN, run_script, script_env, write_parquet_split
+
+
+def train_args(output_dir, dataset, *extra):
+    return ["train_simsiam.py", "--dataset", dataset, "--output_dir", output_dir, *TINY_TRAIN, *map(str, extra)]
+
+
+def records(output_dir):
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "loss" in r]
+
+
+def final_model(output_dir):
+    return hvp.load_checkpoint(hvp.latest_checkpoint(output_dir))["model"]
+
+
+def test_smoke_run_logs_metrics_exports_the_backbone_and_prints_knn(tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    result = run_script(train_args(out, tiny_dataset, "--max_steps", 3))
+    logged = records(out)
+    assert [r["step"] for r in logged] == [1, 2, 3]
+    for key in ("step", "epoch", "loss", "lr", "images_per_s", "select_s", "train_s",
+                "hard_score", "random_score", "hard_iou", "random_iou", "hard_area", "random_area"):
+        assert key in logged[-1], key
+    # the selected pair is the per-sample maximum over candidates that include the plain pair (0, 1)
+    assert all(r["hard_score"] >= r["random_score"] for r in logged)
+    assert "k-NN (k=20, T=0.07)" in result.stdout and json.loads((out / "knn.json").read_text())["knn_top1"] > 0
+    backbone, config = hvp.load_backbone(out)
+    assert config["architecture"] == "resnet18" and config["pretrained_cfg"]["tag"] == "hvp_simsiam"
+    assert list((out / "grids").glob("*.png")) and (out / "config.json").exists()
+    files = sorted(p.name for p in hvp.latest_checkpoint(out).rglob("*") if p.is_file())
+    assert files == ["backbone/config.json", "backbone/model.safetensors", "state.json", "state.safetensors"] or \
+        [f.split("/")[-1] for f in files] == ["config.json", "model.safetensors", "state.json", "state.safetensors"]
+
+
+def test_two_views_is_plain_simsiam_without_a_selection_pass(tiny_dataset, tmp_path):
+    run_script(train_args(tmp_path / "plain", tiny_dataset, "--max_steps", 2, "--num_views", 2))
+    for r in records(tmp_path / "plain"):
+        assert "hard_score" not in r and r["select_s"] < 0.01
+
+
+def test_reduced_resolution_selection_and_hvp_every_run(tiny_dataset, tmp_path):
+    run_script(train_args(tmp_path / "r", tiny_dataset, "--max_steps", 4, "--hvp_select_res", 0.5, "--hvp_every", 2))
+    logged = records(tmp_path / "r")
+    # a record is written after its step: records 1 and 3 are steps 0 and 2, the selecting ones
+    assert ["hard_score" in r for r in logged] == [True, False, True, False]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--num_views", "1"], "error: --num_views must be at least 2"),
+    (["--arch", "no_such_net"], "error: unknown --arch 'no_such_net'"),
+    (["--dataset", "/no/such/dataset"], "error: cannot open dataset '/no/such/dataset'"),
+    (["--hvp_select_res", "0"], "error: --hvp_select_res must be in (0, 1]"),
+])
+def test_bad_input_is_a_one_line_error_and_writes_nothing(tiny_dataset, tmp_path, extra, message):
+    args = train_args(tmp_path / "out", tiny_dataset, "--max_steps", 1)
+    for i in range(0, len(extra), 2):  # later flags win in argparse
+        args += [extra[i], extra[i + 1]]
+    result = run_script(args, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(message)
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_corrupt_image_is_skipped_counted_and_training_goes_on(tmp_path):
+    data = tmp_path / "data_with_corrupt_image"
+    write_parquet_split(data, "train", 16, 4)
+    write_parquet_split(data, "test", 16, 4)
+    path = data / "data" / "train-00000-of-00001.parquet"
+    table = pq.read_table(path)
+    images = table.column("image").to_pylist()
+    images[5] = {"bytes": b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "path": None}
+    column = __import__("pyarrow").array(images, type=table.schema.field("image").type)
+    pq.write_table(table.set_column(0, "image", column), path)
+    run_script(train_args(tmp_path / "out", data, "--max_steps", 3))
+    assert records(tmp_path / "out")[-1]["skipped_images"] >= 1
+
+
+def test_an_existing_run_is_never_overwritten_without_resume(tiny_dataset, tmp_path):
+    run_script(train_args(tmp_path / "out", tiny_dataset, "--max_steps", 1))
+    result = run_script(train_args(tmp_path / "out", tiny_dataset, "--max_steps", 1), check=False)
+    assert result.returncode == 2 and "pass --resume" in result.stderr
+
+
+def test_sigterm_then_resume_gives_the_same_parameters_as_an_uninterrupted_run(tiny_dataset, tmp_path):
+    extra = ("--max_steps", 10, "--num_workers", 2, "--save_every", 100)
+    run_script(train_args(tmp_path / "full", tiny_dataset, *extra))
+
+    interrupted = tmp_path / "interrupted"
+    proc = subprocess.Popen([sys.executable, *map(str, train_args(interrupted, tiny_dataset, *extra))], cwd=REPO,
+                            env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (interrupted / "metrics.jsonl").exists() and len(records(interrupted)) >= 3:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "SIGTERM: saved" in stdout
+    stopped_at = hvp.load_checkpoint(hvp.latest_checkpoint(interrupted))["step"]
+    assert 3 <= stopped_at < 10, "the signal must arrive mid-run for this test to mean anything"
+
+    resumed = run_script(train_args(interrupted, tiny_dataset, *extra, "--resume"))
+    assert f"resumed at step {stopped_at}" in resumed.stdout
+    full, again = final_model(tmp_path / "full"), final_model(interrupted)
+    assert full.keys() == again.keys()
+    for name in full:
+        assert torch.equal(full[name], again[name]), name
+    assert [r["step"] for r in records(interrupted)] == list(range(1, 11))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_cpu_ddp_keeps_parameters_identical_across_ranks(tiny_dataset, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), "tests/rank_params_probe.py",
+           *map(str, train_args(out, tiny_dataset, "--max_steps", 3, "--num_workers", 2))]
+    result = subprocess.run(cmd, cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "2 process(es)" in result.stdout and "k-NN" in result.stdout
+    rank0, rank1 = load_file(out / "params-rank0.safetensors"), load_file(out / "params-rank1.safetensors")
+    assert rank0.keys() == rank1.keys() and len(rank0) > 10
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+    assert [r["step"] for r in records(out)] == [1, 2, 3]  # one writer
+
+
+def test_the_no_argument_main_job_runs_to_its_knn_line(tmp_path):
+    """The README's main job, shortened to 2 steps: shipped dataset, CPU preset, k-NN at the end."""
+    result = run_script(["train_simsiam.py", "--max_steps", "2", "--output_dir", tmp_path / "main", "--report_to", "none"],
+                        timeout=600)
+    assert "preset for the shipped dataset" in result.stdout
+    assert "k-NN (k=20, T=0.07) on fashion_mnist_small [test]: top-1" in result.stdout

@@ -110,8 +110,7 @@ def _load_stream(name, split):
     path = Path(name).expanduser()
     if path.is_file() or any(ch in name for ch in "*?["):
         # a single file or a glob: its contents are the split, whatever it is called
-        suffix = Path(name.split("*")[0] + "x.parquet").suffix if "*" in name else path.suffix
-        builder = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}.get(suffix, "parquet")
+        builder = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}.get(path.suffix, "parquet")
         return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True)
     return datasets.load_dataset(str(path) if path.exists() else name, split=split, streaming=True)
 
@@ -255,6 +254,21 @@ def epoch_batches(loader, epoch, skip_batches=0):
     return batches
 
 
+def training_batches(loader, steps_per_epoch, start_step=0, grad_accum=1, lookahead=16):
+    """Yield (epoch, micro-batch) from optimizer step `start_step` on, epoch after epoch, forever.
+    The next epoch's loader is started `lookahead` micro-batches before the current one ends, so
+    worker start-up and shuffle-buffer filling happen while the model trains."""
+    per_epoch = steps_per_epoch * grad_accum
+    epoch, done = divmod(start_step * grad_accum, per_epoch)
+    current, upcoming = epoch_batches(loader, epoch, done), None
+    while True:
+        for i in range(done, per_epoch):
+            if upcoming is None and per_epoch - i <= lookahead:
+                upcoming = epoch_batches(loader, epoch + 1)
+            yield epoch, next(current)
+        current, upcoming, epoch, done = upcoming, None, epoch + 1, 0
+
+
 def make_loader(stream, batch_size, num_workers, num_shards, pin_memory=False):
     """DataLoader over a ViewStream. Workers never outnumber the rank's shards (an idle worker
     would break the round-robin order that resuming relies on)."""
@@ -268,9 +282,9 @@ def make_loader(stream, batch_size, num_workers, num_shards, pin_memory=False):
 
 PARAM_NAMES = ("top", "left", "height", "width", "src_height", "src_width", "flip",
                "brightness", "contrast", "saturation", "hue", "jitter_order",
-               "grayscale", "blur_sigma", "solarize")
+               "grayscale", "blur_sigma", "blur_kernel", "solarize")
 P = {name: i for i, name in enumerate(PARAM_NAMES)}
-_JITTER_ORDERS = list(itertools.permutations(range(4)))
+_JITTER_ORDERS = list(itertools.permutations(range(4)))  # jitter_order indexes these (-1: no jitter)
 
 
 @dataclasses.dataclass
@@ -288,28 +302,21 @@ class ViewAug:
     blur_kernel: int = 9
     solarize_p: float = 0.0
     interpolation: str = "bilinear"
-    mean: tuple = IMAGENET_MEAN
-    std: tuple = IMAGENET_STD
 
 
-def _uniform(g, low, high):
-    return low + (high - low) * torch.rand((), generator=g).item()
-
-
-def sample_crop(height, width, scale, ratio, g):
+def sample_crop(height, width, scale, ratio, u):
     """Random-resized-crop box (top, left, h, w) in source pixels: area fraction in `scale`,
-    log-uniform aspect ratio in `ratio`, 10 tries, then the largest central crop in range."""
+    log-uniform aspect ratio in `ratio`, 10 tries, then the largest central crop in range.
+    `u` yields uniform [0, 1) numbers."""
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
-        target = area * _uniform(g, *scale)
-        aspect = math.exp(_uniform(g, *log_ratio))
+        target = area * (scale[0] + (scale[1] - scale[0]) * next(u))
+        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * next(u))
         w = int(round(math.sqrt(target * aspect)))
         h = int(round(math.sqrt(target / aspect)))
         if 0 < w <= width and 0 < h <= height:
-            top = int(torch.randint(0, height - h + 1, (), generator=g))
-            left = int(torch.randint(0, width - w + 1, (), generator=g))
-            return top, left, h, w
+            return int(next(u) * (height - h + 1)), int(next(u) * (width - w + 1)), h, w
     in_ratio = width / height
     if in_ratio < ratio[0]:
         w, h = width, int(round(width / ratio[0]))
@@ -320,50 +327,50 @@ def sample_crop(height, width, scale, ratio, g):
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def augment_view(image, aug, g):
-    """One augmented view of a uint8 (3, H, W) tensor. Returns (float view, param vector).
-    Order: crop+resize, flip, colour jitter, grayscale, blur, solarize, normalise."""
+def sample_view_params(height, width, aug, g):
+    """Draw every random parameter of one view (see PARAM_NAMES) from generator `g`."""
+    u = iter(torch.rand(40, generator=g).tolist())  # one generator call per view: enough for any path
+
+    def uniform(low, high):
+        return low + (high - low) * next(u)
+
+    p = dict.fromkeys(PARAM_NAMES, 0.0)
+    p["top"], p["left"], p["height"], p["width"] = sample_crop(height, width, aug.scale, aug.ratio, u)
+    p["src_height"], p["src_width"] = height, width
+    p["flip"] = float(next(u) < aug.flip_p)
+    p["brightness"], p["contrast"], p["saturation"], p["jitter_order"] = 1.0, 1.0, 1.0, -1
+    if next(u) < aug.jitter_p:
+        b, c, s, h = aug.jitter
+        p["brightness"], p["contrast"] = uniform(max(0, 1 - b), 1 + b), uniform(max(0, 1 - c), 1 + c)
+        p["saturation"], p["hue"] = uniform(max(0, 1 - s), 1 + s), uniform(-h, h)
+        p["jitter_order"] = int(next(u) * 24)
+    p["grayscale"] = float(next(u) < aug.gray_p)
+    if next(u) < aug.blur_p:
+        rel = aug.size / 224
+        p["blur_sigma"] = uniform(aug.blur_sigma[0] * rel, aug.blur_sigma[1] * rel)
+        p["blur_kernel"] = max(3, int(round(aug.blur_kernel * rel)) // 2 * 2 + 1)
+    p["solarize"] = float(next(u) < aug.solarize_p)
+    return torch.tensor([p[name] for name in PARAM_NAMES], dtype=torch.float)
+
+
+def crop_view(image, params, aug):
+    """The geometric part of a view: crop the recorded box from a uint8 (3, H, W) image, resize to
+    aug.size, flip if recorded. Stays uint8 (4x less to move between processes)."""
     import torchvision.transforms.v2.functional as TF
-    H, W = image.shape[-2:]
-    p = torch.zeros(len(PARAM_NAMES))
-    top, left, h, w = sample_crop(H, W, aug.scale, aug.ratio, g)
-    p[[P["top"], P["left"], P["height"], P["width"], P["src_height"], P["src_width"]]] = torch.tensor(
-        [top, left, h, w, H, W], dtype=torch.float)
+    top, left, h, w = (int(v) for v in params[:4])
     mode = TF.InterpolationMode.BICUBIC if aug.interpolation == "bicubic" else TF.InterpolationMode.BILINEAR
     view = TF.resized_crop(image, top, left, h, w, [aug.size, aug.size], interpolation=mode, antialias=True)
-    view = view.float().div_(255)
-    if torch.rand((), generator=g) < aug.flip_p:
-        view, p[P["flip"]] = view.flip(-1), 1
-    p[P["brightness"]], p[P["contrast"]], p[P["saturation"]], p[P["jitter_order"]] = 1, 1, 1, -1
-    if torch.rand((), generator=g) < aug.jitter_p:
-        b, c, s, hue = aug.jitter
-        factors = [_uniform(g, max(0, 1 - b), 1 + b), _uniform(g, max(0, 1 - c), 1 + c),
-                   _uniform(g, max(0, 1 - s), 1 + s), _uniform(g, -hue, hue)]
-        order = int(torch.randint(0, 24, (), generator=g))
-        ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
-        for k in _JITTER_ORDERS[order]:
-            if factors[k] != (0 if k == 3 else 1):
-                view = ops[k](view, factors[k])
-        p[[P["brightness"], P["contrast"], P["saturation"], P["hue"], P["jitter_order"]]] = torch.tensor(
-            factors + [order], dtype=torch.float)
-    if torch.rand((), generator=g) < aug.gray_p:
-        view, p[P["grayscale"]] = TF.rgb_to_grayscale(view, num_output_channels=3), 1
-    if torch.rand((), generator=g) < aug.blur_p:
-        rel = aug.size / 224
-        sigma = _uniform(g, aug.blur_sigma[0] * rel, aug.blur_sigma[1] * rel)
-        kernel = max(3, int(round(aug.blur_kernel * rel)) // 2 * 2 + 1)
-        view, p[P["blur_sigma"]] = TF.gaussian_blur(view, [kernel, kernel], [sigma, sigma]), sigma
-    if torch.rand((), generator=g) < aug.solarize_p:
-        view, p[P["solarize"]] = TF.solarize(view, 0.5), 1
-    return TF.normalize(view, list(aug.mean), list(aug.std)), p
+    return view.flip(-1) if params[P["flip"]] else view
 
 
 class MultiViewTransform:
-    """N independent views per image, each from its own recipe, plus their parameters.
+    """N independent views per image, each from its own recipe, plus all their random parameters.
 
     `groups` maps an output name to a list of recipes, one per view, e.g.
     {"views": [simsiam_aug] * 4} or {"global_views": [gt1, gt2, gt1, gt2], "local_views": [local] * 8}.
-    Returns {name: (n, 3, S, S) tensor, name + "_params": (n, len(PARAM_NAMES)) tensor}.
+    Returns {name: (n, 3, S, S) uint8 crops, name + "_params": (n, len(PARAM_NAMES)) float}. The
+    photometric part (jitter, grayscale, blur, solarize, normalise) is applied to whole batches on
+    the training device by `photometric`, from the recorded parameters.
     """
 
     def __init__(self, groups):
@@ -374,9 +381,96 @@ class MultiViewTransform:
         src = TF.pil_to_tensor(image)
         out = {}
         for name, recipes in self.groups.items():
-            views, params = zip(*(augment_view(src, aug, generator) for aug in recipes))
-            out[name], out[name + "_params"] = torch.stack(views), torch.stack(params)
+            params = [sample_view_params(src.shape[1], src.shape[2], aug, generator) for aug in recipes]
+            out[name] = torch.stack([crop_view(src, p, aug) for p, aug in zip(params, recipes)])
+            out[name + "_params"] = torch.stack(params)
         return out
+
+
+def _gray(x):
+    """ITU-R 601 luma, as torchvision's rgb_to_grayscale; (M, 3, H, W) -> (M, 1, H, W)."""
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def _blend(a, b, ratio):
+    return (ratio * a + (1 - ratio) * b).clamp(0, 1)
+
+
+def _shift_hue(x, shift):
+    """Rotate the hue of RGB images in [0, 1] by a per-sample fraction of the colour circle."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.max(1).values, x.min(1).values
+    delta = maxc - minc
+    safe = torch.where(delta == 0, torch.ones_like(delta), delta)
+    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.where(delta == 0, torch.zeros_like(h), h)
+    h = ((h / 6.0) % 1.0 + shift.view(-1, 1, 1)) % 1.0
+    s = torch.where(maxc == 0, torch.zeros_like(delta), delta / torch.where(maxc == 0, torch.ones_like(maxc), maxc))
+    v = maxc
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.long() % 6
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    choices = torch.stack([torch.stack(c, 1) for c in
+                           ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))], 1)  # (M, 6, 3, H, W)
+    return choices.gather(1, i[:, None, None].expand(-1, 1, 3, -1, -1)).squeeze(1)
+
+
+def _jitter_op(x, k, factor):
+    """Colour-jitter operation k (0 brightness, 1 contrast, 2 saturation, 3 hue) with per-sample factors."""
+    f = factor.view(-1, 1, 1, 1)
+    if k == 0:
+        return (x * f).clamp(0, 1)
+    if k == 1:
+        return _blend(x, _gray(x).mean((1, 2, 3), keepdim=True), f)
+    if k == 2:
+        return _blend(x, _gray(x), f)
+    return _shift_hue(x, factor)
+
+
+def _gaussian_blur(x, sigma, kernel):
+    """Separable Gaussian blur with per-sample sigma (reflect padding, as torchvision)."""
+    M, C, H, W = x.shape
+    r = torch.arange(kernel, device=x.device, dtype=x.dtype) - (kernel - 1) / 2
+    w = torch.exp(-0.5 * (r / sigma[:, None]) ** 2)
+    w = (w / w.sum(1, keepdim=True)).repeat_interleave(C, 0)               # (M*C, k)
+    pad = kernel // 2
+    y = F.pad(x.reshape(1, M * C, H, W), (pad, pad, pad, pad), mode="reflect")
+    y = F.conv2d(y, w.view(M * C, 1, 1, kernel), groups=M * C)
+    y = F.conv2d(y, w.view(M * C, 1, kernel, 1), groups=M * C)
+    return y.view(M, C, H, W)
+
+
+def photometric(views, params, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """Apply the recorded photometric augmentations to a batch of uint8 crops, on their device:
+    colour jitter (in each view's recorded random order), grayscale, Gaussian blur, solarize, then
+    normalise. views (..., 3, H, W) uint8, params (..., P) -> float32 views of the same shape."""
+    shape = views.shape
+    x = views.reshape(-1, *shape[-3:]).float().div_(255)
+    p = params.reshape(-1, params.shape[-1]).to(x.device, torch.float32)
+    order = p[:, P["jitter_order"]].long()
+    if (order >= 0).any():
+        perms = torch.tensor(_JITTER_ORDERS, device=x.device)[order.clamp(min=0)]
+        factors = p[:, [P["brightness"], P["contrast"], P["saturation"], P["hue"]]]
+        identity = torch.tensor([1.0, 1.0, 1.0, 0.0], device=x.device)
+        for position in range(4):
+            for k in range(4):
+                rows = ((order >= 0) & (perms[:, position] == k) & (factors[:, k] != identity[k])).nonzero()[:, 0]
+                if len(rows):
+                    x[rows] = _jitter_op(x[rows], k, factors[rows, k])
+    rows = (p[:, P["grayscale"]] > 0).nonzero()[:, 0]
+    if len(rows):
+        x[rows] = _gray(x[rows]).expand(-1, 3, -1, -1)
+    sigma, kernel = p[:, P["blur_sigma"]], p[:, P["blur_kernel"]].long()
+    for k in kernel[sigma > 0].unique().tolist():
+        rows = ((sigma > 0) & (kernel == k)).nonzero()[:, 0]
+        x[rows] = _gaussian_blur(x[rows], sigma[rows], k)
+    rows = (p[:, P["solarize"]] > 0).nonzero()[:, 0]
+    if len(rows):
+        x[rows] = torch.where(x[rows] >= 0.5, 1 - x[rows], x[rows])
+    x = (x - torch.tensor(mean, device=x.device).view(1, 3, 1, 1)) / torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return x.view(shape)
 
 
 class EvalTransform:
@@ -580,6 +674,7 @@ def export_backbone(backbone, out_dir, data_config, tag):
     """Write `model.safetensors` + timm `config.json` to `out_dir` atomically. Standard backbones
     load with `timm.create_model("local-dir:<out_dir>", pretrained=True)` (or "hf-hub:<id>" once
     pushed); small-stem ResNets need `load_backbone` (timm cannot express that stem)."""
+    import copy
     import timm
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
@@ -587,8 +682,9 @@ def export_backbone(backbone, out_dir, data_config, tag):
     model_config = {"pretrained_cfg": {"tag": tag}}
     if getattr(backbone, "hvp_small_stem", False):
         model_config["hvp_small_stem"] = True
-    timm.models.save_for_hf(backbone, tmp, model_config=model_config, safe_serialization=True,
-                            data_config=data_config)
+    # a CPU copy in the standard memory format: safetensors refuses channels_last tensors
+    plain = copy.deepcopy(backbone).to("cpu", memory_format=torch.contiguous_format)
+    timm.models.save_for_hf(plain, tmp, model_config=model_config, safe_serialization=True, data_config=data_config)
     _replace_dir(tmp, out_dir)
     return out_dir
 

@@ -52,12 +52,14 @@ class Config:
     momentum: float = 0.9  # SGD momentum
     fix_pred_lr: bool = True  # keep the predictor at the initial lr (SimSiam paper)
     proj_dim: int = 2048  # projector output and hidden width
+    proj_layers: int = 3  # projector depth: 3 (ImageNet recipe) or 2 (the reference's CIFAR-sized variant)
     pred_dim: int = 512  # predictor bottleneck width
     num_views: int = 4  # candidate views per image; 2 = plain SimSiam, 4 = the paper's HVP setting
     hvp_every: int = 1  # select hard views every k-th step (plain pair (0, 1) otherwise)
     hvp_start_epoch: int = 0  # plain SimSiam before this epoch
     hvp_select_res: float = 1.0  # run the selection forward at this fraction of the resolution (0.5 = 4x fewer pixels)
     mixed_precision: str = ""  # no | fp16 | bf16; empty = whatever `accelerate launch` was given
+    channels_last: bool = True  # NHWC memory format (faster convolutions on GPUs with AMP and on CPUs)
     num_workers: int = 4  # data loader workers per process
     shuffle_buffer: int = 5000  # streaming shuffle buffer (examples per worker)
     seed: int = 0  # seeds every random source; a CPU run is reproducible
@@ -82,6 +84,8 @@ def check_config(cfg):
         raise hvp.HVPError(f"--num_views must be at least 2 (2 = plain SimSiam), got {cfg.num_views}")
     if not 0 < cfg.hvp_select_res <= 1:
         raise hvp.HVPError(f"--hvp_select_res must be in (0, 1], got {cfg.hvp_select_res}")
+    if cfg.proj_layers not in (2, 3):
+        raise hvp.HVPError(f"--proj_layers must be 2 or 3, got {cfg.proj_layers}")
     if cfg.hvp_every < 1 or cfg.batch_size < 2 or cfg.grad_accum < 1:
         raise hvp.HVPError("--hvp_every and --grad_accum must be >= 1 and --batch_size >= 2 (BatchNorm)")
     if cfg.mixed_precision not in ("", "no", "fp16", "bf16"):
@@ -99,16 +103,17 @@ def simsiam_aug(cfg):
 # ----------------------------------------------------------------------------------- model
 
 class SimSiam(nn.Module):
-    """Backbone -> 3-layer projector (last BN without affine) -> 2-layer bottleneck predictor."""
+    """Backbone -> 2- or 3-layer projector (last BN without affine) -> 2-layer bottleneck predictor."""
 
-    def __init__(self, backbone, proj_dim, pred_dim):
+    def __init__(self, backbone, proj_dim, pred_dim, proj_layers=3):
         super().__init__()
-        feat = backbone.num_features
+        layers, width = [], backbone.num_features
+        for _ in range(proj_layers - 1):
+            layers += [nn.Linear(width, proj_dim, bias=False), nn.BatchNorm1d(proj_dim), nn.ReLU(inplace=True)]
+            width = proj_dim
         self.backbone = backbone
         self.projector = nn.Sequential(
-            nn.Linear(feat, proj_dim, bias=False), nn.BatchNorm1d(proj_dim), nn.ReLU(inplace=True),
-            nn.Linear(proj_dim, proj_dim, bias=False), nn.BatchNorm1d(proj_dim), nn.ReLU(inplace=True),
-            nn.Linear(proj_dim, proj_dim, bias=False), nn.BatchNorm1d(proj_dim, affine=False))
+            *layers, nn.Linear(width, proj_dim, bias=False), nn.BatchNorm1d(proj_dim, affine=False))
         self.predictor = nn.Sequential(
             nn.Linear(proj_dim, pred_dim, bias=False), nn.BatchNorm1d(pred_dim), nn.ReLU(inplace=True),
             nn.Linear(pred_dim, proj_dim))
@@ -145,8 +150,9 @@ def select_hard_pair(model, views, cfg, accelerator):
     per-sample hardest pair. Returns (pair (B, 2), its score (B,), all scores (B, K); column 0 is
     the plain pair (0, 1))."""
     B, N = views.shape[:2]
+    x = hvp.resize_views(views, cfg.hvp_select_res).flatten(0, 1)
     with accelerator.autocast():
-        p, z = model.embed(hvp.resize_views(views, cfg.hvp_select_res).flatten(0, 1))
+        p, z = model.embed(x.contiguous(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format))
     return hvp.select_hard_pairs((p.float().unflatten(0, (B, N)), z.float().unflatten(0, (B, N))), pair_loss)
 
 
@@ -181,7 +187,9 @@ def main():
     loader = hvp.make_loader(stream, cfg.batch_size, cfg.num_workers, num_shards, pin_memory=device.type == "cuda")
 
     backbone = hvp.create_backbone(cfg.arch, cfg.image_size, cfg.small_stem)
-    model = SimSiam(backbone, cfg.proj_dim, cfg.pred_dim)
+    model = SimSiam(backbone, cfg.proj_dim, cfg.pred_dim, cfg.proj_layers)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
     if world > 1 and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     init_lr = cfg.lr * global_batch / 256
@@ -246,68 +254,63 @@ def main():
     model.train()
     interval_start, interval_steps, skipped = time.perf_counter(), 0, 0
     stopped = False
+    batches = hvp.training_batches(loader, steps_per_epoch, step, cfg.grad_accum)
     while step < total_steps and not stopped:
-        epoch, step_in_epoch = divmod(step, steps_per_epoch)
-        batches = hvp.epoch_batches(loader, epoch, step_in_epoch * cfg.grad_accum)
-        for _ in range(step_in_epoch, steps_per_epoch):
-            if step >= total_steps:
-                break
-            lr = hvp.cosine(step, total_steps, init_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = init_lr if group["fix_lr"] else lr
-            timed = (step + 1) % cfg.log_every == 0
-            select_s = train_s = 0.0
-            for micro in range(cfg.grad_accum):
-                batch = next(batches)
-                skipped += int(batch["skipped"].sum())
-                torch.manual_seed(hvp.mix_seed(cfg.seed, rank, step, micro))  # drop-path etc. replay on resume
-                views = batch["views"].to(device, non_blocking=True)
-                hard = cfg.num_views > 2 and epoch >= cfg.hvp_start_epoch and step % cfg.hvp_every == 0
-                t0 = hvp_time(timed, device)
-                if hard:
-                    pair, hard_score, scores = select_hard_pair(unwrapped, views, cfg, accelerator)
-                    x1, x2 = hvp.gather_views(views, pair[:, 0]), hvp.gather_views(views, pair[:, 1])
-                else:
-                    x1, x2 = views[:, 0], views[:, 1]
-                t1 = hvp_time(timed, device)
-                with accelerator.accumulate(model):
-                    loss = simsiam_loss(*model(x1, x2))
-                    accelerator.backward(loss)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                t2 = hvp_time(timed, device)
-                select_s, train_s = select_s + t1 - t0, train_s + t2 - t1
-            step += 1
-            interval_steps += 1
-            bar.update(1)
+        lr = hvp.cosine(step, total_steps, init_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = init_lr if group["fix_lr"] else lr
+        timed = (step + 1) % cfg.log_every == 0
+        select_s = train_s = 0.0
+        for micro in range(cfg.grad_accum):
+            epoch, batch = next(batches)
+            skipped += int(batch["skipped"].sum())
+            torch.manual_seed(hvp.mix_seed(cfg.seed, rank, step, micro))  # drop-path etc. replay on resume
+            views = hvp.photometric(batch["views"].to(device, non_blocking=True), batch["views_params"])
+            hard = cfg.num_views > 2 and epoch >= cfg.hvp_start_epoch and step % cfg.hvp_every == 0
+            t0 = clock(timed, device)
+            if hard:
+                pair, hard_score, scores = select_hard_pair(unwrapped, views, cfg, accelerator)
+                x1, x2 = hvp.gather_views(views, pair[:, 0]), hvp.gather_views(views, pair[:, 1])
+            else:
+                x1, x2 = views[:, 0], views[:, 1]
+            x1, x2 = x1.contiguous(memory_format=memory_format), x2.contiguous(memory_format=memory_format)
+            t1 = clock(timed, device)
+            with accelerator.accumulate(model):
+                loss = simsiam_loss(*model(x1, x2))
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            t2 = clock(timed, device)
+            select_s, train_s = select_s + t1 - t0, train_s + t2 - t1
+        step += 1
+        interval_steps += 1
+        bar.update(1)
 
-            if step % cfg.log_every == 0 or step == total_steps:
-                loss_value = accelerator.reduce(loss.detach().float(), reduction="mean").item()
-                if not torch.isfinite(torch.tensor(loss_value)):
-                    raise hvp.HVPError(f"loss became {loss_value} at step {step}: training diverged; the last "
-                                       f"checkpoint in {output_dir} is intact (try a lower --lr)")
-                elapsed = time.perf_counter() - interval_start
-                record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss_value, "lr": lr,
-                          "images_per_s": interval_steps * global_batch / elapsed,
-                          "select_s": select_s, "train_s": train_s, "skipped_images": skipped}
-                if hard:
-                    record.update(hvp.selection_stats(batch["views_params"], pair, hard_score, scores[:, 0]))
-                    if is_main and step_in_epoch_first(step, steps_per_epoch, cfg.log_every):
-                        (output_dir / "grids").mkdir(exist_ok=True)
-                        hvp.save_view_grid(output_dir / "grids" / f"step-{step:08d}.png", batch["views"], pair)
-                log.log(record)
-                bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{record['images_per_s']:.0f}")
-                interval_start, interval_steps = time.perf_counter(), 0
-            if step % cfg.save_every == 0 and step < total_steps:
-                save()
-            if cfg.knn_every and step % (cfg.knn_every * steps_per_epoch) == 0 and step < total_steps:
-                result = knn()
-                if result:
-                    log.log({"step": step, "epoch": step / steps_per_epoch, **result})
-            if stop.agreed(accelerator):
-                stopped = True
-                break
-        del batches
+        if step % cfg.log_every == 0 or step == total_steps:
+            loss_value = accelerator.reduce(loss.detach().float(), reduction="mean").item()
+            if not torch.isfinite(torch.tensor(loss_value)):
+                raise hvp.HVPError(f"loss became {loss_value} at step {step}: training diverged; the last "
+                                   f"checkpoint in {output_dir} is intact (try a lower --lr)")
+            elapsed = time.perf_counter() - interval_start
+            record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss_value, "lr": lr,
+                      "images_per_s": interval_steps * global_batch / elapsed,
+                      "select_s": select_s, "train_s": train_s, "skipped_images": skipped}
+            if hard:
+                record.update(hvp.selection_stats(batch["views_params"], pair, hard_score, scores[:, 0]))
+                if is_main and (step - 1) % steps_per_epoch < cfg.log_every:  # first record of an epoch
+                    (output_dir / "grids").mkdir(exist_ok=True)
+                    hvp.save_view_grid(output_dir / "grids" / f"step-{step:08d}.png", views, pair)
+            log.log(record)
+            bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{record['images_per_s']:.0f}")
+            interval_start, interval_steps = time.perf_counter(), 0
+        if step % cfg.save_every == 0 and step < total_steps:
+            save()
+        if cfg.knn_every and step % (cfg.knn_every * steps_per_epoch) == 0 and step < total_steps:
+            result = knn()
+            if result:
+                log.log({"step": step, "epoch": step / steps_per_epoch, **result})
+        stopped = stop.agreed(accelerator)
+    del batches
     bar.close()
 
     path = save()
@@ -330,16 +333,11 @@ def main():
     accelerator.end_training()
 
 
-def hvp_time(enabled, device):
+def clock(enabled, device):
     """Wall clock for the timing split; synchronises the GPU only on the steps that are logged."""
     if enabled and device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
-
-
-def step_in_epoch_first(step, steps_per_epoch, log_every):
-    """True for the first logged step of each epoch (a view grid is written then)."""
-    return (step - 1) % steps_per_epoch < log_every
 
 
 if __name__ == "__main__":

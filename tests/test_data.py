@@ -125,3 +125,18 @@ def test_epochs_reshuffle_and_cycle_past_the_end(tiny_dataset):
 
     assert not torch.equal(first_labels(0, 2), first_labels(1, 2))
     assert len(first_labels(0, 20)) == 160  # 96 images: the stream wraps around instead of ending
+
+
+def test_training_batches_cross_epochs_and_resume_exactly(tiny_dataset):
+    """96 images, batch 8, 2 grad-accumulation micro-steps: 6 optimizer steps per epoch."""
+    def run(start_step, count):
+        stream, shards = stream_of(tiny_dataset, batch_size=8, seed=1, workers=2)
+        gen = hvp.training_batches(hvp.make_loader(stream, 8, 2, shards), steps_per_epoch=6,
+                                   start_step=start_step, grad_accum=2, lookahead=3)
+        return [next(gen) for _ in range(count)]
+
+    full = run(0, 30)  # 2.5 epochs of micro-batches
+    assert [e for e, _ in full] == [0] * 12 + [1] * 12 + [2] * 6
+    resumed = run(4, 22)  # resume at optimizer step 4 = micro-batch 8
+    for (e1, a), (e2, b) in zip(full[8:], resumed):
+        assert e1 == e2 and torch.equal(a["views"], b["views"]) and torch.equal(a["views_params"], b["views_params"])

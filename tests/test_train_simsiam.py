@@ -6,9 +6,11 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import hvp_utils as hvp
@@ -41,7 +43,11 @@ def test_smoke_run_logs_metrics_exports_the_backbone_and_prints_knn(tiny_dataset
     assert "k-NN (k=20, T=0.07)" in result.stdout and json.loads((out / "knn.json").read_text())["knn_top1"] > 0
     backbone, config = hvp.load_backbone(out)
     assert config["architecture"] == "resnet18" and config["pretrained_cfg"]["tag"] == "hvp_simsiam"
-    assert list((out / "grids").glob("*.png")) and (out / "config.json").exists()
+    assert (out / "config.json").exists()
+    grid = np.asarray(Image.open(next((out / "grids").glob("*.png"))).convert("RGB")).astype(float)
+    assert grid.std() > 20, "the view grid shows images, not a blank canvas"
+    green = (grid[..., 1] > 200) & (grid[..., 0] < 50) & (grid[..., 2] < 50)
+    assert green.sum() > 0, "the selected pair is framed in green"
     files = sorted(p.name for p in hvp.latest_checkpoint(out).rglob("*") if p.is_file())
     assert files == ["backbone/config.json", "backbone/model.safetensors", "state.json", "state.safetensors"] or \
         [f.split("/")[-1] for f in files] == ["config.json", "model.safetensors", "state.json", "state.safetensors"]

@@ -8,7 +8,7 @@ from PIL import Image
 
 import hvp_utils as hvp
 
-PLAIN = dict(jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+PLAIN = dict(jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
 
 
 def random_image(h=40, w=56, seed=0):
@@ -23,10 +23,11 @@ def test_crop_parameters_reproduce_the_view(flip_p):
     aug = hvp.ViewAug(size=16, scale=(0.1, 1.0), flip_p=flip_p, **PLAIN)
     out = hvp.MultiViewTransform({"views": [aug] * 6})(image, torch.Generator().manual_seed(3))
     assert out["views"].shape == (6, 3, 16, 16) and out["views_params"].shape == (6, len(hvp.PARAM_NAMES))
+    assert out["views"].dtype == torch.uint8
     for view, p in zip(out["views"], out["views_params"]):
         top, left, h, w, H, W = (int(v) for v in p[:6])
         assert (H, W) == (40, 56) and 0 <= top and top + h <= H and 0 <= left and left + w <= W
-        expected = TF.resized_crop(src, top, left, h, w, [16, 16], antialias=True).float() / 255
+        expected = TF.resized_crop(src, top, left, h, w, [16, 16], antialias=True)
         if p[hvp.P["flip"]]:
             expected = expected.flip(-1)
         assert p[hvp.P["flip"]] == flip_p
@@ -53,16 +54,64 @@ def test_every_image_and_view_gets_its_own_random_parameters():
     assert len({tuple(p[:4].tolist()) for p in a["views_params"]}) == 4
 
 
-def test_recorded_photometric_parameters_match_their_effect():
+def reference_photometric(view, p, mean, std):
+    """One view at a time with torchvision's own functions, from the recorded parameters."""
+    x = view.float() / 255
+    if p[hvp.P["jitter_order"]] >= 0:
+        factors = [float(p[hvp.P[n]]) for n in ("brightness", "contrast", "saturation", "hue")]
+        ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+        for k in hvp._JITTER_ORDERS[int(p[hvp.P["jitter_order"]])]:
+            if factors[k] != (0.0 if k == 3 else 1.0):
+                x = ops[k](x, factors[k])
+    if p[hvp.P["grayscale"]]:
+        x = TF.rgb_to_grayscale(x, num_output_channels=3)
+    if p[hvp.P["blur_sigma"]] > 0:
+        k, sigma = int(p[hvp.P["blur_kernel"]]), float(p[hvp.P["blur_sigma"]])
+        x = TF.gaussian_blur(x, [k, k], [sigma, sigma])
+    if p[hvp.P["solarize"]]:
+        x = TF.solarize(x, 0.5)
+    return TF.normalize(x, list(mean), list(std))
+
+
+@pytest.mark.parametrize("size,blur_kernel", [(16, 9), (32, 23), (64, 9)])
+def test_batched_photometric_equals_torchvision_view_by_view(size, blur_kernel):
+    aug = hvp.ViewAug(size=size, scale=(0.1, 1.0), jitter=(0.8, 0.8, 0.8, 0.3), jitter_p=0.8, gray_p=0.3,
+                      blur_p=0.5, blur_kernel=blur_kernel, solarize_p=0.3)
+    t = hvp.MultiViewTransform({"views": [aug] * 4})
+    batch = [t(random_image(48, 40, seed=i), torch.Generator().manual_seed(i)) for i in range(16)]
+    views = torch.stack([b["views"] for b in batch])          # (16, 4, 3, S, S) uint8
+    params = torch.stack([b["views_params"] for b in batch])
+    for name in ("jitter_order", "grayscale", "blur_sigma", "solarize"):  # every operation is exercised
+        assert (params[..., hvp.P[name]] > 0).any() and (params[..., hvp.P[name]] <= 0).any(), name
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    fast = hvp.photometric(views, params, mean, std)
+    assert fast.shape == views.shape and fast.dtype == torch.float32
+    for b in range(16):
+        for n in range(4):
+            torch.testing.assert_close(fast[b, n], reference_photometric(views[b, n], params[b, n], mean, std),
+                                       atol=2e-5, rtol=1e-5)
+
+
+def test_photometric_without_augmentation_is_plain_normalisation():
+    views = torch.randint(0, 256, (2, 3, 3, 8, 8), dtype=torch.uint8)
+    params = torch.zeros(2, 3, len(hvp.PARAM_NAMES))
+    params[..., hvp.P["jitter_order"]] = -1
+    out = hvp.photometric(views, params)
+    expected = (views.float() / 255 - torch.tensor(hvp.IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(hvp.IMAGENET_STD).view(3, 1, 1)
+    torch.testing.assert_close(out, expected)
+
+
+def test_recorded_parameters_follow_the_recipe():
     image = random_image()
-    gray = hvp.ViewAug(size=12, gray_p=1.0, jitter_p=0.0, blur_p=0.0, mean=(0, 0, 0), std=(1, 1, 1))
-    out = hvp.MultiViewTransform({"views": [gray] * 3})(image, torch.Generator().manual_seed(0))
-    assert (out["views_params"][:, hvp.P["grayscale"]] == 1).all()
-    assert torch.equal(out["views"][:, 0], out["views"][:, 1])
-    jitter = hvp.ViewAug(size=12, jitter_p=1.0, gray_p=0.0, blur_p=1.0, solarize_p=1.0)
+    jitter = hvp.ViewAug(size=12, jitter_p=1.0, gray_p=1.0, blur_p=1.0, solarize_p=1.0)
     p = hvp.MultiViewTransform({"v": [jitter] * 5})(image, torch.Generator().manual_seed(0))["v_params"]
     assert ((p[:, hvp.P["brightness"]] - 1).abs() <= 0.4).all() and (p[:, hvp.P["jitter_order"]] >= 0).all()
-    assert (p[:, hvp.P["blur_sigma"]] > 0).all() and (p[:, hvp.P["solarize"]] == 1).all()
+    assert (p[:, hvp.P["hue"]].abs() <= 0.1).all() and (p[:, hvp.P["grayscale"]] == 1).all()
+    assert (p[:, hvp.P["blur_sigma"]] > 0).all() and (p[:, hvp.P["blur_kernel"]] == 3).all()
+    assert (p[:, hvp.P["solarize"]] == 1).all()
+    none = hvp.ViewAug(size=12, jitter_p=0.0, gray_p=0.0, blur_p=0.0, flip_p=0.0)
+    p = hvp.MultiViewTransform({"v": [none] * 5})(image, torch.Generator().manual_seed(0))["v_params"]
+    assert (p[:, hvp.P["jitter_order"]] == -1).all() and (p[:, 6:].abs().sum(1) == 3 + 1).all()
 
 
 def test_groups_with_different_recipes_and_sizes():
@@ -71,6 +120,7 @@ def test_groups_with_different_recipes_and_sizes():
     out = hvp.MultiViewTransform({"global_views": [g1, g2, g1, g2], "local_views": [local] * 5})(
         random_image(), torch.Generator().manual_seed(0))
     assert out["global_views"].shape == (4, 3, 16, 16) and out["local_views"].shape == (5, 3, 8, 8)
+    assert hvp.photometric(out["local_views"], out["local_views_params"]).shape == (5, 3, 8, 8)
     assert (out["global_views_params"][0::2, hvp.P["blur_sigma"]] > 0).all()  # transform 1 always blurs
 
 

@@ -73,10 +73,13 @@ class Config:
 
 
 # The shipped Fashion-MNIST subset: 28 px grayscale, 10k images. This preset pretrains on 2 CPU
-# cores in under 10 minutes; it replaces the ImageNet defaults above for flags you do not give.
+# cores in about 5 minutes; it replaces the ImageNet defaults above for flags you do not give.
+# Chosen by a sweep (README, "Results"): the standard stem at 64 px beat the small stem at 28 px
+# (4x slower) and 32 px; a narrow projector and a high lr learn most in two epochs.
 PRESETS = {hvp.DEFAULT_DATASET: dict(
-    arch="resnet18", small_stem=True, image_size=28, epochs=5, batch_size=128, lr=0.1,
-    num_workers=2, log_every=10, save_every=200, mixed_precision="bf16")}
+    arch="resnet18", small_stem=False, image_size=64, epochs=2, batch_size=128, lr=1.6,
+    weight_decay=5e-4, proj_dim=512, pred_dim=128, num_workers=1, log_every=10, save_every=200,
+    mixed_precision="bf16")}
 
 
 def check_config(cfg):

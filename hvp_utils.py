@@ -695,9 +695,11 @@ def load_backbone(source):
     import timm
     from safetensors.torch import load_file
     path = Path(source).expanduser()
-    if str(source).startswith(("hf-hub:", "timm/")):
+    if str(source).startswith("timm/"):
         model = timm.create_model(str(source), pretrained=True, num_classes=0)
         return model, {"architecture": str(source), "pretrained_cfg": model.pretrained_cfg}
+    if str(source).startswith("hf-hub:"):  # downloaded, then loaded like a local export (small stems too)
+        path = download_hub_backbone(str(source))
     for candidate in (path, path / "backbone"):
         if (candidate / "config.json").is_file() and (candidate / "model.safetensors").is_file():
             path = candidate
@@ -715,7 +717,7 @@ def load_backbone(source):
         model = create_backbone(config["architecture"], small_stem=True, **args)
         model.load_state_dict(load_file(path / "model.safetensors"))
     else:
-        model = timm.create_model(f"local-dir:{path}", pretrained=True)
+        model = timm.create_model(f"local-dir:{path}", pretrained=True, num_classes=0)
     return model, config
 
 
@@ -997,3 +999,316 @@ def knn_eval(forward, accelerator, dataset, train_split, test_split, image_colum
     top1, top5 = knn_accuracy(train_feats, train_labels, test_feats, test_labels, k, temperature)
     return {"knn_top1": top1, "knn_top5": top5, "k": k, "temperature": temperature,
             "train_samples": len(train_labels), "test_samples": len(test_labels)}
+
+
+# ----------------------------------------------------------------------------------- Hugging Face Hub
+#
+# Push (--push_to_hub): the backbone export (model.safetensors + timm config.json) and a model card
+# (README.md) go to a Hub model repo from a background thread of the main process, so that
+# `timm.create_model("hf-hub:<user>/<repo>", pretrained=True)` gives the backbone in one line. The
+# full training state stays local, or goes to last-checkpoint/ on the repo's "training-state" branch
+# with --hub_push_state. Load: "hf-hub:<user>/<repo>[@revision]" wherever a backbone is accepted
+# (load_backbone, eval scripts, --init_from). The token is found by huggingface_hub itself (HF_TOKEN,
+# `hf auth login`); this code only checks that one exists, so it can never print or write it.
+
+HUB_STATE_BRANCH = "training-state"
+HUB_LICENSE = "mit"  # the licence of this code; weights trained on other data may need another
+HUB_DATASETS = {DEFAULT_DATASET: "zalando-datasets/fashion_mnist"}  # local copies of Hub datasets (card metadata)
+_HVP_SETTINGS = ("num_views", "global_views", "local_views", "local_crops_number")  # + every hvp_* field
+
+
+def _first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
+
+
+def download_hub_backbone(source):
+    """Download config.json + model.safetensors of "hf-hub:<user>/<repo>[@revision]" into the
+    Hugging Face cache, both from the same commit. Returns the local folder holding them."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, HFValidationError,
+                                        LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+    repo_id, _, revision = source[len("hf-hub:"):].partition("@")
+    where = constants.ENDPOINT
+    try:
+        config = Path(hf_hub_download(repo_id, "config.json", revision=revision or None, library_name="hvp"))
+        hf_hub_download(repo_id, "model.safetensors", revision=config.parent.name, library_name="hvp")
+    except HFValidationError:
+        raise HVPError(f"{source!r} is not a Hub model id: use hf-hub:<user or org>/<name>[@revision]") from None
+    except RepositoryNotFoundError:
+        raise HVPError(f"no model repo {repo_id!r} on {where} (check the name; a private repo needs "
+                       "`hf auth login` or HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise HVPError(f"model repo {repo_id!r} on {where} has no revision {revision!r}") from None
+    except LocalEntryNotFoundError:  # no connection (or HF_HUB_OFFLINE=1) and not in the cache
+        raise HVPError(f"cannot download {source!r}: {where} is unreachable or HF_HUB_OFFLINE is set, "
+                       "and the files are not in the local cache") from None
+    except EntryNotFoundError:
+        raise HVPError(f"model repo {repo_id!r} has no config.json + model.safetensors: not a timm backbone") from None
+    except (HfHubHTTPError, OSError) as e:
+        raise HVPError(f"cannot download {source!r} from {where}: {_first_line(e)}") from None
+    return config.parent
+
+
+def init_backbone(backbone, source):
+    """--init_from: load the weights of anything `load_backbone` accepts (export folder, training
+    output, checkpoint, hf-hub:<id>) into `backbone`, which must have the same architecture."""
+    pretrained, _ = load_backbone(source)
+    try:
+        backbone.load_state_dict(pretrained.state_dict())
+    except RuntimeError as e:
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), _first_line(e))
+        raise HVPError(f"--init_from {source!r} does not fit --arch/--small_stem: {detail[:200]}") from None
+    return backbone
+
+
+def _card_value(value):
+    """Config values as shown on a public model card: local paths by their last component."""
+    if isinstance(value, str) and os.sep in value and Path(value).expanduser().exists():
+        return Path(value).name
+    return list(value) if isinstance(value, tuple) else value
+
+
+def model_card(repo_id, method, config, step, results=None, processes=1, precision="no", license=HUB_LICENSE):
+    """The model card README.md: Hub metadata (library timm, tags, dataset, licence), what was
+    trained and how, the hard-view settings, the final evaluation numbers and how to load it."""
+    from huggingface_hub import ModelCardData
+    cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+    dataset = str(cfg.get("dataset", ""))
+    is_hub_id = not Path(dataset).expanduser().exists() and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", dataset)
+    hub_dataset = HUB_DATASETS.get(dataset) or (dataset if is_hub_id else None)
+    dataset_name = (hub_dataset or Path(dataset).name).split("/")[-1]
+    tags = ["image-feature-extraction", "self-supervised", "hard-view-pretraining", method.lower(), dataset_name]
+    metadata = ModelCardData(library_name="timm", license=license, tags=list(dict.fromkeys(filter(None, tags))),
+                             datasets=[hub_dataset] if hub_dataset else None, pipeline_tag="image-feature-extraction")
+    hvp_settings = {k: v for k, v in cfg.items() if k in _HVP_SETTINGS or k.startswith("hvp_")}
+    shown = {k: _card_value(v) for k, v in cfg.items()}
+    arch, size = cfg.get("arch", "?"), cfg.get("image_size", "?")
+    if cfg.get("small_stem"):
+        load = (f'import hvp_utils  # the HVP repository\'s shared file: timm cannot express the small stem\n'
+                f'model, config = hvp_utils.load_backbone("hf-hub:{repo_id}")')
+    else:
+        load = (f'import timm\n\nmodel = timm.create_model("hf-hub:{repo_id}", pretrained=True).eval()\n'
+                f'transform = timm.data.create_transform(**timm.data.resolve_data_config({{}}, model=model))\n'
+                f'features = model(transform(image).unsqueeze(0))  # (1, model.num_features); `image` is a PIL image')
+    numbers = {k: v for k, v in (results or {}).items() if isinstance(v, (int, float))}
+    results_text = ("| metric | value |\n|---|---|\n" + "".join(
+        f"| {k} | {v:.2f} |\n" if isinstance(v, float) else f"| {k} | {v} |\n" for k, v in numbers.items())
+        if numbers else "No evaluation was run at the end of training.\n")
+    data_note = (f"`{dataset_name}` (a local copy of [{hub_dataset}](https://huggingface.co/datasets/{hub_dataset}))"
+                 if hub_dataset and hub_dataset != dataset else f"`{hub_dataset or dataset_name}`")
+    body = f"""
+# {method} + Hard View Pretraining: {arch} on {dataset_name}
+
+A `{arch}` backbone (no classifier head) pretrained with self-supervised **{method}** and **Hard View
+Pretraining** (HVP; Ferreira et al., *Beyond Random Augmentations: Pretraining with Hard Views*,
+ICLR 2025) on {data_note}, {size} px, for {step} optimizer steps on {processes} process(es)
+(mixed precision: {precision}). HVP draws more augmented views than the method needs, scores the
+candidate pairs with the method's own loss in one no-gradient forward, and trains on the hardest.
+
+## Usage
+
+```python
+{load}
+```
+
+k-NN evaluation with the HVP repository: `python eval/knn.py --backbone hf-hub:{repo_id} --dataset <dataset>`
+
+## Results
+
+Frozen features, evaluated on the `{cfg.get("eval_split", "test")}` split at the end of training:
+
+{results_text}
+## Hard-view settings
+
+```json
+{json.dumps(hvp_settings, indent=2, default=str)}
+```
+
+## Training configuration
+
+```json
+{json.dumps(shown, indent=2, default=str)}
+```
+
+## Citation
+
+```bibtex
+@inproceedings{{ferreira2025hvp,
+  title     = {{Beyond Random Augmentations: Pretraining with Hard Views}},
+  author    = {{Ferreira, Fabio and Rapant, Ivo and Franke, J{{\\"o}}rg K. H. and Hutter, Frank}},
+  booktitle = {{International Conference on Learning Representations (ICLR)}},
+  year      = {{2025}}
+}}
+```
+"""
+    return f"---\n{metadata.to_yaml()}\n---\n{body}"
+
+
+def _link_tree(src, dst):
+    """Copy a folder by hard links where possible (instant, no space). Exports and checkpoints are
+    only ever replaced by renames, never changed in place, so a link keeps the content it saw."""
+    def link(s, d):
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+    shutil.copytree(src, dst, copy_function=link)
+
+
+class HubPusher:
+    """--push_to_hub: uploads backbone exports with their model card from a background thread.
+
+    Only the main process pushes; elsewhere (and without --push_to_hub) every method does nothing.
+    `push()` returns at once: it links the export into <output_dir>/.hub-push-<step> and queues it;
+    a newer push replaces a queued one that has not started. A failed upload is retried (`retries`
+    tries, waits growing from `retry_wait` s; the environment variable HVP_HUB_RETRY_WAIT overrides
+    it) and reported on stderr, while training goes on and the local files stay as they are. When the
+    last push fails, its files are kept in <output_dir>/hub_upload with the command to upload them by
+    hand. `close()` waits for the queued pushes and returns True if the last one reached the Hub.
+    """
+
+    def __init__(self, repo_id, method, config, output_dir, private=False, every=0, push_state=False,
+                 processes=1, precision="no", enabled=True, retries=3, retry_wait=10.0):
+        self.repo_id, self.method, self.config, self.output_dir = repo_id, method, config, Path(output_dir)
+        self.private, self.every, self.push_state, self.enabled = private, every, push_state, enabled
+        self.processes, self.precision, self.retries = processes, precision, retries
+        self.retry_wait = float(os.environ.get("HVP_HUB_RETRY_WAIT", retry_wait))
+        self.last_step, self.ok, self._thread = 0, None, None
+        import queue
+        self._jobs = queue.Queue()
+        if enabled and self.output_dir.is_dir():  # leftovers of a run that was killed mid-push
+            for stale in self.output_dir.glob(".hub-push-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+
+    @classmethod
+    def from_config(cls, cfg, accelerator, method):
+        """Check --push_to_hub/--hub_model_id/--hub_private/--hub_every/--hub_push_state on every
+        process before training (one-line HVPError) and return the pusher."""
+        given = [f for f in ("hub_model_id", "hub_private", "hub_every", "hub_push_state") if getattr(cfg, f, None)]
+        if not cfg.push_to_hub:
+            if given:
+                raise HVPError(f"--{given[0]} only takes effect with --push_to_hub")
+            return cls(None, method, cfg, cfg.output_dir, enabled=False)
+        from huggingface_hub import constants, get_token
+        from huggingface_hub.errors import HFValidationError
+        from huggingface_hub.utils import validate_repo_id
+        if constants.HF_HUB_OFFLINE:
+            raise HVPError("--push_to_hub cannot push with HF_HUB_OFFLINE=1 set")
+        if cfg.hub_every < 0:
+            raise HVPError(f"--hub_every must be >= 0 (0 = push only at the end), got {cfg.hub_every}")
+        if get_token() is None:
+            raise HVPError("--push_to_hub needs a Hugging Face token with write access: run `hf auth login` or set "
+                           "HF_TOKEN" + ("" if cfg.hub_model_id else " (and pass --hub_model_id <user>/<name>, or the "
+                                         "repo is <your user>/<--output_dir folder name>)"))
+        repo_id = cfg.hub_model_id or re.sub(r"[^\w.-]+", "-", Path(cfg.output_dir).resolve().name).strip("-.")
+        try:
+            validate_repo_id(repo_id)
+        except HFValidationError:
+            what = "--hub_model_id" if cfg.hub_model_id else "a repo name inferred from --output_dir"
+            raise HVPError(f"{what} {repo_id!r} is not a valid Hub repo id: pass --hub_model_id <user or org>/<name> "
+                           "(letters, digits, '-', '_', '.')") from None
+        enabled = accelerator.is_main_process
+        if enabled:
+            when = f"every {cfg.hub_every} steps (at checkpoints) and at the end" if cfg.hub_every else "at the end"
+            print(f"hub: pushing the backbone to {constants.ENDPOINT}/{repo_id} {when}", flush=True)
+        return cls(repo_id, method, cfg, cfg.output_dir, cfg.hub_private, cfg.hub_every,
+                   getattr(cfg, "hub_push_state", False), accelerator.num_processes,
+                   accelerator.mixed_precision, enabled)
+
+    def due(self, step):
+        """True when --hub_every steps have passed since the last push."""
+        return self.enabled and self.every > 0 and step - self.last_step >= self.every
+
+    def push(self, export_dir, step, results=None, state_dir=None):
+        """Queue a push of `export_dir` (a backbone export) as the state of training at `step`, with
+        `results` (dict of final evaluation numbers) in the model card and, with --hub_push_state,
+        `state_dir` (a checkpoint folder) to the training-state branch. Returns immediately."""
+        if not self.enabled:
+            return
+        folder = self.output_dir / f".hub-push-{step:08d}"
+        shutil.rmtree(folder, ignore_errors=True)
+        _link_tree(export_dir, folder / "backbone")
+        if self.push_state and state_dir is not None:
+            _link_tree(state_dir, folder / "state")
+        self.last_step = step
+        self._jobs.put({"folder": folder, "step": step, "results": results})
+        if self._thread is None:
+            import threading
+            self._thread = threading.Thread(target=self._work, name="hub-push", daemon=True)
+            self._thread.start()
+
+    def close(self):
+        """Wait for queued pushes (retries included). True if the last push succeeded, None if none."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None
+        return self.ok
+
+    def _work(self):
+        import queue
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            while True:  # only the newest queued export matters
+                try:
+                    newer = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if newer is None:
+                    self._jobs.put(None)
+                    break
+                shutil.rmtree(job["folder"], ignore_errors=True)
+                job = newer
+            self.ok = self._push_with_retries(job)
+
+    def _push_with_retries(self, job):
+        step, error = job["step"], None
+        for attempt in range(1, self.retries + 1):
+            try:
+                url, commit = self._upload(job)
+            except Exception as e:  # any network or server failure: report it, never stop training
+                error = _first_line(e)
+                if attempt < self.retries:
+                    wait = self.retry_wait * 4 ** (attempt - 1)
+                    print(f"hub: push of step {step} to {self.repo_id} failed (try {attempt}/{self.retries}): {error}; "
+                          f"retrying in {wait:g} s", file=sys.stderr, flush=True)
+                    time.sleep(wait)
+                continue
+            print(f"hub: pushed step {step} to {url} (commit {commit[:8]})", flush=True)
+            shutil.rmtree(job["folder"], ignore_errors=True)
+            shutil.rmtree(self.output_dir / "hub_upload", ignore_errors=True)  # an older failed push, now superseded
+            return True
+        kept = self.output_dir / "hub_upload"
+        shutil.rmtree(kept, ignore_errors=True)
+        os.rename(job["folder"], kept)
+        print(f"hub: push of step {step} to {self.repo_id} failed after {self.retries} tries: {error}. The local "
+              f"checkpoints are intact; upload later with: hf upload {self.repo_id} {kept / 'backbone'} .",
+              file=sys.stderr, flush=True)
+        return False
+
+    def _upload(self, job):
+        from huggingface_hub import HfApi
+        api = HfApi(library_name="hvp")
+        self._write_card(job)  # first, so that a folder kept after a failure is complete
+        repo = api.create_repo(self.repo_id, private=self.private, exist_ok=True)
+        if repo.repo_id != self.repo_id:  # a bare name resolves to <user>/<name>
+            self.repo_id = repo.repo_id
+            self._write_card(job)
+        message = f"HVP {self.method}: backbone at step {job['step']}"
+        commit = api.upload_folder(repo_id=self.repo_id, folder_path=job["folder"] / "backbone",
+                                   commit_message=message)
+        if (job["folder"] / "state").is_dir():
+            api.create_branch(self.repo_id, branch=HUB_STATE_BRANCH, exist_ok=True)
+            api.upload_folder(repo_id=self.repo_id, folder_path=job["folder"] / "state", path_in_repo="last-checkpoint",
+                              revision=HUB_STATE_BRANCH, delete_patterns="*",  # drop files of older checkpoints
+                              commit_message=f"HVP {self.method}: training state at step {job['step']}")
+        return str(repo), commit.oid
+
+    def _write_card(self, job):
+        card = job["folder"] / "backbone" / "README.md"
+        card.unlink(missing_ok=True)  # never write through a hard link into the export
+        card.write_text(model_card(self.repo_id, self.method, self.config, job["step"], job["results"],
+                                   self.processes, self.precision))

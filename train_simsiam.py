@@ -11,6 +11,8 @@ step on the hardest pair of each image. --num_views 2 is plain SimSiam (no selec
     accelerate launch --multi_gpu --num_machines 2 --machine_rank $RANK --main_process_ip $HOST \\
         --num_processes 16 train_simsiam.py --arch resnet50 --dataset ILSVRC/imagenet-1k
     python train_simsiam.py --resume                 # continue the run in --output_dir
+    python train_simsiam.py --push_to_hub --hub_model_id <user>/hvp-simsiam   # then, anywhere:
+        timm.create_model("hf-hub:<user>/hvp-simsiam", pretrained=True)
 
 Defaults are the reference ImageNet recipe (ResNet-50, SGD lr 0.05 x batch/256, momentum 0.9,
 wd 1e-4, cosine, fixed predictor lr, MoCo-v2 augmentations, 100 epochs, N = 4 views). On the
@@ -70,6 +72,12 @@ class Config:
     knn_every: int = 0  # epochs between k-NN evaluations during training (0 = only at the end)
     knn_k: int = 20  # neighbours for k-NN
     report_to: str = "tensorboard"  # Accelerate tracker(s), comma-separated, or "none"
+    init_from: str = ""  # start the backbone from these weights: export/output folder or hf-hub:<user>/<repo>
+    push_to_hub: bool = False  # push backbone + model card to the Hugging Face Hub (token: `hf auth login`/HF_TOKEN)
+    hub_model_id: str = ""  # <user or org>/<name>; default <your user>/<--output_dir folder name>
+    hub_private: bool = False  # create the Hub repo private
+    hub_every: int = 0  # also push at the first checkpoint after every N steps (0 = only at the end)
+    hub_push_state: bool = False  # also push the full training state to the repo's "training-state" branch
 
 
 # The shipped Fashion-MNIST subset: 28 px grayscale, 10k images. This preset pretrains on 2 CPU
@@ -166,6 +174,7 @@ def main():
     check_config(cfg)
     output_dir = Path(cfg.output_dir)
     accelerator = hvp.make_accelerator(cfg.mixed_precision, cfg.grad_accum, cfg.report_to, output_dir)
+    pusher = hvp.HubPusher.from_config(cfg, accelerator, "SimSiam")
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     is_main = accelerator.is_main_process
     checkpoint = hvp.latest_checkpoint(output_dir)
@@ -190,6 +199,10 @@ def main():
     loader = hvp.make_loader(stream, cfg.batch_size, cfg.num_workers, num_shards, pin_memory=device.type == "cuda")
 
     backbone = hvp.create_backbone(cfg.arch, cfg.image_size, cfg.small_stem)
+    if cfg.init_from and checkpoint is None:
+        hvp.init_backbone(backbone, cfg.init_from)
+        if is_main:
+            print(f"backbone initialised from {cfg.init_from}", flush=True)
     model = SimSiam(backbone, cfg.proj_dim, cfg.pred_dim, cfg.proj_layers)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
@@ -238,6 +251,8 @@ def main():
             path = hvp.save_checkpoint(output_dir, step, state, unwrapped.backbone, data_config,
                                        "hvp_simsiam", cfg.keep_checkpoints)
             hvp.export_backbone(unwrapped.backbone, output_dir / "backbone", data_config, "hvp_simsiam")
+            if pusher.due(step) and step < total_steps:
+                pusher.push(output_dir / "backbone", step, state_dir=path)
         accelerator.wait_for_everyone()
         return output_dir / f"checkpoint-{step:08d}"
 
@@ -320,6 +335,7 @@ def main():
     if stopped:
         if is_main:
             print(f"SIGTERM: saved {path}; continue with the same command plus --resume", flush=True)
+        pusher.close()
         log.close()
         accelerator.end_training()
         return
@@ -332,6 +348,8 @@ def main():
     if is_main:
         print(f"backbone exported to {output_dir / 'backbone'} (timm: create_model('local-dir:{output_dir / 'backbone'}'"
               ", pretrained=True))", flush=True)
+    pusher.push(output_dir / "backbone", step, results=result, state_dir=path)
+    pusher.close()
     log.close()
     accelerator.end_training()
 

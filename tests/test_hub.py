@@ -1,0 +1,238 @@
+"""Hugging Face Hub push and load, end to end against a local Hub (tests/hub_server.py).
+
+Everything that talks to the Hub runs in a fresh subprocess whose environment points
+`huggingface_hub` at the local server before it is imported (HF_ENDPOINT, HF_HUB_OFFLINE=0) and
+gives it a private cache (HF_HOME) and a dummy token (HF_TOKEN). The real `huggingface_hub` and timm
+code then runs over HTTP both ways; nothing leaves 127.0.0.1.
+"""
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import hvp_utils as hvp
+from conftest import REPO, script_env
+from hub_server import HubServer
+
+TOKEN = "hf_hvpTestTokenThatMustNeverLeak0123456789"
+TINY_HUB_TRAIN = ["--arch", "test_resnet", "--image_size", "32", "--batch_size", "8", "--num_workers", "0",
+                  "--proj_dim", "64", "--pred_dim", "32", "--report_to", "none", "--mixed_precision", "no"]
+
+
+@pytest.fixture
+def hub():
+    server = HubServer().start()
+    yield server
+    server.stop()
+
+
+def run_with_hub(args, hub_url, hf_home, token=TOKEN, timeout=300):
+    """Run `python <args>` in the repository with huggingface_hub pointed at `hub_url`."""
+    env = script_env(HF_ENDPOINT=hub_url, HF_HOME=str(hf_home), HF_HUB_OFFLINE="0", HF_HUB_DISABLE_TELEMETRY="1",
+                     HVP_HUB_RETRY_WAIT="0.1")
+    env.pop("HF_TOKEN", None)
+    if token:
+        env["HF_TOKEN"] = token
+    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def train(output_dir, dataset, *extra):
+    return ["train_simsiam.py", "--dataset", dataset, "--output_dir", output_dir, *TINY_HUB_TRAIN, *map(str, extra)]
+
+
+def ok(result):
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+def files_containing(folder, needle):
+    return [p for p in folder.rglob("*") if p.is_file() and needle.encode() in p.read_bytes()]
+
+
+LOAD_IN_A_FRESH_PROCESS = r"""
+import json, sys
+import timm, torch
+from huggingface_hub import HfApi, ModelCard
+import hvp_utils as hvp
+
+repo, local = sys.argv[1], sys.argv[2]
+x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    from_timm = timm.create_model(f"hf-hub:{repo}", pretrained=True).eval()(x)
+    from_hvp = hvp.load_backbone(f"hf-hub:{repo}")[0].eval()(x)
+    from_local = hvp.load_backbone(local)[0].eval()(x)
+api = HfApi()
+info = api.model_info(repo)
+print(json.dumps({
+    "timm_equals_local": torch.equal(from_timm, from_local), "hvp_equals_local": torch.equal(from_hvp, from_local),
+    "feature_shape": list(from_timm.shape),
+    "main_files": sorted(s.rfilename for s in info.siblings),
+    "card_library": info.card_data.library_name if info.card_data else None,
+    "branches": sorted(b.name for b in api.list_repo_refs(repo).branches),
+    "state_files": sorted(api.list_repo_files(repo, revision="training-state")),
+    "card_tags": ModelCard.load(repo).data.tags,
+}))
+"""
+
+
+def test_a_pushed_backbone_loads_in_a_fresh_process_with_timm_and_gives_identical_features(hub, tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    trained = ok(run_with_hub(train(out, tiny_dataset, "--max_steps", 2, "--save_every", 1, "--push_to_hub",
+                                    "--hub_model_id", "hvp-tester/hvp-simsiam-tiny", "--hub_every", 1,
+                                    "--hub_push_state"), hub.url, tmp_path / "hf-train"))
+    repo = "hvp-tester/hvp-simsiam-tiny"
+    assert f"hub: pushed step 2 to {hub.url}/{repo}" in trained.stdout
+    assert hub.commits(repo) == ["HVP SimSiam: backbone at step 2", "HVP SimSiam: backbone at step 1", "initial commit"]
+
+    # a fresh process with its own cache and no token (the repo is public)
+    loaded = ok(run_with_hub(["-c", LOAD_IN_A_FRESH_PROCESS, repo, out / "backbone"], hub.url, tmp_path / "hf-load",
+                             token=None))
+    facts = json.loads(loaded.stdout.strip().splitlines()[-1])
+    assert facts["timm_equals_local"] and facts["hvp_equals_local"] and facts["feature_shape"] == [4, 96]
+    # the backbone, its timm config and the card on main; the training state only on its own branch
+    assert facts["main_files"] == [".gitattributes", "README.md", "config.json", "model.safetensors"]
+    assert facts["branches"] == ["main", "training-state"]
+    assert "last-checkpoint/state.safetensors" in facts["state_files"]
+    assert facts["card_library"] == "timm" and "hard-view-pretraining" in facts["card_tags"]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith((".hub-push", "hub_upload"))) == []
+
+    # the token authenticated the pushes and appears nowhere else
+    assert hub.tokens_seen == {TOKEN}
+    assert files_containing(out, TOKEN) == []
+    for text in (trained.stdout, trained.stderr, loaded.stdout, loaded.stderr):
+        assert TOKEN not in text
+    assert not any(TOKEN.encode() in blob for blob in hub.blobs.values())
+
+
+def test_the_model_card_has_hub_metadata_settings_results_and_a_usage_snippet(hub, tiny_dataset, tmp_path):
+    from huggingface_hub import ModelCard
+    from train_simsiam import Config
+    cfg = Config(dataset=hvp.DEFAULT_DATASET, arch="resnet18", image_size=64, num_views=4, hvp_select_res=0.5)
+    text = hvp.model_card("me/hvp-simsiam", "SimSiam", cfg, step=156, processes=2, precision="bf16",
+                          results={"knn_top1": 81.25, "knn_top5": 98.5, "k": 20})
+    card = ModelCard(text)
+    assert card.data.library_name == "timm" and card.data.license == "mit"
+    assert card.data.pipeline_tag == "image-feature-extraction"
+    assert {"self-supervised", "hard-view-pretraining", "simsiam", "fashion_mnist"} <= set(card.data.tags)
+    assert card.data.datasets == ["zalando-datasets/fashion_mnist"]
+    assert 'timm.create_model("hf-hub:me/hvp-simsiam", pretrained=True)' in card.text
+    assert "| knn_top1 | 81.25 |" in card.text and '"hvp_select_res": 0.5' in card.text
+    assert '"lr": 0.05' in card.text and "156 optimizer steps on 2 process(es)" in card.text
+    assert str(hvp.REPO_DIR) not in card.text, "no local paths on a public card"
+    small = hvp.model_card("me/tiny", "DINO", dict(arch="vit_small", small_stem=True, dataset="/no/such/dir"), 1)
+    assert 'hvp_utils.load_backbone("hf-hub:me/tiny")' in ModelCard(small).text
+
+
+def test_a_failing_hub_is_retried_and_reported_and_training_and_checkpoints_stay_intact(hub, tiny_dataset, tmp_path):
+    # a repo to start from (--init_from hf-hub:...) that the server still serves while every write fails
+    hvp.export_backbone(hvp.create_backbone("test_resnet", 32), tmp_path / "init", {"input_size": (3, 32, 32)}, "init")
+    hub.add_files("hvp-tester/init", {p.name: p.read_bytes() for p in (tmp_path / "init").iterdir()})
+    hub.fail(500, methods={"POST"})
+    out = tmp_path / "run"
+    result = ok(run_with_hub(train(out, tiny_dataset, "--max_steps", 2, "--save_every", 1, "--push_to_hub",
+                                   "--hub_model_id", "hvp-tester/failing", "--hub_every", 1,
+                                   "--init_from", "hf-hub:hvp-tester/init"), hub.url, tmp_path / "hf"))
+    assert "backbone initialised from hf-hub:hvp-tester/init" in result.stdout
+    assert "k-NN (k=20, T=0.07)" in result.stdout, "training ran to its end"
+    assert re.search(r"push of step 2 to hvp-tester/failing failed \(try 1/3\): .*500", result.stderr)
+    assert "failed after 3 tries" in result.stderr and "hf upload hvp-tester/failing" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sum(1 for m, p, _ in hub.requests if p == "/api/repos/create") >= 3, "retried"
+    assert "hvp-tester/failing" not in hub.repos
+    assert hvp.load_checkpoint(hvp.latest_checkpoint(out))["step"] == 2
+    hvp.load_backbone(out)
+    kept = sorted(p.name for p in (out / "hub_upload" / "backbone").iterdir())
+    assert kept == ["README.md", "config.json", "model.safetensors"], "what the last push would have uploaded"
+
+    # once the Hub is back, the printed command uploads it
+    hub.fail(None)
+    command = re.search(r"upload later with: hf upload (\S+) (\S+) \.", result.stderr).groups()
+    cli = "from huggingface_hub.cli.hf import main; main()"
+    ok(run_with_hub(["-c", cli, "upload", *command, "."], hub.url, tmp_path / "hf"))
+    assert hub.file("hvp-tester/failing", "model.safetensors") == (out / "backbone" / "model.safetensors").read_bytes()
+
+
+PUSH_TO_A_DOWN_HUB = r"""
+import sys
+import hvp_utils as hvp
+pusher = hvp.HubPusher("hvp-tester/down", "SimSiam", {"arch": "test_resnet"}, sys.argv[1], retries=2)
+pusher.push(sys.argv[2], step=7)
+print("pushed:", pusher.close())
+"""
+
+
+def test_a_hub_that_is_down_is_reported_and_the_export_is_kept(hub, tmp_path):
+    export = hvp.export_backbone(hvp.create_backbone("test_resnet", 32), tmp_path / "backbone", {}, "t")
+    before = {p.name: p.read_bytes() for p in export.iterdir()}
+    hub.stop()
+    result = ok(run_with_hub(["-c", PUSH_TO_A_DOWN_HUB, tmp_path, export], hub.url, tmp_path / "hf"))
+    assert "pushed: False" in result.stdout
+    assert "failed (try 1/2)" in result.stderr and "failed after 2 tries" in result.stderr
+    assert {p.name: p.read_bytes() for p in export.iterdir()} == before
+    assert (tmp_path / "hub_upload" / "backbone" / "model.safetensors").read_bytes() == before["model.safetensors"]
+
+
+def test_an_unknown_hub_repo_is_a_one_line_error(hub, tiny_dataset, tmp_path):
+    result = run_with_hub(["eval/knn.py", "--backbone", "hf-hub:hvp-tester/no-such-repo", "--dataset", tiny_dataset,
+                           "--output", tmp_path / "knn.json"], hub.url, tmp_path / "hf")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: no model repo 'hvp-tester/no-such-repo' on {hub.url} (check the name; a private repo needs "
+        "`hf auth login` or HF_TOKEN)")
+    assert not (tmp_path / "knn.json").exists()
+
+
+def test_push_to_hub_without_a_token_or_repo_id_is_a_one_line_error_before_anything_is_written(hub, tiny_dataset,
+                                                                                             tmp_path):
+    result = run_with_hub(train(tmp_path / "out", tiny_dataset, "--max_steps", 1, "--push_to_hub"), hub.url,
+                          tmp_path / "hf", token=None)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --push_to_hub needs a Hugging Face token")
+    assert "--hub_model_id" in result.stderr
+    assert not (tmp_path / "out").exists() and hub.requests == []
+
+
+class FakeAccelerator:
+    is_main_process, num_processes, mixed_precision = True, 1, "no"
+
+
+@pytest.mark.parametrize("flags,message", [
+    (dict(hub_model_id="me/x"), "--hub_model_id only takes effect with --push_to_hub"),
+    (dict(hub_every=5), "--hub_every only takes effect with --push_to_hub"),
+    (dict(push_to_hub=True, hub_model_id="me/bad name"), "--hub_model_id 'me/bad name' is not a valid Hub repo id"),
+    (dict(push_to_hub=True, hub_model_id="me/x", hub_every=-1), "--hub_every must be >= 0"),
+])
+def test_bad_hub_flags_are_one_line_errors(flags, message, monkeypatch, tmp_path):
+    from huggingface_hub import constants
+    from train_simsiam import Config
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with pytest.raises(hvp.HVPError, match="^" + re.escape(message)):
+        hvp.HubPusher.from_config(Config(output_dir=str(tmp_path / "out"), **flags), FakeAccelerator(), "SimSiam")
+
+
+def test_the_repo_name_defaults_to_the_output_folder_and_pushes_are_due_every_n_steps(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+    from train_simsiam import Config
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    pusher = hvp.HubPusher.from_config(Config(output_dir=str(tmp_path / "hvp simsiam"), push_to_hub=True, hub_every=10),
+                                       FakeAccelerator(), "SimSiam")
+    assert pusher.repo_id == "hvp-simsiam"  # create_repo puts a bare name in the token owner's namespace
+    assert [pusher.due(s) for s in (5, 10)] == [False, True]
+    not_main = type("Worker", (FakeAccelerator,), {"is_main_process": False})()
+    assert not hvp.HubPusher.from_config(Config(push_to_hub=True), not_main, "SimSiam").due(10)
+
+
+def test_init_from_copies_the_weights_and_rejects_another_architecture(tmp_path):
+    source = hvp.create_backbone("test_resnet", 32)
+    hvp.export_backbone(source, tmp_path / "export", {}, "t")
+    target = hvp.init_backbone(hvp.create_backbone("test_resnet", 32), tmp_path / "export")
+    for name, value in source.state_dict().items():
+        assert torch.equal(value, target.state_dict()[name]), name
+    with pytest.raises(hvp.HVPError, match="does not fit --arch"):
+        hvp.init_backbone(hvp.create_backbone("resnet18", 32), tmp_path / "export")

@@ -1,0 +1,255 @@
+"""Full fine-tuning of a pretrained backbone with a new linear classifier, top-1/top-5 each epoch.
+
+The transfer protocol of the paper's upstream code (spec B.7): AdamW, weight decay 0.05, global
+batch 512, lr x global batch / 256 with a per-step cosine schedule, random-resized-crop (0.08-1) +
+flip training augmentation, resize + centre-crop evaluation at the backbone's resolution (224 px
+for ImageNet backbones: CIFAR is upsampled). ViTs get layer-wise lr decay (--layer_decay, timm's
+BEiT-style grouping; the upstream runs do not record one, 1.0 switches it off). The best top-1
+over epochs is reported as upstream does, and the last epoch too.
+
+Per-dataset presets (lr / epochs, spec B.7 table) apply when --dataset is one of the names below
+(or its Hub id) and you do not give the flag yourself; --protocol dino takes the DINO column:
+
+    dataset      Hub id                             SimSiam lr / ep   DINO lr / ep
+    cifar10      uoft-cs/cifar10                    7.5e-6 / 300      7.5e-6 / 300
+    cifar100     uoft-cs/cifar100                   5e-6 / 300        5e-6 / 300
+    food101      ethz/food101                       5e-6 / 300        (linear only upstream)
+    flowers102   dpdl-benchmark/oxford_flowers102   5e-4 / 300        5e-5 / 300
+    places365    (local copy: give --lr --epochs)   5e-5 / 100        5e-5 / 100
+    inat21       (local copy: give --lr --epochs)   7.5e-5 / 100      5e-5 / 100
+
+    python eval/finetune.py --backbone outputs/simsiam                    # shipped dataset, CPU preset
+    python eval/finetune.py --backbone outputs/dino --checkpoint_key teacher --dataset cifar10 --protocol dino
+    accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 eval/finetune.py \\
+        --backbone hf-hub:<org>/<repo> --dataset flowers102 --batch_size 64
+
+Writes a JSON result (--output, default <backbone folder>/finetune_<dataset>.json).
+"""
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import hvp_utils as hvp  # noqa: E402
+import linear  # noqa: E402  (eval/linear.py: backbone sources, training augmentation, accuracy)
+
+
+# ----------------------------------------------------------------------------------- config
+
+@dataclass
+class Config:
+    backbone: str = ""  # training output folder, checkpoint folder, export folder (config.json + model.safetensors) or hf-hub:<id>
+    checkpoint_key: str = ""  # take the backbone weights from this entry of the checkpoint state (e.g. teacher for DINO/iBOT)
+    random_init: bool = False  # same architecture with freshly initialised weights (training from scratch)
+    dataset: str = hvp.DEFAULT_DATASET  # a preset name (cifar10, ...), Hub dataset id, local image folder, or parquet
+    train_split: str = "train"  # split to fine-tune on
+    test_split: str = "test"  # split evaluated after every epoch
+    image_column: str = "image"  # dataset column holding images
+    label_column: str = "label"  # dataset column holding labels
+    image_size: int = 0  # crop size; 0 = the size the backbone was trained at (config.json)
+    crop_scale: tuple = (0.08, 1.0)  # random-resized-crop area range of the training augmentation
+    protocol: str = "simsiam"  # which column of the preset table sets lr / epochs: simsiam | dino
+    lr: float = 5e-5  # base learning rate, x global batch / 256
+    layer_decay: float = 0.75  # ViT only: lr x layer_decay^(depth - layer); 1.0 = no layer-wise decay
+    weight_decay: float = 0.05  # AdamW weight decay (not on biases and norm parameters)
+    warmup_epochs: int = 0  # linear lr warm-up (the upstream transfer runs record none)
+    epochs: int = 100  # passes over the train split
+    batch_size: int = 64  # images per process per step (upstream: 512 in total)
+    seed: int = 0  # head initialisation, augmentation and data order
+    num_workers: int = 2  # data loader workers per process
+    mixed_precision: str = ""  # no | fp16 | bf16; empty = accelerate's setting
+    output: str = ""  # JSON result file; default <backbone folder>/finetune_<dataset>.json
+
+
+# name: (Hub id, image column, label column, test split, (SimSiam lr, epochs), (DINO lr, epochs))
+TRANSFER = {
+    "cifar10": ("uoft-cs/cifar10", "img", "label", "test", (7.5e-6, 300), (7.5e-6, 300)),
+    "cifar100": ("uoft-cs/cifar100", "img", "fine_label", "test", (5e-6, 300), (5e-6, 300)),
+    "food101": ("ethz/food101", "image", "label", "validation", (5e-6, 300), (5e-6, 300)),
+    "flowers102": ("dpdl-benchmark/oxford_flowers102", "image", "label", "test", (5e-4, 300), (5e-5, 300)),
+    "places365": (None, "image", "label", "validation", (5e-5, 100), (5e-5, 100)),
+    "inat21": (None, "image", "label", "validation", (7.5e-5, 100), (5e-5, 100)),
+}
+
+
+def transfer_preset(name, protocol="simsiam"):
+    """Preset flags for a TRANSFER dataset (by name or Hub id); {} for any other dataset."""
+    for key, (hub_id, image_column, label_column, test_split, simsiam, dino) in TRANSFER.items():
+        if name in (key, hub_id):
+            lr, epochs = dino if protocol == "dino" else simsiam
+            return dict(dataset=hub_id or key, image_column=image_column, label_column=label_column,
+                        test_split=test_split, lr=lr, epochs=epochs)
+    return {}
+
+
+# The shipped Fashion-MNIST subset on 2 CPU cores: a few epochs with a larger lr.
+PRESETS = {hvp.DEFAULT_DATASET: dict(lr=1e-3, epochs=3, batch_size=64, crop_scale=(0.5, 1.0), num_workers=1)}
+PRESETS.update({name: transfer_preset(name) for name in TRANSFER})
+PRESETS.update({TRANSFER[name][0]: transfer_preset(name) for name in TRANSFER if TRANSFER[name][0]})
+
+
+def resolve_config(cfg, preset_keys):
+    """Turn a preset name into its Hub id and apply the --protocol column to preset values."""
+    preset = transfer_preset(cfg.dataset, cfg.protocol)
+    if preset:
+        if preset["dataset"] in TRANSFER:  # no public Hub copy known: the user must point at one
+            raise hvp.HVPError(f"--dataset {cfg.dataset}: no public Hub copy known; give a local copy or Hub id with --dataset, and "
+                               f"--lr {preset['lr']:g} --epochs {preset['epochs']} (preset table in --help)")
+        cfg.dataset = preset["dataset"]
+        for key in ("lr", "epochs"):
+            if key in preset_keys:
+                setattr(cfg, key, preset[key])
+    if cfg.protocol not in ("simsiam", "dino"):
+        raise hvp.HVPError(f"--protocol must be simsiam or dino, got {cfg.protocol!r}")
+    if cfg.mixed_precision not in ("", "no", "fp16", "bf16"):
+        raise hvp.HVPError(f"--mixed_precision must be no, fp16 or bf16, got {cfg.mixed_precision!r}")
+    if cfg.epochs < 1 or cfg.batch_size < 1 or not cfg.lr > 0 or not 0 < cfg.layer_decay <= 1:
+        raise hvp.HVPError("--epochs and --batch_size must be >= 1, --lr > 0 and --layer_decay in (0, 1]")
+    if not 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1:
+        raise hvp.HVPError(f"--crop_scale must be two numbers 0 < min <= max <= 1, got {cfg.crop_scale}")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------- data
+
+def count_classes(cfg):
+    """Number of classes: from the dataset's ClassLabel feature, else one pass over the labels."""
+    import datasets
+    ds = linear.require_labels(cfg, "fine-tuning")
+    feature = (ds.features or {}).get(cfg.label_column)
+    if isinstance(feature, datasets.ClassLabel):
+        return feature.num_classes
+    labels = [row[cfg.label_column] for row in ds.select_columns([cfg.label_column])]
+    if not labels or any(label is None or int(label) < 0 for label in labels):
+        raise hvp.HVPError(f"split {cfg.train_split!r} is empty or has examples without a label")
+    return max(int(label) for label in labels) + 1
+
+
+# ----------------------------------------------------------------------------------- model and optimizer
+
+def build_model(cfg, num_classes):
+    """The backbone with a new linear classifier (N(0, 0.01), zero bias), all parameters trainable."""
+    model, config = linear.load_backbone(cfg.backbone, cfg.checkpoint_key, cfg.random_init, cfg.seed)
+    if not hasattr(model, "reset_classifier"):
+        raise hvp.HVPError(f"{cfg.backbone!r} is not a timm classifier model (no reset_classifier)")
+    torch.manual_seed(cfg.seed)
+    model.reset_classifier(num_classes)
+    head = model.get_classifier()
+    nn.init.normal_(head.weight, std=0.01)
+    nn.init.zeros_(head.bias)
+    return model.train().requires_grad_(True), config
+
+
+def make_optimizer(cfg, model, lr):
+    """AdamW without weight decay on 1-D parameters; ViTs get BEiT-style layer-wise lr scales
+    (each group's `lr_scale`, applied by the schedule)."""
+    import timm.optim
+    layer_decay = cfg.layer_decay if linear.is_vit(model) and cfg.layer_decay < 1 else None
+    return timm.optim.create_optimizer_v2(model, "adamw", lr=lr, weight_decay=cfg.weight_decay,
+                                          layer_decay=layer_decay)
+
+
+# ----------------------------------------------------------------------------------- fine-tuning
+
+def run(cfg, accelerator=None):
+    """The whole fine-tuning run; returns the result dict (every process gets it)."""
+    accelerator = accelerator or hvp.make_accelerator(cfg.mixed_precision, 1, "none", ".")
+    is_main, device, world = accelerator.is_main_process, accelerator.device, accelerator.num_processes
+    start_time = time.perf_counter()
+    num_classes = count_classes(cfg)  # fails fast on a dataset without labels, before the model
+    model, config = build_model(cfg, num_classes)
+    pretrained = config.get("pretrained_cfg", {})
+    size = cfg.image_size or pretrained.get("input_size", (3, 224, 224))[-1]
+    mean, std = tuple(pretrained.get("mean", hvp.IMAGENET_MEAN)), tuple(pretrained.get("std", hvp.IMAGENET_STD))
+
+    loader, count = linear.train_stream(cfg, size, mean, std, accelerator, cycle=True)
+    test_loader = hvp.eval_loader(cfg.dataset, cfg.test_split, cfg.image_column, cfg.label_column, size,
+                                  accelerator, cfg.batch_size, cfg.num_workers, mean, std)
+    global_batch = cfg.batch_size * world
+    steps_per_epoch = max(1, count // global_batch)
+    total_steps, warmup_steps = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+    peak_lr = cfg.lr * global_batch / 256
+    optimizer = make_optimizer(cfg, model, peak_lr)
+    model, optimizer = accelerator.prepare(model.to(device), optimizer)
+    if is_main:
+        decay = f"layer decay {cfg.layer_decay}" if linear.is_vit(accelerator.unwrap_model(model)) and cfg.layer_decay < 1 else "no layer decay"
+        print(f"fine-tune | {cfg.backbone}{' (random init)' if cfg.random_init else ''} | {num_classes} classes | "
+              f"{size}px | {world} process(es) on {device.type} | global batch {global_batch} | AdamW lr {peak_lr:.3g} "
+              f"wd {cfg.weight_decay} {decay} | {cfg.epochs} epochs x {steps_per_epoch} steps | "
+              f"precision {accelerator.mixed_precision}", flush=True)
+
+    history, step = [], 0
+    batches = hvp.training_batches(loader, steps_per_epoch)
+    bar = tqdm(total=total_steps, disable=not is_main, desc="fine-tune", dynamic_ncols=True)
+    for epoch in range(cfg.epochs):
+        model.train()
+        losses = []
+        for _ in range(steps_per_epoch):
+            lr = hvp.cosine(step, total_steps, peak_lr, warmup_steps=warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+            _, batch = next(batches)
+            labels = batch["label"].to(device)
+            if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
+                raise hvp.HVPError(f"split {cfg.train_split!r} has a label outside 0..{num_classes - 1}")
+            with accelerator.autocast():
+                loss = F.cross_entropy(model(batch["image"].to(device, non_blocking=True)), labels)
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach().float())
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1].item():.3f}")
+        model.eval()
+        logits, test_labels = hvp.extract_features(model, test_loader, accelerator, f"eval {cfg.test_split}")
+        linear.check_labels(test_labels, cfg.test_split)
+        top1, top5 = (v.item() for v in linear.accuracy(logits[None], test_labels))
+        train_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+        history.append({"epoch": epoch + 1, "top1": top1, "top5": top5, "train_loss": train_loss})
+        if is_main:
+            bar.write(f"epoch {epoch + 1}: train loss {train_loss:.4f}, top-1 {top1:.2f} %, top-5 {top5:.2f} %")
+    bar.close()
+    del batches
+
+    best = max(history, key=lambda h: h["top1"])
+    result = {
+        "backbone": cfg.backbone, "random_init": cfg.random_init, "dataset": cfg.dataset, "image_size": size,
+        "num_classes": num_classes, "train_samples": count, "test_samples": len(test_labels),
+        "best_top1": best["top1"], "best_top5": best["top5"], "best_epoch": best["epoch"],
+        "final_top1": history[-1]["top1"], "final_top5": history[-1]["top5"], "epochs": history,
+        "seconds": time.perf_counter() - start_time, "processes": world, "config": asdict(cfg),
+    }
+    if is_main:
+        print(f"fine-tune {cfg.backbone} on {Path(cfg.dataset).name or cfg.dataset} [{cfg.test_split}]: best top-1 "
+              f"{best['top1']:.2f} % (epoch {best['epoch']}), last epoch top-1 {history[-1]['top1']:.2f} %, "
+              f"top-5 {history[-1]['top5']:.2f} % | {result['seconds']:.0f} s", flush=True)
+    return result
+
+
+def main():
+    cfg, preset_keys = hvp.parse_config(Config, presets=PRESETS, description=__doc__.splitlines()[0])
+    cfg = resolve_config(cfg, preset_keys)
+    if not cfg.backbone:
+        raise hvp.HVPError("give --backbone <training output | checkpoint | export folder | hf-hub:id>")
+    accelerator = hvp.make_accelerator(cfg.mixed_precision, 1, "none", ".")
+    if preset_keys and accelerator.is_main_process:
+        print(f"preset for {cfg.dataset}: {', '.join(f'{k}={getattr(cfg, k)}' for k in preset_keys)}", flush=True)
+    result = run(cfg, accelerator)
+    if accelerator.is_main_process:
+        name = Path(cfg.dataset).name or cfg.dataset.replace("/", "_")
+        output = Path(cfg.output) if cfg.output else linear.default_output(cfg, f"finetune_{name}")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(result, indent=2))
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    hvp.run_main(main)

@@ -1,0 +1,250 @@
+"""eval/linear.py, eval/finetune.py, eval/transfer.py: features, backbone sources, probes, bad inputs."""
+import json
+import sys
+
+import datasets
+import pytest
+import torch
+from PIL import Image
+
+import hvp_utils as hvp
+from conftest import REPO, run_script
+
+sys.path.insert(0, str(REPO / "eval"))
+import finetune  # noqa: E402
+import linear  # noqa: E402
+import transfer  # noqa: E402
+
+COLOURS = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (230, 230, 230)]
+
+
+def colour_images(count, seed):
+    """Solid-colour 12 px images with pixel noise: the class is the colour (linearly separable)."""
+    gen = torch.Generator().manual_seed(seed)
+    images, labels = [], []
+    for i in range(count):
+        label = i % len(COLOURS)
+        pixels = torch.tensor(COLOURS[label]).view(1, 1, 3) + torch.randint(-25, 26, (12, 12, 3), generator=gen)
+        images.append(Image.fromarray(pixels.clamp(0, 255).to(torch.uint8).numpy()))
+        labels.append(label)
+    return images, labels
+
+
+@pytest.fixture(scope="module")
+def colour_dataset(tmp_path_factory):
+    """4 colour classes, 64 train / 32 test images, as Hub-layout parquet."""
+    folder = tmp_path_factory.mktemp("colours")
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=4)})
+    for split, count, seed in (("train", 64, 0), ("test", 32, 1)):
+        images, labels = colour_images(count, seed)
+        (folder / "data").mkdir(exist_ok=True)
+        datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).to_parquet(
+            folder / "data" / f"{split}-00000-of-00001.parquet")
+    return folder
+
+
+def tiny_resnet(seed=0):
+    torch.manual_seed(seed)
+    return hvp.create_backbone("resnet18", 12, small_stem=True).eval()
+
+
+def tiny_vit(depth=3):
+    torch.manual_seed(0)
+    return hvp.create_backbone("vit_tiny", 12, small_stem=True, depth=depth, embed_dim=32, num_heads=2).eval()
+
+
+def export(model, folder):
+    return hvp.export_backbone(model, folder, {"input_size": (3, 12, 12)}, "hvp_test")
+
+
+def features(model, x, **kw):
+    with torch.no_grad():
+        return linear.FeatureModel(model, **kw).eval()(x)
+
+
+# ----------------------------------------------------------------------------------- features
+
+def test_vit_features_concatenate_the_normed_cls_of_the_last_blocks_and_the_patch_mean():
+    vit, x = tiny_vit(depth=3), torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        tokens = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
+        outputs = []
+        for block in vit.blocks:
+            tokens = block(tokens)
+            outputs.append(vit.norm(tokens))
+    expected = torch.cat([outputs[1][:, 0], outputs[2][:, 0], outputs[2][:, 1:].mean(1)], dim=1)
+    got = features(vit, x, n_last_blocks=2, avgpool=True)
+    assert got.shape == (2, 3 * 32) and linear.FeatureModel(vit, 2, True).dim == 96
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(features(vit, x, n_last_blocks=1), vit(x))  # last-block CLS = timm's pooled output
+
+
+def test_non_vit_features_are_the_pooled_backbone_output():
+    resnet, x = tiny_resnet(), torch.randn(2, 3, 12, 12)
+    torch.testing.assert_close(features(resnet, x), resnet(x))
+    assert linear.FeatureModel(resnet).dim == resnet.num_features == 512
+
+
+def test_more_last_blocks_than_the_vit_has_is_an_error():
+    with pytest.raises(hvp.HVPError, match="--n_last_blocks 4 but the ViT has 3 blocks"):
+        linear.FeatureModel(tiny_vit(depth=3), n_last_blocks=4)
+
+
+# ----------------------------------------------------------------------------------- backbone sources
+
+def test_every_backbone_source_gives_identical_features(tmp_path):
+    model, x = tiny_resnet(), torch.randn(3, 3, 12, 12)
+    reference = features(model, x)
+    export(model, tmp_path / "export")
+    run = tmp_path / "run"  # a training output folder: checkpoints + the latest export
+    ckpt = hvp.save_checkpoint(run, 7, {"model": {"backbone." + k: v for k, v in model.state_dict().items()}, "step": 7},
+                               model, {"input_size": (3, 12, 12)}, "hvp_test")
+    export(model, run / "backbone")
+    for source in (tmp_path / "export", run, ckpt):
+        loaded, config = linear.load_backbone(source)
+        assert config["pretrained_cfg"]["input_size"] == [3, 12, 12]
+        assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training
+        torch.testing.assert_close(features(loaded, x), reference, msg=str(source))
+
+
+def test_checkpoint_key_loads_the_teacher_instead_of_the_exported_student(tmp_path):
+    student, teacher, x = tiny_resnet(seed=1), tiny_resnet(seed=2), torch.randn(3, 3, 12, 12)
+    state = {"student": {f"backbone.{k}": v for k, v in student.state_dict().items()},
+             "teacher": {f"module.backbone.{k}": v for k, v in teacher.state_dict().items()}
+             | {"module.head.weight": torch.zeros(2, 2)}, "step": 3}
+    ckpt = hvp.save_checkpoint(tmp_path / "dino", 3, state, student, {"input_size": (3, 12, 12)}, "hvp_test")
+    loaded, _ = linear.load_backbone(tmp_path / "dino", checkpoint_key="teacher")
+    torch.testing.assert_close(features(loaded, x), features(teacher, x))
+    loaded, _ = linear.load_backbone(ckpt)  # without the key: the export (student)
+    torch.testing.assert_close(features(loaded, x), features(student, x))
+    with pytest.raises(hvp.HVPError, match="has no state 'ema'"):
+        linear.load_backbone(ckpt, checkpoint_key="ema")
+
+
+def test_random_init_keeps_the_architecture_and_none_of_the_weights(tmp_path):
+    x = torch.randn(3, 3, 12, 12)
+    first, _ = linear.load_backbone(export(tiny_resnet(seed=1), tmp_path / "a"), random_init=True, seed=5)
+    second, _ = linear.load_backbone(export(tiny_resnet(seed=2), tmp_path / "b"), random_init=True, seed=5)
+    trained, _ = linear.load_backbone(tmp_path / "a")
+    assert {k: v.shape for k, v in first.state_dict().items()} == {k: v.shape for k, v in trained.state_dict().items()}
+    torch.testing.assert_close(features(first, x), features(second, x))  # depends on the seed only
+    assert not torch.allclose(features(first, x), features(trained, x))
+
+
+# ----------------------------------------------------------------------------------- linear probe
+
+def probe_config(backbone, dataset, tmp_path, **kw):
+    return linear.Config(**{**dict(backbone=str(backbone), dataset=str(dataset), epochs=15, batch_size=16,
+                                   optimizer="sgd", lr="0.3,3", cache_views=2, num_workers=0,
+                                   output=str(tmp_path / "linear.json")), **kw})
+
+
+def test_linear_probe_separates_colour_classes(colour_dataset, tmp_path):
+    result = linear.run(probe_config(export(tiny_resnet(), tmp_path / "b"), colour_dataset, tmp_path))
+    assert result["best_top1"] == 100.0 and result["train_samples"] == 64 and result["test_samples"] == 32
+    assert len(result["epochs"]) == 15 and len(result["epochs"][0]["top1"]) == 2  # every epoch, one value per lr
+    assert result["num_classes"] == 4 and result["features"] == "pooled" and result["feature_dim"] == 512
+
+
+def test_linear_probe_without_cache_runs_the_backbone_on_fresh_augmentations(colour_dataset, tmp_path):
+    result = linear.run(probe_config(export(tiny_vit(depth=2), tmp_path / "v"), colour_dataset, tmp_path,
+                                     cache_views=0, lr="3", epochs=3, n_last_blocks=2))
+    assert result["features"] == "vit_cls" and result["feature_dim"] == 64
+    assert [e["epoch"] for e in result["epochs"]] == [1, 2, 3] and result["best_top1"] > 25
+
+
+def test_lars_scales_weight_steps_by_the_trust_ratio_and_leaves_biases_plain():
+    weight, bias = torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(3))
+    weight.grad, bias.grad = torch.randn(3, 4), torch.randn(3)
+    w0, b0 = weight.detach().clone(), bias.detach().clone()
+    linear.LARS([weight, bias], lr=0.5, momentum=0.9, trust=0.001).step()
+    torch.testing.assert_close(weight.detach(), w0 - 0.5 * 0.001 * w0.norm() / weight.grad.norm() * weight.grad)
+    torch.testing.assert_close(bias.detach(), b0 - 0.5 * bias.grad)
+
+
+def test_linear_cli_writes_json_and_reads_an_image_folder(tmp_path):
+    for split, count, seed in (("train", 24, 0), ("test", 8, 1)):
+        for i, (image, label) in enumerate(zip(*colour_images(count, seed))):
+            (tmp_path / "folder" / split / f"c{label}").mkdir(parents=True, exist_ok=True)
+            image.save(tmp_path / "folder" / split / f"c{label}" / f"{i}.png")
+    export(tiny_resnet(), tmp_path / "b")
+    out = run_script(["eval/linear.py", "--backbone", tmp_path / "b", "--dataset", tmp_path / "folder",
+                      "--epochs", 2, "--cache_views", 1, "--num_workers", 0, "--optimizer", "sgd", "--lr", 1])
+    result = json.loads((tmp_path / "b" / "linear.json").read_text())
+    assert "linear probe" in out.stdout and result["train_samples"] == 24 and len(result["epochs"]) == 2
+
+
+# ----------------------------------------------------------------------------------- fine-tuning, transfer
+
+def test_finetune_updates_the_backbone_and_reports_every_epoch(colour_dataset, tmp_path):
+    cfg = finetune.Config(backbone=str(export(tiny_vit(depth=2), tmp_path / "v")), dataset=str(colour_dataset),
+                          epochs=2, batch_size=16, lr=1e-3, num_workers=0)
+    result = finetune.run(cfg)
+    assert result["num_classes"] == 4 and [e["epoch"] for e in result["epochs"]] == [1, 2]
+    assert 0 <= result["best_top1"] <= 100
+
+
+def test_vit_finetuning_uses_layerwise_lr_decay():
+    model = tiny_vit(depth=2)
+    model.reset_classifier(4)
+    groups = finetune.make_optimizer(finetune.Config(layer_decay=0.5), model, 1e-3).param_groups
+    scales = sorted({g["lr_scale"] for g in groups})
+    assert scales[-1] == 1.0 and scales[0] == 0.5 ** 3  # embeddings, 2 blocks, head: 4 layers
+    groups = finetune.make_optimizer(finetune.Config(layer_decay=0.5), tiny_resnet(), 1e-3).param_groups
+    assert all(g.get("lr_scale", 1.0) == 1.0 for g in groups)  # ResNets: no layer decay
+
+
+def test_transfer_writes_a_markdown_table_and_keeps_going_after_a_bad_dataset(colour_dataset, tmp_path, monkeypatch):
+    backbone = export(tiny_resnet(), tmp_path / "b")
+    monkeypatch.setattr(sys, "argv", ["transfer.py", "--backbone", str(backbone), "--datasets",
+                                      f"{colour_dataset},{tmp_path / 'missing'}", "--evals", "linear",
+                                      "--epochs", "2", "--cache_views", "1", "--num_workers", "0",
+                                      "--batch_size", "16"])
+    transfer.main()
+    table = (backbone / "transfer.md").read_text()
+    assert "| dataset | linear |" in table and f"| {colour_dataset} | " in table
+    assert f"| {tmp_path / 'missing'} | error: cannot open dataset" in table
+    assert json.loads((backbone / "transfer.json").read_text())["results"][str(colour_dataset)]["linear"]["best_top1"] >= 0
+
+
+def test_transfer_presets_follow_the_spec_table():
+    assert finetune.transfer_preset("cifar10")["lr"] == 7.5e-6 and finetune.transfer_preset("cifar10")["epochs"] == 300
+    assert finetune.transfer_preset("uoft-cs/cifar100")["label_column"] == "fine_label"
+    assert finetune.transfer_preset("flowers102", "dino")["lr"] == 5e-5
+    assert finetune.transfer_preset("inat21", "dino") == dict(dataset="inat21", image_column="image",
+                                                             label_column="label", test_split="validation",
+                                                             lr=5e-5, epochs=100)
+    assert finetune.transfer_preset("some/other") == {}
+
+
+# ----------------------------------------------------------------------------------- bad inputs
+
+def test_a_dataset_without_labels_is_a_one_line_error(tmp_path):
+    images, _ = colour_images(8, 0)
+    (tmp_path / "nolabels" / "data").mkdir(parents=True)
+    for split in ("train", "test"):
+        datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()})).to_parquet(
+            tmp_path / "nolabels" / "data" / f"{split}-00000-of-00001.parquet")
+    export(tiny_resnet(), tmp_path / "b")
+    with pytest.raises(hvp.HVPError, match="has no label column 'label': a linear probe needs labels"):
+        linear.run(probe_config(tmp_path / "b", tmp_path / "nolabels", tmp_path))
+    with pytest.raises(hvp.HVPError, match="fine-tuning needs labels"):
+        finetune.run(finetune.Config(backbone=str(tmp_path / "b"), dataset=str(tmp_path / "nolabels"), num_workers=0))
+
+
+@pytest.mark.parametrize("script", ["eval/linear.py", "eval/finetune.py"])
+def test_a_backbone_that_cannot_be_loaded_is_a_one_line_error(script, tmp_path, tiny_dataset):
+    out = run_script([script, "--backbone", tmp_path, "--dataset", tiny_dataset], check=False)
+    assert out.returncode == 2 and out.stderr.strip().startswith("error: no backbone found")
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_bad_flags_are_errors():
+    with pytest.raises(hvp.HVPError, match="--optimizer must be lars or sgd"):
+        linear.check_config(linear.Config(backbone="x", optimizer="adam"))
+    with pytest.raises(hvp.HVPError, match="--lr must be comma-separated numbers"):
+        linear.check_config(linear.Config(backbone="x", lr="0.1,fast"))
+    with pytest.raises(hvp.HVPError, match="no public Hub copy known"):
+        finetune.resolve_config(finetune.Config(backbone="x", dataset="inat21"), [])
+    with pytest.raises(hvp.HVPError, match="--checkpoint_key needs a checkpoint"):
+        linear.checkpoint_backbone_weights("hf-hub:org/name", "teacher")

@@ -236,3 +236,31 @@ def test_init_from_copies_the_weights_and_rejects_another_architecture(tmp_path)
         assert torch.equal(value, target.state_dict()[name]), name
     with pytest.raises(hvp.HVPError, match="does not fit --arch"):
         hvp.init_backbone(hvp.create_backbone("resnet18", 32), tmp_path / "export")
+
+
+LOAD_HVP_IN_A_FRESH_PROCESS = r"""
+import sys, torch
+import hvp_utils as hvp
+repo, local = sys.argv[1], sys.argv[2]
+x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    print(torch.equal(hvp.load_backbone(f"hf-hub:{repo}")[0].eval()(x), hvp.load_backbone(local)[0].eval()(x)))
+"""
+
+OTHER_SCRIPTS = {
+    "train_dino.py": ["--arch", "vit_tiny", "--small_stem", "--image_size", "16", "--local_size", "8",
+                      "--batch_size", "8", "--out_dim", "64", "--hidden_dim", "64", "--bottleneck_dim", "32",
+                      "--global_views", "4", "--local_views", "2", "--local_crops_number", "1"],
+}
+
+
+@pytest.mark.parametrize("script", sorted(OTHER_SCRIPTS))
+def test_every_training_script_pushes_its_exported_backbone(script, hub, tiny_dataset, tmp_path):
+    out, repo = tmp_path / "run", f"hvp-tester/{script[6:-3]}-tiny"
+    ok(run_with_hub([script, "--dataset", tiny_dataset, "--output_dir", out, *OTHER_SCRIPTS[script], "--max_steps", 1,
+                     "--num_workers", 0, "--report_to", "none", "--mixed_precision", "no", "--push_to_hub",
+                     "--hub_model_id", repo], hub.url, tmp_path / "hf-train"))
+    loaded = ok(run_with_hub(["-c", LOAD_HVP_IN_A_FRESH_PROCESS, repo, out / "backbone"], hub.url,
+                             tmp_path / "hf-load", token=None))
+    assert loaded.stdout.strip().splitlines()[-1] == "True"
+    assert files_containing(out, TOKEN) == []

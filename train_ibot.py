@@ -1,0 +1,707 @@
+"""iBOT (masked image modelling + self-distillation) with Hard View Pretraining (HVP), in one file.
+
+Every step draws --global_views G candidate global crops (even ones with global transform 1, odd
+ones with transform 2, as DINO; decision D5), each with its own block-wise mask, and --local_views
+L_loader candidate local crops per image. One pass without gradients runs the teacher on all
+unmasked globals and the student on all masked globals and all locals, and keeps per image the
+(even global, odd global, --local_crops_number L locals) tuple with the highest iBOT loss:
+lambda1 x [CLS] self-distillation over the tuple + lambda2 x masked-patch self-distillation of its
+two globals. Globals keep the mask they were scored with. The local subset is the exact top-L (D4),
+which the reference could not select. Then one ordinary iBOT step trains on that tuple, reusing the
+teacher outputs of the selection pass (D3). --global_views 2 --local_views L is plain iBOT.
+
+    python train_ibot.py --arch vit_small            # CPU: the shipped Fashion-MNIST subset, k-NN at the end
+    accelerate launch train_ibot.py --arch vit_small --dataset <hub id | image folder | parquet>
+    accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 train_ibot.py \\
+        --arch vit_small --dataset ILSVRC/imagenet-1k --batch_size 64 --local_views 20 --local_crops_number 10
+    accelerate launch --multi_gpu --num_machines 2 --machine_rank $RANK --main_process_ip $HOST \\
+        --num_processes 16 train_ibot.py --arch vit_base --dataset ILSVRC/imagenet-1k
+    python train_ibot.py --resume                    # continue the run in --output_dir
+
+Defaults are the reference iBOT recipe (ViT-S/16, drop-path 0.1, a 2048-2048-256 head shared by
+[CLS] and patch tokens with separate weight-normalised last layers of 8192 prototypes each, block
+masks of 30 % of the patches with aspect 0.3-3.3, lambda1 = lambda2 = 1, teacher temperatures 0.04
+for [CLS] and 0.04 -> 0.07 over 30 epochs for patches, student 0.1, two centres with momentum 0.9,
+AdamW lr 5e-4 x batch/256 with 10 warm-up epochs and cosine to 1e-6, weight decay 0.04 -> 0.4,
+clip 3.0, last layers frozen for the first epoch, teacher EMA 0.996 -> 1, 2 x 224 px globals at
+scale 0.14-1, no locals, 100 epochs) with G = 4 candidate globals. On the shipped dataset a CPU
+preset (see PRESETS) replaces the flags you do not give: one epoch (156 steps) of ViT-S, then k-NN.
+
+Masking: the student's patch embeddings at masked positions are replaced by a learnable mask token
+(on the model wrapper, so it is trained, averaged into the teacher and saved) before the position
+embedding and the transformer blocks; the teacher always sees the unmasked view. Masks are drawn
+per view in the data workers from the view's own seeded generator (exact on resume).
+
+Differences from the reference iBOT code: globals alternate the two transforms (the reference gives
+transform 1 to view 0 only, D5); teacher and student heads have the same structure (the reference's
+teacher shares one last layer for [CLS] and patches while the student has two); no pred_ratio
+variance and no MIM start epoch.
+"""
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import hvp_utils as hvp
+
+
+# ----------------------------------------------------------------------------------- config
+
+@dataclass
+class Config:
+    dataset: str = hvp.DEFAULT_DATASET  # Hub dataset id, local image folder, or parquet file/folder
+    split: str = "train"  # split to pretrain on
+    eval_split: str = "test"  # labelled split used as k-NN queries (the train split is the memory bank)
+    image_column: str = "image"  # dataset column holding images
+    label_column: str = "label"  # dataset column holding labels (k-NN only)
+    output_dir: str = "outputs/ibot"  # checkpoints, backbone export, metrics.jsonl, TensorBoard logs
+    arch: str = "vit_small"  # a timm VisionTransformer name; aliases vit_tiny/vit_small/vit_base (patch 16)
+    small_stem: bool = False  # 28-64 px inputs: ViT patch 4-8
+    patch_size: int = 0  # ViT patch size (0: the model's own, or 4/8 with --small_stem)
+    image_size: int = 224  # global crop size (also the k-NN evaluation size)
+    local_size: int = 96  # local crop size
+    global_scale: tuple = (0.14, 1.0)  # random-resized-crop area range of global crops
+    local_scale: tuple = (0.05, 0.4)  # random-resized-crop area range of local crops
+    epochs: int = 100  # length of the run (steps per epoch = examples // global batch)
+    max_steps: int = 0  # if > 0, stop after this many optimizer steps (the schedules span them)
+    batch_size: int = 128  # images per process per micro-step; global batch = this x processes x grad_accum
+    grad_accum: int = 1  # micro-steps per optimizer step
+    lr: float = 5e-4  # peak AdamW learning rate, scaled by global batch / 256
+    min_lr: float = 1e-6  # learning rate at the end of the cosine
+    warmup_epochs: float = 10.0  # linear learning-rate warm-up from 0
+    weight_decay: float = 0.04  # weight decay at the start (not on biases and norms) ...
+    weight_decay_end: float = 0.4  # ... cosine-increased to this at the end
+    clip_grad: float = 3.0  # clip each parameter's gradient norm to this (0 = off)
+    freeze_last_layer: float = 1.0  # epochs during which the heads' last layers are not trained
+    drop_path: float = 0.1  # stochastic depth of the student (the teacher has none)
+    out_dim: int = 8192  # [CLS] prototypes
+    patch_out_dim: int = 8192  # patch prototypes (must equal out_dim with --shared_head)
+    shared_head: bool = False  # one last layer for [CLS] and patch tokens (the MLP is always shared)
+    hidden_dim: int = 2048  # head MLP width
+    bottleneck_dim: int = 256  # head bottleneck before the weight-normalised last layer(s)
+    norm_last_layer: bool = True  # fix the last layers' weight norm to 1 (more stable for ViTs)
+    momentum_teacher: float = 0.996  # teacher EMA momentum, cosine-increased to 1 (0.9995 suits batch 256)
+    teacher_temp: float = 0.04  # teacher [CLS] softmax temperature after warm-up
+    warmup_teacher_temp: float = 0.04  # teacher [CLS] temperature at epoch 0
+    teacher_patch_temp: float = 0.07  # teacher patch softmax temperature after warm-up
+    warmup_teacher_patch_temp: float = 0.04  # teacher patch temperature at epoch 0
+    warmup_teacher_temp_epochs: int = 30  # epochs of linear warm-up of both teacher temperatures
+    student_temp: float = 0.1  # student softmax temperature ([CLS] and patches)
+    center_momentum: float = 0.9  # EMA momentum of the [CLS] centre
+    center_momentum2: float = 0.9  # EMA momentum of the patch centre
+    lambda1: float = 1.0  # weight of the [CLS] self-distillation loss
+    lambda2: float = 1.0  # weight of the masked-patch (MIM) self-distillation loss
+    pred_ratio: float = 0.3  # fraction of a global crop's patches masked for the student (0 = no MIM)
+    pred_aspect: tuple = (0.3, 1 / 0.3)  # aspect-ratio range of the mask blocks
+    global_views: int = 4  # candidate global crops per image (even number); 2 = no global selection
+    local_views: int = 0  # candidate local crops per image; = local_crops_number: no local selection
+    local_crops_number: int = 0  # local crops trained per image (iBOT's default 0; ImageNet runs use 10)
+    hvp_every: int = 1  # select hard views every k-th step (views 0, 1 and the first L locals otherwise)
+    hvp_start_epoch: int = 0  # plain iBOT before this epoch
+    hvp_select_res: float = 1.0  # run the selection forward at this fraction of the resolution (masks resized too)
+    hvp_limit: int = 0  # score only this many random candidate tuples (0 = all, exactly, via top-L locals)
+    mixed_precision: str = ""  # no | fp16 | bf16; empty = whatever `accelerate launch` was given
+    channels_last: bool = True  # NHWC memory format for the patch-embedding convolution
+    num_workers: int = 4  # data loader workers per process
+    shuffle_buffer: int = 5000  # streaming shuffle buffer (examples per worker)
+    seed: int = 0  # seeds every random source (also the masks); a CPU run is reproducible
+    log_every: int = 20  # steps between metrics.jsonl records
+    save_every: int = 1000  # steps between checkpoints (plus one at the end and on SIGTERM)
+    keep_checkpoints: int = 2  # checkpoints kept in output_dir
+    resume: bool = False  # continue from the latest checkpoint in output_dir
+    knn_every: int = 0  # epochs between k-NN evaluations during training (0 = only at the end)
+    knn_k: int = 20  # neighbours for k-NN
+    report_to: str = "tensorboard"  # Accelerate tracker(s), comma-separated, or "none"
+
+
+# The shipped Fashion-MNIST subset: 28 px grayscale, 10k images. One epoch of ViT-S on 2 CPU cores:
+# 32 px globals (4 x 4 patches of 8 px, ~5 masked) and 16 px locals, 4096 prototypes per head, a
+# faster teacher, 2 of 4 candidate locals, no teacher-temperature warm-up (the run is one epoch).
+# It replaces the ImageNet defaults above for the flags you do not give.
+PRESETS = {hvp.DEFAULT_DATASET: dict(
+    small_stem=True, patch_size=8, image_size=32, local_size=16, global_scale=(0.4, 1.0), epochs=1, batch_size=64,
+    lr=1e-3, warmup_epochs=0.1, freeze_last_layer=0.0, drop_path=0.0, out_dim=4096, patch_out_dim=4096,
+    momentum_teacher=0.97, warmup_teacher_temp_epochs=0, local_views=4, local_crops_number=2, num_workers=2,
+    log_every=10, save_every=200, mixed_precision="bf16")}
+
+
+def check_config(cfg):
+    if cfg.global_views < 2 or cfg.global_views % 2:
+        raise hvp.HVPError(f"--global_views must be an even number >= 2 (2 = no global selection), got {cfg.global_views}")
+    if not 0 <= cfg.local_crops_number <= cfg.local_views:
+        raise hvp.HVPError(f"--local_crops_number must be in [0, --local_views = {cfg.local_views}], "
+                           f"got {cfg.local_crops_number}")
+    if not 0 <= cfg.pred_ratio < 1:
+        raise hvp.HVPError(f"--pred_ratio must be in [0, 1), got {cfg.pred_ratio}")
+    if not 0 < cfg.pred_aspect[0] <= cfg.pred_aspect[1]:
+        raise hvp.HVPError(f"--pred_aspect must be two numbers 0 < low <= high, got {cfg.pred_aspect}")
+    if cfg.shared_head and cfg.patch_out_dim != cfg.out_dim:
+        raise hvp.HVPError(f"--shared_head needs --patch_out_dim = --out_dim, got {cfg.patch_out_dim} and {cfg.out_dim}")
+    if not 0 < cfg.hvp_select_res <= 1:
+        raise hvp.HVPError(f"--hvp_select_res must be in (0, 1], got {cfg.hvp_select_res}")
+    if cfg.hvp_every < 1 or cfg.hvp_limit < 0 or cfg.batch_size < 1 or cfg.grad_accum < 1:
+        raise hvp.HVPError("--hvp_every, --batch_size and --grad_accum must be >= 1 and --hvp_limit >= 0")
+    if cfg.mixed_precision not in ("", "no", "fp16", "bf16"):
+        raise hvp.HVPError(f"--mixed_precision must be no, fp16 or bf16, got {cfg.mixed_precision!r}")
+    if min(cfg.teacher_temp, cfg.warmup_teacher_temp, cfg.teacher_patch_temp, cfg.warmup_teacher_patch_temp,
+           cfg.student_temp) <= 0:
+        raise hvp.HVPError("temperatures must be > 0")
+
+
+# ----------------------------------------------------------------------------------- data
+
+def dino_augs(cfg):
+    """DINO's two global transforms and its local transform (bicubic crops, flip, colour jitter
+    0.4/0.4/0.2/0.1 with p 0.8, grayscale 0.2). Global 1: always blurred. Global 2: blur 0.1,
+    solarize 0.2. Local: blur 0.5. DINO blurs every crop with sigma 0.1-2 and kernel 9 at 224 px
+    and 96 px alike; ViewAug scales blur with size/224, so the local blur is stated for 224 px
+    from its 96 px value (and scales down with smaller crops)."""
+    common = dict(flip_p=0.5, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, interpolation="bicubic")
+    global1 = hvp.ViewAug(size=cfg.image_size, scale=cfg.global_scale, blur_p=1.0, solarize_p=0.0, **common)
+    global2 = hvp.ViewAug(size=cfg.image_size, scale=cfg.global_scale, blur_p=0.1, solarize_p=0.2, **common)
+    local = hvp.ViewAug(size=cfg.local_size, scale=cfg.local_scale, blur_p=0.5, blur_sigma=(0.1 * 224 / 96, 2.0 * 224 / 96),
+                        blur_kernel=21, **common)
+    return global1, global2, local
+
+
+def multicrop_transform(cfg):
+    """G candidate globals alternating transform 1 (even index) / 2 (odd index), then L_loader locals."""
+    global1, global2, local = dino_augs(cfg)
+    groups = {"globals": [global1, global2] * (cfg.global_views // 2)}
+    if cfg.local_views:
+        groups["locals"] = [local] * cfg.local_views
+    return hvp.MultiViewTransform(groups)
+
+
+def block_mask(height, width, ratio, aspect, generator):
+    """BEiT-style block-wise mask of a height x width patch grid: rectangles (area between a ninth
+    of the shorter side squared and what is left to mask, log-uniform aspect in `aspect`) are added
+    until about `ratio` of the patches are masked, or ten tries in a row add nothing."""
+    mask = torch.zeros(height, width, dtype=torch.bool)
+    target = ratio * height * width
+    min_area = max(1, (min(height, width) // 3) ** 2)
+    log_aspect = (math.log(aspect[0]), math.log(aspect[1]))
+
+    def uniform(low, high):
+        return low + (high - low) * float(torch.rand((), generator=generator))
+
+    count = 0
+    while count < target:
+        budget = target - count
+        added = 0
+        for _ in range(10):
+            area, ar = uniform(min_area, budget), math.exp(uniform(*log_aspect))
+            h, w = round(math.sqrt(area * ar)), round(math.sqrt(area / ar))
+            if not (1 <= h <= height and 1 <= w <= width):
+                continue
+            top = int(torch.randint(0, height - h + 1, (), generator=generator))
+            left = int(torch.randint(0, width - w + 1, (), generator=generator))
+            new = h * w - int(mask[top:top + h, left:left + w].sum())
+            if 0 < new <= budget:
+                mask[top:top + h, left:left + w] = True
+                added = new
+                break
+        if not added:
+            break
+        count += added
+    return mask
+
+
+class MaskedMultiCrop:
+    """The multi-crop transform plus one block mask per global view ("masks": (G, h, w) bool), drawn
+    from the same per-sample generator, so masks are as reproducible as the crops."""
+
+    def __init__(self, multicrop, grid, ratio, aspect):
+        self.multicrop, self.grid, self.ratio, self.aspect = multicrop, grid, ratio, aspect
+
+    def __call__(self, image, generator):
+        out = self.multicrop(image, generator)
+        out["masks"] = torch.stack([block_mask(*self.grid, self.ratio, self.aspect, generator)
+                                    for _ in range(len(out["globals"]))])
+        return out
+
+
+def resize_masks(masks, grid):
+    """Masks (..., h, w) on a coarser patch grid for the reduced-resolution selection (D6): bilinear
+    interpolation, then a patch is masked if at least half of its area was."""
+    if tuple(masks.shape[-2:]) == tuple(grid):
+        return masks
+    small = F.interpolate(masks.flatten(0, -3)[:, None].float(), size=tuple(grid), mode="bilinear", align_corners=False)
+    return (small[:, 0] >= 0.5).unflatten(0, masks.shape[:-2])
+
+
+# ----------------------------------------------------------------------------------- model
+
+def create_backbone(cfg, drop_path_rate):
+    """A timm VisionTransformer (with [CLS] token) via hvp.create_backbone; --patch_size applied."""
+    from timm.models.vision_transformer import VisionTransformer
+    extra = {"patch_size": cfg.patch_size} if cfg.patch_size else {}
+    try:
+        backbone = hvp.create_backbone(cfg.arch, cfg.image_size, cfg.small_stem, drop_path_rate, **extra)
+    except TypeError:  # a model that takes no patch_size
+        backbone = None
+    if not isinstance(backbone, VisionTransformer) or backbone.cls_token is None or backbone.num_reg_tokens:
+        raise hvp.HVPError(f"--arch {cfg.arch!r} is not a timm VisionTransformer with a [CLS] token: iBOT masks "
+                           "patch tokens (try vit_tiny, vit_small, vit_base)")
+    return backbone
+
+
+class DINOHead(nn.Module):
+    """3-layer MLP (GELU) -> bottleneck -> L2 normalisation -> weight-normalised linear layer to
+    out_dim prototypes. norm_last_layer fixes the weight norm g to 1 (only directions are learnt)."""
+
+    def __init__(self, in_dim, out_dim, hidden_dim=2048, bottleneck_dim=256, norm_last_layer=True):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
+                                 nn.Linear(hidden_dim, bottleneck_dim))
+        for layer in self.mlp:
+            if isinstance(layer, nn.Linear):
+                nn.init.trunc_normal_(layer.weight, std=0.02)
+                nn.init.zeros_(layer.bias)
+        self.last_layer = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        magnitude = self.last_layer.parametrizations.weight.original0
+        magnitude.data.fill_(1.0)
+        magnitude.requires_grad = not norm_last_layer
+
+    def forward(self, x):
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1))
+
+
+class IBOTHead(DINOHead):
+    """DINO's head for [CLS] tokens; patch tokens share its MLP and get their own weight-normalised
+    last layer (`last_layer2`) unless shared_head."""
+
+    def __init__(self, in_dim, out_dim, patch_out_dim, hidden_dim=2048, bottleneck_dim=256, norm_last_layer=True,
+                 shared_head=False):
+        super().__init__(in_dim, out_dim, hidden_dim, bottleneck_dim, norm_last_layer)
+        self.last_layer2 = None
+        if not shared_head:
+            self.last_layer2 = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck_dim, patch_out_dim, bias=False))
+            magnitude = self.last_layer2.parametrizations.weight.original0
+            magnitude.data.fill_(1.0)
+            magnitude.requires_grad = not norm_last_layer
+
+    def forward_patches(self, x):
+        last = self.last_layer if self.last_layer2 is None else self.last_layer2
+        return last(F.normalize(self.mlp(x), dim=-1))
+
+
+class IBOTModel(nn.Module):
+    """A timm ViT + iBOT head over groups of views at different resolutions (dynamic_img_size).
+    Masked globals: the patch embeddings at masked positions become the learnable mask_token."""
+
+    def __init__(self, backbone, head, memory_format=torch.contiguous_format):
+        super().__init__()
+        self.backbone, self.head, self.memory_format = backbone, head, memory_format
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, backbone.embed_dim))
+
+    def tokens(self, x, mask=None):
+        """timm's VisionTransformer.forward_features with the mask token substituted after the patch
+        embedding. x (N, C, H, W), mask (N, h, w) bool -> ([CLS] (N, D), patch tokens (N, h*w, D))."""
+        vit = self.backbone
+        x = vit.patch_embed(x.contiguous(memory_format=self.memory_format))  # (N, h, w, D) with dynamic_img_size
+        if mask is not None:
+            x = torch.where(mask.reshape(x.shape[:-1])[..., None], self.mask_token.to(x.dtype).reshape(-1), x)
+        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(x)))
+        x = vit.norm(vit.blocks(x))
+        return x[:, 0], x[:, vit.num_prefix_tokens:]
+
+    def forward(self, global_views, masks=None, local_views=None):
+        """global_views (B, G, C, H, W), masks (B, G, h, w) or None, local_views (B, L, C, h', w') or None
+        -> ([CLS] logits (B, G + L, out_dim), global patch logits (B, G, h*w, patch_out_dim)).
+        With masks (the student), the patch head runs on the masked tokens only, the only ones the
+        loss looks at; the other positions hold zeros."""
+        B, G = global_views.shape[:2]
+        cls, patches = self.tokens(global_views.flatten(0, 1), None if masks is None else masks.flatten(0, 1))
+        cls = [cls.unflatten(0, (B, G))]
+        if local_views is not None and local_views.shape[1]:
+            cls.append(self.tokens(local_views.flatten(0, 1))[0].unflatten(0, (B, local_views.shape[1])))
+        patches = patches.unflatten(0, (B, G))
+        if masks is None:
+            return self.head(torch.cat(cls, 1)), self.head.forward_patches(patches)
+        masked = masks.flatten(2)                                                  # (B, G, N)
+        masked_logits = self.head.forward_patches(patches[masked])                 # (#masked, patch_out_dim)
+        patch_logits = masked_logits.new_zeros(*masked.shape, masked_logits.shape[-1])
+        patch_logits[masked] = masked_logits
+        return self.head(torch.cat(cls, 1)), patch_logits
+
+
+def build_model(cfg, drop_path_rate):
+    backbone = create_backbone(cfg, drop_path_rate)
+    head = IBOTHead(backbone.num_features, cfg.out_dim, cfg.patch_out_dim, cfg.hidden_dim, cfg.bottleneck_dim,
+                    cfg.norm_last_layer, cfg.shared_head)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    return IBOTModel(backbone, head, memory_format)
+
+
+@torch.no_grad()
+def ema_update(teacher, student, momentum):
+    """teacher <- momentum * teacher + (1 - momentum) * student, parameters only (buffers such as
+    BatchNorm statistics are the teacher's own)."""
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
+
+
+# ----------------------------------------------------------------------------------- loss
+
+def teacher_probs(teacher_logits, center, teacher_temp):
+    """Centred, sharpened teacher distribution softmax((t - c) / tau_t)."""
+    return F.softmax((teacher_logits.float() - center) / teacher_temp, dim=-1)
+
+
+def cross_entropy_table(student_logits, probs, student_temp):
+    """C[b, q, v] = H(teacher global q, student view v) = -sum_k probs[b,q,k] log softmax(s[b,v] / tau_s)[k].
+    student_logits (B, V, K), probs (B, Q, K) -> (B, Q, V). Every DINO loss term, for every pair."""
+    log_p = F.log_softmax(student_logits.float() / student_temp, dim=-1)
+    return -torch.einsum("bqk,bvk->bqv", probs, log_p)
+
+
+def masked_patch_loss(student_patches, teacher_patches, masks, patch_center, teacher_temp, student_temp):
+    """iBOT's MIM term per global view: the teacher's patch distribution (unmasked view) against the
+    student's (masked view) at the same position, averaged over the masked patches only.
+    student/teacher_patches (B, G, N, K), masks (B, G, h, w) with h*w = N -> (B, G)."""
+    ce = -(teacher_probs(teacher_patches, patch_center, teacher_temp)
+           * F.log_softmax(student_patches.float() / student_temp, dim=-1)).sum(-1)   # (B, G, N)
+    weight = masks.flatten(2).float()
+    return (ce * weight).sum(-1) / weight.sum(-1).clamp(min=1.0)
+
+
+def ibot_loss(student_out, teacher_out, masks, centers, temps, cfg):
+    """Per-sample iBOT loss (B,) and its parts: lambda1 x the mean [CLS] cross-entropy over the 2(L+1)
+    (teacher global q, student view v != q) pairs + lambda2 x the masked-patch loss averaged over
+    the two globals. student_out = ([CLS] (B, 2 + L, K), patches (B, 2, N, Kp)), teacher_out =
+    ([CLS] (B, 2, K), patches (B, 2, N, Kp)), masks (B, 2, h, w), centers/temps = ([CLS], patch)."""
+    table = cross_entropy_table(student_out[0], teacher_probs(teacher_out[0], centers[0], temps[0]), cfg.student_temp)
+    other_view = ~torch.eye(*table.shape[1:], dtype=torch.bool, device=table.device)
+    cls_loss = table[:, other_view].mean(1)
+    patch_loss = masked_patch_loss(student_out[1], teacher_out[1], masks, centers[1], temps[1], cfg.student_temp).mean(1)
+    return cfg.lambda1 * cls_loss + cfg.lambda2 * patch_loss, cls_loss, patch_loss
+
+
+@torch.no_grad()
+def update_center(center, teacher_sum, teacher_count, momentum, accelerator):
+    """EMA of the mean teacher output over the global batch (all processes, all micro-steps)."""
+    if accelerator.num_processes > 1:
+        teacher_sum = accelerator.reduce(teacher_sum, reduction="sum")
+        teacher_count = accelerator.reduce(teacher_count, reduction="sum")
+    center.mul_(momentum).add_(teacher_sum / teacher_count, alpha=1 - momentum)
+
+
+def teacher_temperatures(epoch, cfg):
+    """([CLS], patch) teacher temperatures: linear warm-ups over warmup_teacher_temp_epochs."""
+    if epoch >= cfg.warmup_teacher_temp_epochs:
+        return cfg.teacher_temp, cfg.teacher_patch_temp
+    f = epoch / cfg.warmup_teacher_temp_epochs
+    return (cfg.warmup_teacher_temp + (cfg.teacher_temp - cfg.warmup_teacher_temp) * f,
+            cfg.warmup_teacher_patch_temp + (cfg.teacher_patch_temp - cfg.warmup_teacher_patch_temp) * f)
+
+
+# ----------------------------------------------------------------------------------- hard-view selection
+
+def selection_size(size, factor, patch):
+    """Crop size for the reduced-resolution selection: size x factor, rounded to whole patches."""
+    return max(patch, round(size * factor / patch) * patch)
+
+
+@torch.no_grad()
+def select_hard_views(student, teacher, global_views, masks, local_views, centers, temps, cfg, accelerator,
+                      patch=1, generator=None):
+    """One no-grad pass (train mode, same autocast as training; D1): the teacher on the G unmasked
+    candidate globals, the student on the G masked globals and all L_loader locals. Per sample the
+    (even, odd, top-L locals) tuple with the highest iBOT loss wins (D4): the [CLS] terms come from a
+    cross-entropy table (scaled by lambda1 / 2(L+1)), the masked-patch loss of each global is a
+    per-global term (scaled by lambda2 / 2), so a tuple's score is exactly its per-sample ibot_loss.
+
+    Returns a dict: globals (B, 2) and locals (B, L) view indices (locals counted from 0 within the
+    local views), score and plain_score (B,) = the per-sample iBOT loss of the chosen tuple and of
+    the plain tuple (0, 1, first L locals), and teacher_out = ([CLS] (B, 2, K), patches (B, 2, N, Kp))
+    of the chosen globals (D3), or None when the selection ran at reduced resolution (D6)."""
+    B, G = global_views.shape[:2]
+    L = cfg.local_crops_number
+    if cfg.hvp_select_res < 1:
+        size = selection_size(cfg.image_size, cfg.hvp_select_res, patch)
+        global_views = hvp.resize_views(global_views, size / cfg.image_size)
+        local_views = hvp.resize_views(local_views, selection_size(cfg.local_size, cfg.hvp_select_res, patch) / cfg.local_size)
+        masks = resize_masks(masks, (size // patch, size // patch))
+    with accelerator.autocast():
+        teacher_cls, teacher_patches = teacher(global_views)                      # (B, G, K), (B, G, N, Kp)
+        student_cls, student_patches = student(global_views, masks, local_views)  # (B, G + L_loader, K), (B, G, N, Kp)
+    teacher_cls, teacher_patches = teacher_cls.float(), teacher_patches.float()
+    cost = cross_entropy_table(student_cls, teacher_probs(teacher_cls, centers[0], temps[0]), cfg.student_temp)
+    cost = cost * (cfg.lambda1 / (2 * (L + 1)))
+    per_global = masked_patch_loss(student_patches, teacher_patches, masks, centers[1], temps[1], cfg.student_temp)
+    per_global = per_global * (cfg.lambda2 / 2)
+    pair, locals_, score = hvp.select_multicrop(cost, L, extra=per_global, limit=cfg.hvp_limit, generator=generator)
+    first, second = torch.zeros(B, dtype=torch.long, device=cost.device), torch.ones(B, dtype=torch.long, device=cost.device)
+    plain = hvp.tuple_score(cost, first, second, torch.arange(G, G + L, device=cost.device).expand(B, -1), per_global)
+    reused = None
+    if cfg.hvp_select_res == 1:
+        reused = (hvp.gather_views(teacher_cls, pair), hvp.gather_views(teacher_patches, pair))
+    return {"globals": pair, "locals": locals_ - G, "score": score, "plain_score": plain, "teacher_out": reused}
+
+
+# ----------------------------------------------------------------------------------- train loop
+
+def main():
+    cfg, preset_keys = hvp.parse_config(Config, presets=PRESETS, description=__doc__.splitlines()[0])
+    check_config(cfg)
+    output_dir = Path(cfg.output_dir)
+    accelerator = hvp.make_accelerator(cfg.mixed_precision, cfg.grad_accum, cfg.report_to, output_dir)
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    is_main = accelerator.is_main_process
+    checkpoint = hvp.latest_checkpoint(output_dir)
+    if checkpoint is not None and not cfg.resume:
+        raise hvp.HVPError(f"{output_dir} already holds a run ({checkpoint.name}): pass --resume to continue "
+                           "it, or choose another --output_dir")
+    hvp.seed_all(cfg.seed + rank)
+
+    # Data first, so a wrong dataset fails in a second with one line, before any model is built.
+    ds, has_labels = hvp.open_dataset(cfg.dataset, cfg.split, cfg.image_column, cfg.label_column)
+    global_batch = cfg.batch_size * world * cfg.grad_accum
+    steps_per_epoch = hvp.num_examples(ds, cfg.split) // global_batch
+    if steps_per_epoch == 0:
+        raise hvp.HVPError(f"split {cfg.split!r} has fewer images than one global batch ({global_batch})")
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+
+    student = build_model(cfg, cfg.drop_path)
+    patch = student.backbone.patch_embed.patch_size[0]
+    if cfg.image_size % patch or cfg.local_size % patch:
+        raise hvp.HVPError(f"--image_size {cfg.image_size} and --local_size {cfg.local_size} must be multiples "
+                           f"of the ViT patch size {patch}")
+    grid = (cfg.image_size // patch, cfg.image_size // patch)
+    teacher = build_model(cfg, 0.0)  # no drop-path; kept out of `prepare`: it has no gradients and no DDP
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    teacher.to(device)
+
+    ds = hvp.shard_for_rank(ds, rank, world, cfg.num_workers)
+    num_shards = ds.num_shards
+    ds = ds.shuffle(seed=cfg.seed, buffer_size=cfg.shuffle_buffer)
+    transform = MaskedMultiCrop(multicrop_transform(cfg), grid, cfg.pred_ratio, cfg.pred_aspect)
+    stream = hvp.ViewStream(ds, transform, cfg.image_column, cfg.label_column if has_labels else None,
+                            cfg.seed, rank, cfg.batch_size)
+    loader = hvp.make_loader(stream, cfg.batch_size, cfg.num_workers, num_shards, pin_memory=device.type == "cuda")
+
+    # no weight decay on biases and normalisation parameters; the schedule drives the first group only
+    decay, no_decay = [], []
+    for name, p in student.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim == 1 or name.endswith(".bias") else decay).append(p)
+    optimizer = torch.optim.AdamW([{"params": decay, "decay": True}, {"params": no_decay, "decay": False,
+                                                                       "weight_decay": 0.0}], lr=0.0)
+    model, optimizer = accelerator.prepare(student, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    center = torch.zeros(cfg.out_dim, device=device)
+    patch_center = torch.zeros(cfg.patch_out_dim, device=device)
+
+    init_lr = cfg.lr * global_batch / 256
+    warmup_steps = min(round(cfg.warmup_epochs * steps_per_epoch), total_steps)
+    freeze_steps = round(cfg.freeze_last_layer * steps_per_epoch)
+    step = 0
+    if checkpoint is not None:
+        state = hvp.load_checkpoint(checkpoint)
+        unwrapped.load_state_dict(state["student"])
+        teacher.load_state_dict(state["teacher"])
+        center.copy_(state["center"])
+        patch_center.copy_(state["patch_center"])
+        optimizer.load_state_dict(state["optimizer"])
+        if accelerator.scaler is not None and state.get("scaler"):
+            accelerator.scaler.load_state_dict(state["scaler"])
+        step = state["step"]
+    output_dir.mkdir(parents=True, exist_ok=True)
+    hvp.cleanup_partial_checkpoints(output_dir)
+    if is_main:
+        hvp.write_run_info(output_dir, cfg)
+    accelerator.init_trackers("hvp_ibot", config={k: v for k, v in vars(cfg).items() if not isinstance(v, tuple)})
+    G, L_loader, L = cfg.global_views, cfg.local_views, cfg.local_crops_number
+    selecting = G > 2 or L_loader > L
+    if is_main:
+        print(f"iBOT {'+ HVP ' if selecting else ''}| {cfg.arch} {cfg.image_size}/{cfg.local_size}px patch {patch} | "
+              f"globals {G} -> 2, locals {L_loader} -> {L} | mask ratio {cfg.pred_ratio} | {world} process(es) on "
+              f"{device.type} | global batch {global_batch} | {steps_per_epoch} steps/epoch | {total_steps} steps | "
+              f"lr {init_lr:.4g} | precision {accelerator.mixed_precision}" + (f" | resumed at step {step}" if step else "")
+              + (f"\npreset for the shipped dataset: {', '.join(f'{k}={getattr(cfg, k)}' for k in preset_keys)}"
+                 if preset_keys else ""), flush=True)
+
+    data_config = {"input_size": (3, cfg.image_size, cfg.image_size), "interpolation": "bicubic",
+                   "crop_pct": 0.875, "mean": hvp.IMAGENET_MEAN, "std": hvp.IMAGENET_STD}
+
+    def save():
+        accelerator.wait_for_everyone()
+        if is_main:
+            state = {"student": unwrapped.state_dict(), "teacher": teacher.state_dict(), "center": center,
+                     "patch_center": patch_center, "optimizer": optimizer.state_dict(), "step": step,
+                     "config": vars(cfg),
+                     "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
+            # the teacher is the model iBOT evaluates and exports
+            hvp.save_checkpoint(output_dir, step, state, teacher.backbone, data_config, "hvp_ibot", cfg.keep_checkpoints)
+            hvp.export_backbone(teacher.backbone, output_dir / "backbone", data_config, "hvp_ibot")
+        accelerator.wait_for_everyone()
+        return output_dir / f"checkpoint-{step:08d}"
+
+    def knn():
+        if not has_labels:
+            return None
+        teacher.eval()
+        result = hvp.knn_eval(teacher.backbone, accelerator, cfg.dataset, cfg.split, cfg.eval_split,
+                              cfg.image_column, cfg.label_column, cfg.image_size, batch_size=2 * cfg.batch_size,
+                              num_workers=cfg.num_workers, k=cfg.knn_k)
+        teacher.train()
+        return result
+
+    stop = hvp.StopRequest()
+    log = hvp.MetricsLog(accelerator, output_dir)
+    bar = tqdm(total=total_steps, initial=step, disable=not is_main, desc="iBOT", dynamic_ncols=True)
+    model.train()
+    teacher.train()
+    interval_start, interval_steps, skipped = time.perf_counter(), 0, 0
+    stopped = False
+    batches = hvp.training_batches(loader, steps_per_epoch, step, cfg.grad_accum)
+    while step < total_steps and not stopped:
+        lr = hvp.cosine(step, total_steps, init_lr, cfg.min_lr, warmup_steps)
+        weight_decay = hvp.cosine(step, total_steps, cfg.weight_decay, cfg.weight_decay_end)
+        momentum = hvp.cosine(step, total_steps, cfg.momentum_teacher, 1.0)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+            if group["decay"]:
+                group["weight_decay"] = weight_decay
+        timed = (step + 1) % cfg.log_every == 0
+        select_s = train_s = 0.0
+        cls_sum, patch_sum = torch.zeros_like(center), torch.zeros_like(patch_center)
+        teacher_count = torch.zeros(1, device=device)
+        for micro in range(cfg.grad_accum):
+            epoch, batch = next(batches)
+            skipped += int(batch["skipped"].sum())
+            torch.manual_seed(hvp.mix_seed(cfg.seed, rank, step, micro))  # drop-path etc. replay on resume
+            global_views = hvp.photometric(batch["globals"].to(device, non_blocking=True), batch["globals_params"])
+            masks = batch["masks"].to(device, non_blocking=True)
+            local_views = (hvp.photometric(batch["locals"].to(device, non_blocking=True), batch["locals_params"])
+                           if L_loader else global_views.new_zeros(len(global_views), 0, 3, cfg.local_size, cfg.local_size))
+            temps = teacher_temperatures(epoch, cfg)
+            hard = selecting and epoch >= cfg.hvp_start_epoch and step % cfg.hvp_every == 0
+            t0 = clock(timed, device)
+            teacher_out = None
+            if hard:
+                limit_rng = torch.Generator().manual_seed(hvp.mix_seed(cfg.seed, rank, step, micro, "limit"))
+                chosen = select_hard_views(unwrapped, teacher, global_views, masks, local_views, (center, patch_center),
+                                           temps, cfg, accelerator, patch, limit_rng)
+                x_globals, x_masks = hvp.gather_views(global_views, chosen["globals"]), hvp.gather_views(masks, chosen["globals"])
+                x_locals = hvp.gather_views(local_views, chosen["locals"])
+                teacher_out = chosen["teacher_out"]
+            else:
+                x_globals, x_masks, x_locals = global_views[:, :2], masks[:, :2], local_views[:, :L]
+            t1 = clock(timed, device)
+            if teacher_out is None:
+                with torch.no_grad(), accelerator.autocast():
+                    teacher_out = tuple(t.float() for t in teacher(x_globals))
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    student_out = model(x_globals, x_masks, x_locals)
+                per_sample, cls_loss, patch_loss = ibot_loss(student_out, teacher_out, x_masks, (center, patch_center),
+                                                             temps, cfg)
+                loss = per_sample.mean()
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    if cfg.clip_grad:
+                        clip_each_gradient(unwrapped, cfg.clip_grad, accelerator, optimizer)
+                    if step < freeze_steps:  # iBOT: the prototypes are kept fixed at first
+                        for name, p in unwrapped.head.named_parameters():
+                            if name.startswith("last_layer"):
+                                p.grad = None
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            cls_sum += teacher_out[0].sum((0, 1))
+            patch_sum += teacher_out[1].mean(2).sum((0, 1))
+            teacher_count += teacher_out[0].shape[0] * teacher_out[0].shape[1]
+            t2 = clock(timed, device)
+            select_s, train_s = select_s + t1 - t0, train_s + t2 - t1
+        ema_update(teacher, unwrapped, momentum)
+        update_center(center, cls_sum, teacher_count, cfg.center_momentum, accelerator)
+        update_center(patch_center, patch_sum, teacher_count, cfg.center_momentum2, accelerator)
+        step += 1
+        interval_steps += 1
+        bar.update(1)
+
+        if step % cfg.log_every == 0 or step == total_steps:
+            loss_value = accelerator.reduce(loss.detach().float(), reduction="mean").item()
+            if not torch.isfinite(torch.tensor(loss_value)):
+                raise hvp.HVPError(f"loss became {loss_value} at step {step}: training diverged; the last "
+                                   f"checkpoint in {output_dir} is intact (try a lower --lr)")
+            elapsed = time.perf_counter() - interval_start
+            record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss_value,
+                      "cls_loss": float(cls_loss.detach().mean()), "patch_loss": float(patch_loss.detach().mean()),
+                      "mask_ratio": float(x_masks.float().mean()), "lr": lr, "weight_decay": weight_decay,
+                      "momentum": momentum, "teacher_temp": temps[0], "teacher_patch_temp": temps[1],
+                      "images_per_s": interval_steps * global_batch / elapsed,
+                      "select_s": select_s, "train_s": train_s, "skipped_images": skipped}
+            if hard:
+                record.update(hvp.selection_stats(batch["globals_params"], chosen["globals"], chosen["score"],
+                                                  chosen["plain_score"]))
+                if L:
+                    hard_locals = hvp.gather_views(batch["locals_params"], chosen["locals"].cpu())
+                    record["hard_local_area"] = float(hvp.crop_area(hard_locals).mean())
+                    record["random_local_area"] = float(hvp.crop_area(batch["locals_params"][:, :L]).mean())
+                if is_main and (step - 1) % steps_per_epoch < cfg.log_every:  # first record of an epoch
+                    (output_dir / "grids").mkdir(exist_ok=True)
+                    hvp.save_view_grid(output_dir / "grids" / f"step-{step:08d}-globals.png", global_views, chosen["globals"])
+                    if L:
+                        hvp.save_view_grid(output_dir / "grids" / f"step-{step:08d}-locals.png", local_views, chosen["locals"])
+            log.log(record)
+            bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{record['images_per_s']:.0f}")
+            interval_start, interval_steps = time.perf_counter(), 0
+        if step % cfg.save_every == 0 and step < total_steps:
+            save()
+        if cfg.knn_every and step % (cfg.knn_every * steps_per_epoch) == 0 and step < total_steps:
+            result = knn()
+            if result:
+                log.log({"step": step, "epoch": step / steps_per_epoch, **result})
+        stopped = stop.agreed(accelerator)
+    del batches
+    bar.close()
+
+    path = save()
+    if stopped:
+        if is_main:
+            print(f"SIGTERM: saved {path}; continue with the same command plus --resume", flush=True)
+        log.close()
+        accelerator.end_training()
+        return
+    result = knn()
+    if result is not None and is_main:
+        log.log({"step": step, "epoch": step / steps_per_epoch, **result})
+        (output_dir / "knn.json").write_text(json.dumps(result, indent=2))
+        print(f"k-NN (k={cfg.knn_k}, T=0.07) on {Path(cfg.dataset).name or cfg.dataset} "
+              f"[{cfg.eval_split}]: top-1 {result['knn_top1']:.2f} %, top-5 {result['knn_top5']:.2f} %", flush=True)
+    if is_main:
+        print(f"teacher backbone exported to {output_dir / 'backbone'} (timm: create_model('local-dir:"
+              f"{output_dir / 'backbone'}', pretrained=True))", flush=True)
+    log.close()
+    accelerator.end_training()
+
+
+def clip_each_gradient(model, max_norm, accelerator, optimizer):
+    """DINO's clipping: every parameter's gradient is scaled to norm <= max_norm on its own (not one
+    global norm). fp16 gradients are unscaled first."""
+    if accelerator.scaler is not None:
+        accelerator.unscale_gradients(optimizer)
+    for p in model.parameters():
+        if p.grad is not None:
+            norm = p.grad.norm()
+            p.grad.mul_((max_norm / (norm + 1e-6)).clamp(max=1.0))
+
+
+def clock(enabled, device):
+    """Wall clock for the timing split; synchronises the GPU only on the steps that are logged."""
+    if enabled and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+if __name__ == "__main__":
+    hvp.run_main(main)

@@ -118,6 +118,12 @@ class Config:
     knn_every: int = 0  # epochs between k-NN evaluations during training (0 = only at the end)
     knn_k: int = 20  # neighbours for k-NN
     report_to: str = "tensorboard"  # Accelerate tracker(s), comma-separated, or "none"
+    init_from: str = ""  # start the backbone from these weights: export/output folder or hf-hub:<user>/<repo>
+    push_to_hub: bool = False  # push the teacher backbone + model card to the Hugging Face Hub (token: `hf auth login`/HF_TOKEN)
+    hub_model_id: str = ""  # <user or org>/<name>; default <your user>/<--output_dir folder name>
+    hub_private: bool = False  # create the Hub repo private
+    hub_every: int = 0  # also push at the first checkpoint after every N steps (0 = only at the end)
+    hub_push_state: bool = False  # also push the full training state to the repo's "training-state" branch
 
 
 # The shipped Fashion-MNIST subset: 28 px grayscale, 10k images. One epoch of ViT-S on 2 CPU cores:
@@ -453,6 +459,7 @@ def main():
     check_config(cfg)
     output_dir = Path(cfg.output_dir)
     accelerator = hvp.make_accelerator(cfg.mixed_precision, cfg.grad_accum, cfg.report_to, output_dir)
+    pusher = hvp.HubPusher.from_config(cfg, accelerator, "iBOT")
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     is_main = accelerator.is_main_process
     checkpoint = hvp.latest_checkpoint(output_dir)
@@ -470,6 +477,10 @@ def main():
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
 
     student = build_model(cfg, cfg.drop_path)
+    if cfg.init_from and checkpoint is None:  # before the teacher copies the student
+        hvp.init_backbone(student.backbone, cfg.init_from)
+        if is_main:
+            print(f"backbone initialised from {cfg.init_from}", flush=True)
     patch = student.backbone.patch_embed.patch_size[0]
     if cfg.image_size % patch or cfg.local_size % patch:
         raise hvp.HVPError(f"--image_size {cfg.image_size} and --local_size {cfg.local_size} must be multiples "
@@ -540,8 +551,11 @@ def main():
                      "config": vars(cfg),
                      "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
             # the teacher is the model iBOT evaluates and exports
-            hvp.save_checkpoint(output_dir, step, state, teacher.backbone, data_config, "hvp_ibot", cfg.keep_checkpoints)
+            path = hvp.save_checkpoint(output_dir, step, state, teacher.backbone, data_config, "hvp_ibot",
+                                       cfg.keep_checkpoints)
             hvp.export_backbone(teacher.backbone, output_dir / "backbone", data_config, "hvp_ibot")
+            if pusher.due(step) and step < total_steps:
+                pusher.push(output_dir / "backbone", step, state_dir=path)
         accelerator.wait_for_everyone()
         return output_dir / f"checkpoint-{step:08d}"
 
@@ -669,6 +683,7 @@ def main():
     if stopped:
         if is_main:
             print(f"SIGTERM: saved {path}; continue with the same command plus --resume", flush=True)
+        pusher.close()
         log.close()
         accelerator.end_training()
         return
@@ -681,6 +696,8 @@ def main():
     if is_main:
         print(f"teacher backbone exported to {output_dir / 'backbone'} (timm: create_model('local-dir:"
               f"{output_dir / 'backbone'}', pretrained=True))", flush=True)
+    pusher.push(output_dir / "backbone", step, results=result, state_dir=path)
+    pusher.close()
     log.close()
     accelerator.end_training()
 

@@ -75,6 +75,12 @@ class Config:
     knn_every: int = 0  # epochs between k-NN evaluations during training (0 = only at the end)
     knn_k: int = 20  # neighbours for k-NN
     report_to: str = "tensorboard"  # Accelerate tracker(s), comma-separated, or "none"
+    init_from: str = ""  # start the backbone from these weights: export/output folder or hf-hub:<user>/<repo>
+    push_to_hub: bool = False  # push the backbone + model card to the Hugging Face Hub (token: `hf auth login`/HF_TOKEN)
+    hub_model_id: str = ""  # <user or org>/<name>; default <your user>/<--output_dir folder name>
+    hub_private: bool = False  # create the Hub repo private
+    hub_every: int = 0  # also push at the first checkpoint after every N steps (0 = only at the end)
+    hub_push_state: bool = False  # also push the full training state to the repo's "training-state" branch
 
 
 # The shipped Fashion-MNIST subset: 28 px grayscale, 10k images, upscaled to 32 px for the standard
@@ -253,6 +259,7 @@ def main():
     check_config(cfg)
     output_dir = Path(cfg.output_dir)
     accelerator = hvp.make_accelerator(cfg.mixed_precision, cfg.grad_accum, cfg.report_to, output_dir)
+    pusher = hvp.HubPusher.from_config(cfg, accelerator, "SimCLR")
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     is_main = accelerator.is_main_process
     checkpoint = hvp.latest_checkpoint(output_dir)
@@ -278,6 +285,10 @@ def main():
     loader = hvp.make_loader(stream, cfg.batch_size, cfg.num_workers, num_shards, pin_memory=device.type == "cuda")
 
     backbone = hvp.create_backbone(cfg.arch, cfg.image_size, cfg.small_stem)
+    if cfg.init_from and checkpoint is None:
+        hvp.init_backbone(backbone, cfg.init_from)
+        if is_main:
+            print(f"backbone initialised from {cfg.init_from}", flush=True)
     model = SimCLR(backbone, cfg.proj_hidden_dim, cfg.proj_dim)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
@@ -321,9 +332,11 @@ def main():
             state = {"model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                      "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                      "config": vars(cfg)}
-            hvp.save_checkpoint(output_dir, step, state, unwrapped.backbone, data_config,
-                                "hvp_simclr", cfg.keep_checkpoints)
+            path = hvp.save_checkpoint(output_dir, step, state, unwrapped.backbone, data_config,
+                                       "hvp_simclr", cfg.keep_checkpoints)
             hvp.export_backbone(unwrapped.backbone, output_dir / "backbone", data_config, "hvp_simclr")
+            if pusher.due(step) and step < total_steps:
+                pusher.push(output_dir / "backbone", step, state_dir=path)
         accelerator.wait_for_everyone()
         return output_dir / f"checkpoint-{step:08d}"
 
@@ -409,6 +422,7 @@ def main():
     if stopped:
         if is_main:
             print(f"SIGTERM: saved {path}; continue with the same command plus --resume", flush=True)
+        pusher.close()
         log.close()
         accelerator.end_training()
         return
@@ -421,6 +435,8 @@ def main():
     if is_main:
         print(f"backbone exported to {output_dir / 'backbone'} (timm: create_model('local-dir:{output_dir / 'backbone'}'"
               ", pretrained=True))", flush=True)
+    pusher.push(output_dir / "backbone", step, results=result, state_dir=path)
+    pusher.close()
     log.close()
     accelerator.end_training()
 

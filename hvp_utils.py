@@ -1001,6 +1001,106 @@ def knn_eval(forward, accelerator, dataset, train_split, test_split, image_colum
             "train_samples": len(train_labels), "test_samples": len(test_labels)}
 
 
+# ----------------------------------------------------------------------------------- self-distillation (DINO, iBOT)
+# Multi-crop augmentation, the DINO head, the teacher's EMA and centre, and the cross-entropy table
+# that both the DINO/iBOT loss and the hard-view selection are computed from.
+
+def dino_augs(cfg):
+    """DINO's two global transforms and its local transform (bicubic crops, flip, colour jitter
+    0.4/0.4/0.2/0.1 with p 0.8, grayscale 0.2). Global 1: always blurred. Global 2: blur 0.1,
+    solarize 0.2. Local: blur 0.5. DINO blurs every crop with sigma 0.1-2 and kernel 9 at 224 px
+    and 96 px alike; ViewAug scales blur with size/224, so the local blur is stated for 224 px
+    from its 96 px value (and scales down with smaller crops)."""
+    common = dict(flip_p=0.5, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, interpolation="bicubic")
+    global1 = ViewAug(size=cfg.image_size, scale=cfg.global_scale, blur_p=1.0, solarize_p=0.0, **common)
+    global2 = ViewAug(size=cfg.image_size, scale=cfg.global_scale, blur_p=0.1, solarize_p=0.2, **common)
+    local = ViewAug(size=cfg.local_size, scale=cfg.local_scale, blur_p=0.5, blur_sigma=(0.1 * 224 / 96, 2.0 * 224 / 96),
+                        blur_kernel=21, **common)
+    return global1, global2, local
+
+
+def multicrop_transform(cfg):
+    """G candidate globals alternating transform 1 (even index) / 2 (odd index), then L_loader locals."""
+    global1, global2, local = dino_augs(cfg)
+    groups = {"globals": [global1, global2] * (cfg.global_views // 2)}
+    if cfg.local_views:
+        groups["locals"] = [local] * cfg.local_views
+    return MultiViewTransform(groups)
+
+
+class DINOHead(nn.Module):
+    """3-layer MLP (GELU) -> bottleneck -> L2 normalisation -> weight-normalised linear layer to
+    out_dim prototypes. norm_last_layer fixes the weight norm g to 1 (only directions are learnt)."""
+
+    def __init__(self, in_dim, out_dim, hidden_dim=2048, bottleneck_dim=256, norm_last_layer=True):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
+                                 nn.Linear(hidden_dim, bottleneck_dim))
+        for layer in self.mlp:
+            if isinstance(layer, nn.Linear):
+                nn.init.trunc_normal_(layer.weight, std=0.02)
+                nn.init.zeros_(layer.bias)
+        self.last_layer = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        magnitude = self.last_layer.parametrizations.weight.original0
+        magnitude.data.fill_(1.0)
+        magnitude.requires_grad = not norm_last_layer
+
+    def forward(self, x):
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1))
+
+
+@torch.no_grad()
+def ema_update(teacher, student, momentum):
+    """teacher <- momentum * teacher + (1 - momentum) * student, parameters only (buffers such as
+    BatchNorm statistics are the teacher's own)."""
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
+
+
+def teacher_probs(teacher_logits, center, teacher_temp):
+    """Centred, sharpened teacher distribution softmax((t - c) / tau_t)."""
+    return F.softmax((teacher_logits.float() - center) / teacher_temp, dim=-1)
+
+
+def cross_entropy_table(student_logits, probs, student_temp):
+    """C[b, q, v] = H(teacher global q, student view v) = -sum_k probs[b,q,k] log softmax(s[b,v] / tau_s)[k].
+    student_logits (B, V, K), probs (B, Q, K) -> (B, Q, V). Every DINO loss term, for every pair."""
+    log_p = F.log_softmax(student_logits.float() / student_temp, dim=-1)
+    return -torch.einsum("bqk,bvk->bqv", probs, log_p)
+
+
+@torch.no_grad()
+def update_center(center, teacher_sum, teacher_count, momentum, accelerator):
+    """EMA of the mean teacher output over the global batch (all processes, all micro-steps)."""
+    if accelerator.num_processes > 1:
+        teacher_sum = accelerator.reduce(teacher_sum, reduction="sum")
+        teacher_count = accelerator.reduce(teacher_count, reduction="sum")
+    center.mul_(momentum).add_(teacher_sum / teacher_count, alpha=1 - momentum)
+
+
+def selection_size(size, factor, patch):
+    """Crop size for the reduced-resolution selection: size x factor, rounded to whole patches."""
+    return max(patch, round(size * factor / patch) * patch)
+
+
+def clip_each_gradient(model, max_norm, accelerator, optimizer):
+    """DINO's clipping: every parameter's gradient is scaled to norm <= max_norm on its own (not one
+    global norm). fp16 gradients are unscaled first."""
+    if accelerator.scaler is not None:
+        accelerator.unscale_gradients(optimizer)
+    for p in model.parameters():
+        if p.grad is not None:
+            norm = p.grad.norm()
+            p.grad.mul_((max_norm / (norm + 1e-6)).clamp(max=1.0))
+
+
+def clock(enabled, device):
+    """Wall clock for the timing split; synchronises the GPU only on the steps that are logged."""
+    if enabled and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 # ----------------------------------------------------------------------------------- Hugging Face Hub
 #
 # Push (--push_to_hub): the backbone export (model.safetensors + timm config.json) and a model card

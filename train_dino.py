@@ -137,31 +137,6 @@ def check_config(cfg):
         raise hvp.HVPError("temperatures must be > 0")
 
 
-# ----------------------------------------------------------------------------------- data
-
-def dino_augs(cfg):
-    """DINO's two global transforms and its local transform (bicubic crops, flip, colour jitter
-    0.4/0.4/0.2/0.1 with p 0.8, grayscale 0.2). Global 1: always blurred. Global 2: blur 0.1,
-    solarize 0.2. Local: blur 0.5. DINO blurs every crop with sigma 0.1-2 and kernel 9 at 224 px
-    and 96 px alike; ViewAug scales blur with size/224, so the local blur is stated for 224 px
-    from its 96 px value (and scales down with smaller crops)."""
-    common = dict(flip_p=0.5, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, interpolation="bicubic")
-    global1 = hvp.ViewAug(size=cfg.image_size, scale=cfg.global_scale, blur_p=1.0, solarize_p=0.0, **common)
-    global2 = hvp.ViewAug(size=cfg.image_size, scale=cfg.global_scale, blur_p=0.1, solarize_p=0.2, **common)
-    local = hvp.ViewAug(size=cfg.local_size, scale=cfg.local_scale, blur_p=0.5, blur_sigma=(0.1 * 224 / 96, 2.0 * 224 / 96),
-                        blur_kernel=21, **common)
-    return global1, global2, local
-
-
-def multicrop_transform(cfg):
-    """G candidate globals alternating transform 1 (even index) / 2 (odd index), then L_loader locals."""
-    global1, global2, local = dino_augs(cfg)
-    groups = {"globals": [global1, global2] * (cfg.global_views // 2)}
-    if cfg.local_views:
-        groups["locals"] = [local] * cfg.local_views
-    return hvp.MultiViewTransform(groups)
-
-
 # ----------------------------------------------------------------------------------- model
 
 def create_backbone(cfg, drop_path_rate):
@@ -171,27 +146,6 @@ def create_backbone(cfg, drop_path_rate):
     is_vit = timm.is_model(name) and timm.models.is_model_in_modules(name, ["vision_transformer", "deit", "eva", "beit"])
     extra = {"patch_size": cfg.patch_size} if cfg.patch_size and is_vit else {}
     return hvp.create_backbone(cfg.arch, cfg.image_size, cfg.small_stem, drop_path_rate, **extra)
-
-
-class DINOHead(nn.Module):
-    """3-layer MLP (GELU) -> bottleneck -> L2 normalisation -> weight-normalised linear layer to
-    out_dim prototypes. norm_last_layer fixes the weight norm g to 1 (only directions are learnt)."""
-
-    def __init__(self, in_dim, out_dim, hidden_dim=2048, bottleneck_dim=256, norm_last_layer=True):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
-                                 nn.Linear(hidden_dim, bottleneck_dim))
-        for layer in self.mlp:
-            if isinstance(layer, nn.Linear):
-                nn.init.trunc_normal_(layer.weight, std=0.02)
-                nn.init.zeros_(layer.bias)
-        self.last_layer = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
-        magnitude = self.last_layer.parametrizations.weight.original0
-        magnitude.data.fill_(1.0)
-        magnitude.requires_grad = not norm_last_layer
-
-    def forward(self, x):
-        return self.last_layer(F.normalize(self.mlp(x), dim=-1))
 
 
 class MultiCrop(nn.Module):
@@ -213,48 +167,19 @@ class MultiCrop(nn.Module):
 
 def build_model(cfg, drop_path_rate):
     backbone = create_backbone(cfg, drop_path_rate)
-    head = DINOHead(backbone.num_features, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.norm_last_layer)
+    head = hvp.DINOHead(backbone.num_features, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.norm_last_layer)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     return MultiCrop(backbone, head, memory_format).to(memory_format=memory_format)
 
 
-@torch.no_grad()
-def ema_update(teacher, student, momentum):
-    """teacher <- momentum * teacher + (1 - momentum) * student, parameters only (buffers such as
-    BatchNorm statistics are the teacher's own)."""
-    for t, s in zip(teacher.parameters(), student.parameters()):
-        t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
-
-
 # ----------------------------------------------------------------------------------- loss
-
-def teacher_probs(teacher_logits, center, teacher_temp):
-    """Centred, sharpened teacher distribution softmax((t - c) / tau_t)."""
-    return F.softmax((teacher_logits.float() - center) / teacher_temp, dim=-1)
-
-
-def cross_entropy_table(student_logits, probs, student_temp):
-    """C[b, q, v] = H(teacher global q, student view v) = -sum_k probs[b,q,k] log softmax(s[b,v] / tau_s)[k].
-    student_logits (B, V, K), probs (B, Q, K) -> (B, Q, V). Every DINO loss term, for every pair."""
-    log_p = F.log_softmax(student_logits.float() / student_temp, dim=-1)
-    return -torch.einsum("bqk,bvk->bqv", probs, log_p)
-
 
 def dino_loss(student_logits, teacher_logits, center, teacher_temp, student_temp):
     """Per-sample DINO loss (B,): the mean of H(teacher global q, student view v) over the 2(L+1)
     pairs v != q. student_logits (B, 2 + L, K) for [global 0, global 1, locals]; teacher_logits (B, 2, K)."""
-    table = cross_entropy_table(student_logits, teacher_probs(teacher_logits, center, teacher_temp), student_temp)
+    table = hvp.cross_entropy_table(student_logits, hvp.teacher_probs(teacher_logits, center, teacher_temp), student_temp)
     other_view = ~torch.eye(*table.shape[1:], dtype=torch.bool, device=table.device)
     return table[:, other_view].mean(1)
-
-
-@torch.no_grad()
-def update_center(center, teacher_sum, teacher_count, momentum, accelerator):
-    """EMA of the mean teacher output over the global batch (all processes, all micro-steps)."""
-    if accelerator.num_processes > 1:
-        teacher_sum = accelerator.reduce(teacher_sum, reduction="sum")
-        teacher_count = accelerator.reduce(teacher_count, reduction="sum")
-    center.mul_(momentum).add_(teacher_sum / teacher_count, alpha=1 - momentum)
 
 
 def teacher_temperature(epoch, cfg):
@@ -265,11 +190,6 @@ def teacher_temperature(epoch, cfg):
 
 
 # ----------------------------------------------------------------------------------- hard-view selection
-
-def selection_size(size, factor, patch):
-    """Crop size for the reduced-resolution selection: size x factor, rounded to whole patches."""
-    return max(patch, round(size * factor / patch) * patch)
-
 
 @torch.no_grad()
 def select_hard_views(student, teacher, global_views, local_views, center, teacher_temp, cfg, accelerator,
@@ -285,12 +205,12 @@ def select_hard_views(student, teacher, global_views, local_views, center, teach
     B, G = global_views.shape[:2]
     L = cfg.local_crops_number
     if cfg.hvp_select_res < 1:
-        global_views = hvp.resize_views(global_views, selection_size(cfg.image_size, cfg.hvp_select_res, patch) / cfg.image_size)
-        local_views = hvp.resize_views(local_views, selection_size(cfg.local_size, cfg.hvp_select_res, patch) / cfg.local_size)
+        global_views = hvp.resize_views(global_views, hvp.selection_size(cfg.image_size, cfg.hvp_select_res, patch) / cfg.image_size)
+        local_views = hvp.resize_views(local_views, hvp.selection_size(cfg.local_size, cfg.hvp_select_res, patch) / cfg.local_size)
     with accelerator.autocast():
         teacher_logits = teacher(global_views).float()                          # (B, G, K)
         student_logits = student(global_views, local_views)                     # (B, G + L_loader, K)
-    cost = cross_entropy_table(student_logits, teacher_probs(teacher_logits, center, teacher_temp), cfg.student_temp)
+    cost = hvp.cross_entropy_table(student_logits, hvp.teacher_probs(teacher_logits, center, teacher_temp), cfg.student_temp)
     pair, locals_, score = hvp.select_multicrop(cost, L, limit=cfg.hvp_limit, generator=generator)
     first, second = torch.zeros(B, dtype=torch.long, device=cost.device), torch.ones(B, dtype=torch.long, device=cost.device)
     plain = hvp.tuple_score(cost, first, second, torch.arange(G, G + L, device=cost.device).expand(B, -1))
@@ -325,7 +245,7 @@ def main():
     ds = hvp.shard_for_rank(ds, rank, world, cfg.num_workers)
     num_shards = ds.num_shards
     ds = ds.shuffle(seed=cfg.seed, buffer_size=cfg.shuffle_buffer)
-    stream = hvp.ViewStream(ds, multicrop_transform(cfg), cfg.image_column, cfg.label_column if has_labels else None,
+    stream = hvp.ViewStream(ds, hvp.multicrop_transform(cfg), cfg.image_column, cfg.label_column if has_labels else None,
                             cfg.seed, rank, cfg.batch_size)
     loader = hvp.make_loader(stream, cfg.batch_size, cfg.num_workers, num_shards, pin_memory=device.type == "cuda")
 
@@ -440,7 +360,7 @@ def main():
                            if L_loader else global_views.new_zeros(len(global_views), 0, 3, cfg.local_size, cfg.local_size))
             teacher_temp = teacher_temperature(epoch, cfg)
             hard = selecting and epoch >= cfg.hvp_start_epoch and step % cfg.hvp_every == 0
-            t0 = clock(timed, device)
+            t0 = hvp.clock(timed, device)
             teacher_logits = None
             if hard:
                 limit_rng = torch.Generator().manual_seed(hvp.mix_seed(cfg.seed, rank, step, micro, "limit"))
@@ -451,7 +371,7 @@ def main():
                 teacher_logits = chosen["teacher_logits"]
             else:
                 x_globals, x_locals = global_views[:, :2], local_views[:, :L]
-            t1 = clock(timed, device)
+            t1 = hvp.clock(timed, device)
             if teacher_logits is None:
                 with torch.no_grad(), accelerator.autocast():
                     teacher_logits = teacher(x_globals).float()
@@ -462,7 +382,7 @@ def main():
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     if cfg.clip_grad:
-                        clip_each_gradient(unwrapped, cfg.clip_grad, accelerator, optimizer)
+                        hvp.clip_each_gradient(unwrapped, cfg.clip_grad, accelerator, optimizer)
                     if step < freeze_steps:  # DINO: the prototypes are kept fixed at first
                         for p in unwrapped.head.last_layer.parameters():
                             p.grad = None
@@ -470,10 +390,10 @@ def main():
                 optimizer.zero_grad(set_to_none=True)
             teacher_sum += teacher_logits.sum((0, 1))
             teacher_count += teacher_logits.shape[0] * teacher_logits.shape[1]
-            t2 = clock(timed, device)
+            t2 = hvp.clock(timed, device)
             select_s, train_s = select_s + t1 - t0, train_s + t2 - t1
-        ema_update(teacher, unwrapped, momentum)
-        update_center(center, teacher_sum, teacher_count, cfg.center_momentum, accelerator)
+        hvp.ema_update(teacher, unwrapped, momentum)
+        hvp.update_center(center, teacher_sum, teacher_count, cfg.center_momentum, accelerator)
         step += 1
         interval_steps += 1
         bar.update(1)
@@ -534,24 +454,6 @@ def main():
     pusher.close()
     log.close()
     accelerator.end_training()
-
-
-def clip_each_gradient(model, max_norm, accelerator, optimizer):
-    """DINO's clipping: every parameter's gradient is scaled to norm <= max_norm on its own (not one
-    global norm). fp16 gradients are unscaled first."""
-    if accelerator.scaler is not None:
-        accelerator.unscale_gradients(optimizer)
-    for p in model.parameters():
-        if p.grad is not None:
-            norm = p.grad.norm()
-            p.grad.mul_((max_norm / (norm + 1e-6)).clamp(max=1.0))
-
-
-def clock(enabled, device):
-    """Wall clock for the timing split; synchronises the GPU only on the steps that are logged."""
-    if enabled and device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 if __name__ == "__main__":

@@ -162,29 +162,6 @@ def check_config(cfg):
 
 # ----------------------------------------------------------------------------------- data
 
-def dino_augs(cfg):
-    """DINO's two global transforms and its local transform (bicubic crops, flip, colour jitter
-    0.4/0.4/0.2/0.1 with p 0.8, grayscale 0.2). Global 1: always blurred. Global 2: blur 0.1,
-    solarize 0.2. Local: blur 0.5. DINO blurs every crop with sigma 0.1-2 and kernel 9 at 224 px
-    and 96 px alike; ViewAug scales blur with size/224, so the local blur is stated for 224 px
-    from its 96 px value (and scales down with smaller crops)."""
-    common = dict(flip_p=0.5, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, interpolation="bicubic")
-    global1 = hvp.ViewAug(size=cfg.image_size, scale=cfg.global_scale, blur_p=1.0, solarize_p=0.0, **common)
-    global2 = hvp.ViewAug(size=cfg.image_size, scale=cfg.global_scale, blur_p=0.1, solarize_p=0.2, **common)
-    local = hvp.ViewAug(size=cfg.local_size, scale=cfg.local_scale, blur_p=0.5, blur_sigma=(0.1 * 224 / 96, 2.0 * 224 / 96),
-                        blur_kernel=21, **common)
-    return global1, global2, local
-
-
-def multicrop_transform(cfg):
-    """G candidate globals alternating transform 1 (even index) / 2 (odd index), then L_loader locals."""
-    global1, global2, local = dino_augs(cfg)
-    groups = {"globals": [global1, global2] * (cfg.global_views // 2)}
-    if cfg.local_views:
-        groups["locals"] = [local] * cfg.local_views
-    return hvp.MultiViewTransform(groups)
-
-
 def block_mask(height, width, ratio, aspect, generator):
     """BEiT-style block-wise mask of a height x width patch grid: rectangles (area between a ninth
     of the shorter side squared and what is left to mask, log-uniform aspect in `aspect`) are added
@@ -258,28 +235,7 @@ def create_backbone(cfg, drop_path_rate):
     return backbone
 
 
-class DINOHead(nn.Module):
-    """3-layer MLP (GELU) -> bottleneck -> L2 normalisation -> weight-normalised linear layer to
-    out_dim prototypes. norm_last_layer fixes the weight norm g to 1 (only directions are learnt)."""
-
-    def __init__(self, in_dim, out_dim, hidden_dim=2048, bottleneck_dim=256, norm_last_layer=True):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
-                                 nn.Linear(hidden_dim, bottleneck_dim))
-        for layer in self.mlp:
-            if isinstance(layer, nn.Linear):
-                nn.init.trunc_normal_(layer.weight, std=0.02)
-                nn.init.zeros_(layer.bias)
-        self.last_layer = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
-        magnitude = self.last_layer.parametrizations.weight.original0
-        magnitude.data.fill_(1.0)
-        magnitude.requires_grad = not norm_last_layer
-
-    def forward(self, x):
-        return self.last_layer(F.normalize(self.mlp(x), dim=-1))
-
-
-class IBOTHead(DINOHead):
+class IBOTHead(hvp.DINOHead):
     """DINO's head for [CLS] tokens; patch tokens share its MLP and get their own weight-normalised
     last layer (`last_layer2`) unless shared_head."""
 
@@ -346,33 +302,13 @@ def build_model(cfg, drop_path_rate):
     return IBOTModel(backbone, head, memory_format)
 
 
-@torch.no_grad()
-def ema_update(teacher, student, momentum):
-    """teacher <- momentum * teacher + (1 - momentum) * student, parameters only (buffers such as
-    BatchNorm statistics are the teacher's own)."""
-    for t, s in zip(teacher.parameters(), student.parameters()):
-        t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
-
-
 # ----------------------------------------------------------------------------------- loss
-
-def teacher_probs(teacher_logits, center, teacher_temp):
-    """Centred, sharpened teacher distribution softmax((t - c) / tau_t)."""
-    return F.softmax((teacher_logits.float() - center) / teacher_temp, dim=-1)
-
-
-def cross_entropy_table(student_logits, probs, student_temp):
-    """C[b, q, v] = H(teacher global q, student view v) = -sum_k probs[b,q,k] log softmax(s[b,v] / tau_s)[k].
-    student_logits (B, V, K), probs (B, Q, K) -> (B, Q, V). Every DINO loss term, for every pair."""
-    log_p = F.log_softmax(student_logits.float() / student_temp, dim=-1)
-    return -torch.einsum("bqk,bvk->bqv", probs, log_p)
-
 
 def masked_patch_loss(student_patches, teacher_patches, masks, patch_center, teacher_temp, student_temp):
     """iBOT's MIM term per global view: the teacher's patch distribution (unmasked view) against the
     student's (masked view) at the same position, averaged over the masked patches only.
     student/teacher_patches (B, G, N, K), masks (B, G, h, w) with h*w = N -> (B, G)."""
-    ce = -(teacher_probs(teacher_patches, patch_center, teacher_temp)
+    ce = -(hvp.teacher_probs(teacher_patches, patch_center, teacher_temp)
            * F.log_softmax(student_patches.float() / student_temp, dim=-1)).sum(-1)   # (B, G, N)
     weight = masks.flatten(2).float()
     return (ce * weight).sum(-1) / weight.sum(-1).clamp(min=1.0)
@@ -383,20 +319,11 @@ def ibot_loss(student_out, teacher_out, masks, centers, temps, cfg):
     (teacher global q, student view v != q) pairs + lambda2 x the masked-patch loss averaged over
     the two globals. student_out = ([CLS] (B, 2 + L, K), patches (B, 2, N, Kp)), teacher_out =
     ([CLS] (B, 2, K), patches (B, 2, N, Kp)), masks (B, 2, h, w), centers/temps = ([CLS], patch)."""
-    table = cross_entropy_table(student_out[0], teacher_probs(teacher_out[0], centers[0], temps[0]), cfg.student_temp)
+    table = hvp.cross_entropy_table(student_out[0], hvp.teacher_probs(teacher_out[0], centers[0], temps[0]), cfg.student_temp)
     other_view = ~torch.eye(*table.shape[1:], dtype=torch.bool, device=table.device)
     cls_loss = table[:, other_view].mean(1)
     patch_loss = masked_patch_loss(student_out[1], teacher_out[1], masks, centers[1], temps[1], cfg.student_temp).mean(1)
     return cfg.lambda1 * cls_loss + cfg.lambda2 * patch_loss, cls_loss, patch_loss
-
-
-@torch.no_grad()
-def update_center(center, teacher_sum, teacher_count, momentum, accelerator):
-    """EMA of the mean teacher output over the global batch (all processes, all micro-steps)."""
-    if accelerator.num_processes > 1:
-        teacher_sum = accelerator.reduce(teacher_sum, reduction="sum")
-        teacher_count = accelerator.reduce(teacher_count, reduction="sum")
-    center.mul_(momentum).add_(teacher_sum / teacher_count, alpha=1 - momentum)
 
 
 def teacher_temperatures(epoch, cfg):
@@ -409,11 +336,6 @@ def teacher_temperatures(epoch, cfg):
 
 
 # ----------------------------------------------------------------------------------- hard-view selection
-
-def selection_size(size, factor, patch):
-    """Crop size for the reduced-resolution selection: size x factor, rounded to whole patches."""
-    return max(patch, round(size * factor / patch) * patch)
-
 
 @torch.no_grad()
 def select_hard_views(student, teacher, global_views, masks, local_views, centers, temps, cfg, accelerator,
@@ -431,15 +353,15 @@ def select_hard_views(student, teacher, global_views, masks, local_views, center
     B, G = global_views.shape[:2]
     L = cfg.local_crops_number
     if cfg.hvp_select_res < 1:
-        size = selection_size(cfg.image_size, cfg.hvp_select_res, patch)
+        size = hvp.selection_size(cfg.image_size, cfg.hvp_select_res, patch)
         global_views = hvp.resize_views(global_views, size / cfg.image_size)
-        local_views = hvp.resize_views(local_views, selection_size(cfg.local_size, cfg.hvp_select_res, patch) / cfg.local_size)
+        local_views = hvp.resize_views(local_views, hvp.selection_size(cfg.local_size, cfg.hvp_select_res, patch) / cfg.local_size)
         masks = resize_masks(masks, (size // patch, size // patch))
     with accelerator.autocast():
         teacher_cls, teacher_patches = teacher(global_views)                      # (B, G, K), (B, G, N, Kp)
         student_cls, student_patches = student(global_views, masks, local_views)  # (B, G + L_loader, K), (B, G, N, Kp)
     teacher_cls, teacher_patches = teacher_cls.float(), teacher_patches.float()
-    cost = cross_entropy_table(student_cls, teacher_probs(teacher_cls, centers[0], temps[0]), cfg.student_temp)
+    cost = hvp.cross_entropy_table(student_cls, hvp.teacher_probs(teacher_cls, centers[0], temps[0]), cfg.student_temp)
     cost = cost * (cfg.lambda1 / (2 * (L + 1)))
     per_global = masked_patch_loss(student_patches, teacher_patches, masks, centers[1], temps[1], cfg.student_temp)
     per_global = per_global * (cfg.lambda2 / 2)
@@ -494,7 +416,7 @@ def main():
     ds = hvp.shard_for_rank(ds, rank, world, cfg.num_workers)
     num_shards = ds.num_shards
     ds = ds.shuffle(seed=cfg.seed, buffer_size=cfg.shuffle_buffer)
-    transform = MaskedMultiCrop(multicrop_transform(cfg), grid, cfg.pred_ratio, cfg.pred_aspect)
+    transform = MaskedMultiCrop(hvp.multicrop_transform(cfg), grid, cfg.pred_ratio, cfg.pred_aspect)
     stream = hvp.ViewStream(ds, transform, cfg.image_column, cfg.label_column if has_labels else None,
                             cfg.seed, rank, cfg.batch_size)
     loader = hvp.make_loader(stream, cfg.batch_size, cfg.num_workers, num_shards, pin_memory=device.type == "cuda")
@@ -599,7 +521,7 @@ def main():
                            if L_loader else global_views.new_zeros(len(global_views), 0, 3, cfg.local_size, cfg.local_size))
             temps = teacher_temperatures(epoch, cfg)
             hard = selecting and epoch >= cfg.hvp_start_epoch and step % cfg.hvp_every == 0
-            t0 = clock(timed, device)
+            t0 = hvp.clock(timed, device)
             teacher_out = None
             if hard:
                 limit_rng = torch.Generator().manual_seed(hvp.mix_seed(cfg.seed, rank, step, micro, "limit"))
@@ -610,7 +532,7 @@ def main():
                 teacher_out = chosen["teacher_out"]
             else:
                 x_globals, x_masks, x_locals = global_views[:, :2], masks[:, :2], local_views[:, :L]
-            t1 = clock(timed, device)
+            t1 = hvp.clock(timed, device)
             if teacher_out is None:
                 with torch.no_grad(), accelerator.autocast():
                     teacher_out = tuple(t.float() for t in teacher(x_globals))
@@ -623,7 +545,7 @@ def main():
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     if cfg.clip_grad:
-                        clip_each_gradient(unwrapped, cfg.clip_grad, accelerator, optimizer)
+                        hvp.clip_each_gradient(unwrapped, cfg.clip_grad, accelerator, optimizer)
                     if step < freeze_steps:  # iBOT: the prototypes are kept fixed at first
                         for name, p in unwrapped.head.named_parameters():
                             if name.startswith("last_layer"):
@@ -633,11 +555,11 @@ def main():
             cls_sum += teacher_out[0].sum((0, 1))
             patch_sum += teacher_out[1].mean(2).sum((0, 1))
             teacher_count += teacher_out[0].shape[0] * teacher_out[0].shape[1]
-            t2 = clock(timed, device)
+            t2 = hvp.clock(timed, device)
             select_s, train_s = select_s + t1 - t0, train_s + t2 - t1
-        ema_update(teacher, unwrapped, momentum)
-        update_center(center, cls_sum, teacher_count, cfg.center_momentum, accelerator)
-        update_center(patch_center, patch_sum, teacher_count, cfg.center_momentum2, accelerator)
+        hvp.ema_update(teacher, unwrapped, momentum)
+        hvp.update_center(center, cls_sum, teacher_count, cfg.center_momentum, accelerator)
+        hvp.update_center(patch_center, patch_sum, teacher_count, cfg.center_momentum2, accelerator)
         step += 1
         interval_steps += 1
         bar.update(1)
@@ -700,24 +622,6 @@ def main():
     pusher.close()
     log.close()
     accelerator.end_training()
-
-
-def clip_each_gradient(model, max_norm, accelerator, optimizer):
-    """DINO's clipping: every parameter's gradient is scaled to norm <= max_norm on its own (not one
-    global norm). fp16 gradients are unscaled first."""
-    if accelerator.scaler is not None:
-        accelerator.unscale_gradients(optimizer)
-    for p in model.parameters():
-        if p.grad is not None:
-            norm = p.grad.norm()
-            p.grad.mul_((max_norm / (norm + 1e-6)).clamp(max=1.0))
-
-
-def clock(enabled, device):
-    """Wall clock for the timing split; synchronises the GPU only on the steps that are logged."""
-    if enabled and device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 if __name__ == "__main__":

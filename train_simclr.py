@@ -370,14 +370,14 @@ def main():
             views = hvp.photometric(batch["views"].to(device, non_blocking=True), batch["views_params"])
             # the same decision on every process: selection gathers embeddings from all of them
             hard = cfg.num_views > 2 and epoch >= cfg.hvp_start_epoch and step % cfg.hvp_every == 0
-            t0 = clock(timed, device)
+            t0 = hvp.clock(timed, device)
             if hard:
                 pair, hard_score, scores = select_hard_pair(unwrapped, views, cfg, accelerator)
                 x1, x2 = hvp.gather_views(views, pair[:, 0]), hvp.gather_views(views, pair[:, 1])
             else:
                 x1, x2 = views[:, 0], views[:, 1]
             x = torch.cat([x1, x2]).contiguous(memory_format=memory_format)
-            t1 = clock(timed, device)
+            t1 = hvp.clock(timed, device)
             with accelerator.accumulate(model):
                 # both views in one forward, so BatchNorm normalises them together (reference step 5)
                 z1, z2 = model(x).chunk(2)
@@ -385,7 +385,7 @@ def main():
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            t2 = clock(timed, device)
+            t2 = hvp.clock(timed, device)
             select_s, train_s = select_s + t1 - t0, train_s + t2 - t1
         step += 1
         interval_steps += 1
@@ -439,13 +439,6 @@ def main():
     pusher.close()
     log.close()
     accelerator.end_training()
-
-
-def clock(enabled, device):
-    """Wall clock for the timing split; synchronises the GPU only on the steps that are logged."""
-    if enabled and device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 if __name__ == "__main__":

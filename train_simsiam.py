@@ -285,20 +285,20 @@ def main():
             torch.manual_seed(hvp.mix_seed(cfg.seed, rank, step, micro))  # drop-path etc. replay on resume
             views = hvp.photometric(batch["views"].to(device, non_blocking=True), batch["views_params"])
             hard = cfg.num_views > 2 and epoch >= cfg.hvp_start_epoch and step % cfg.hvp_every == 0
-            t0 = clock(timed, device)
+            t0 = hvp.clock(timed, device)
             if hard:
                 pair, hard_score, scores = select_hard_pair(unwrapped, views, cfg, accelerator)
                 x1, x2 = hvp.gather_views(views, pair[:, 0]), hvp.gather_views(views, pair[:, 1])
             else:
                 x1, x2 = views[:, 0], views[:, 1]
             x1, x2 = x1.contiguous(memory_format=memory_format), x2.contiguous(memory_format=memory_format)
-            t1 = clock(timed, device)
+            t1 = hvp.clock(timed, device)
             with accelerator.accumulate(model):
                 loss = simsiam_loss(*model(x1, x2))
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            t2 = clock(timed, device)
+            t2 = hvp.clock(timed, device)
             select_s, train_s = select_s + t1 - t0, train_s + t2 - t1
         step += 1
         interval_steps += 1
@@ -352,13 +352,6 @@ def main():
     pusher.close()
     log.close()
     accelerator.end_training()
-
-
-def clock(enabled, device):
-    """Wall clock for the timing split; synchronises the GPU only on the steps that are logged."""
-    if enabled and device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 if __name__ == "__main__":

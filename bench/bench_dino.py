@@ -31,7 +31,7 @@ import train_dino as td  # noqa: E402
 
 
 class SingleProcess:
-    """What td.clip_each_gradient and td.update_center ask of an Accelerator: one process, no fp16 scaler."""
+    """What hvp.clip_each_gradient and hvp.update_center ask of an Accelerator: one process, no fp16 scaler."""
     scaler = None
     num_processes = 1
 
@@ -90,11 +90,11 @@ def main():
             student_logits = student(x_globals, x_locals)
         loss = td.dino_loss(student_logits, teacher_logits, center, 0.04, 0.1).mean()
         loss.backward()
-        td.clip_each_gradient(student, 3.0, SingleProcess(), opt)
+        hvp.clip_each_gradient(student, 3.0, SingleProcess(), opt)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        td.ema_update(teacher, student, 0.996)
-        td.update_center(center, teacher_logits.sum((0, 1)), torch.tensor([2.0 * len(teacher_logits)]), 0.9, SingleProcess())
+        hvp.ema_update(teacher, student, 0.996)
+        hvp.update_center(center, teacher_logits.sum((0, 1)), torch.tensor([2.0 * len(teacher_logits)]), 0.9, SingleProcess())
 
     def plain():
         t0 = sync()
@@ -105,13 +105,13 @@ def main():
         # the calls of train_dino.select_hard_views and its training loop, timed part by part
         t0 = sync()
         with torch.no_grad():
-            g_in = hvp.resize_views(global_views, td.selection_size(cfg.image_size, select_res, patch) / cfg.image_size)
-            l_in = hvp.resize_views(local_views, td.selection_size(cfg.local_size, select_res, patch) / cfg.local_size)
+            g_in = hvp.resize_views(global_views, hvp.selection_size(cfg.image_size, select_res, patch) / cfg.image_size)
+            l_in = hvp.resize_views(local_views, hvp.selection_size(cfg.local_size, select_res, patch) / cfg.local_size)
             with autocast():
                 teacher_logits = teacher(g_in).float()
                 student_logits = student(g_in, l_in)
             t1 = sync()
-            cost = td.cross_entropy_table(student_logits, td.teacher_probs(teacher_logits, center, 0.04), 0.1)
+            cost = hvp.cross_entropy_table(student_logits, hvp.teacher_probs(teacher_logits, center, 0.04), 0.1)
             pair, locals_, _ = hvp.select_multicrop(cost, L)
             x_globals, x_locals = hvp.gather_views(global_views, pair), hvp.gather_views(local_views, locals_ - G)
             reused = hvp.gather_views(teacher_logits, pair) if select_res == 1 else None

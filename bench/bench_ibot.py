@@ -31,7 +31,7 @@ import train_ibot as ti  # noqa: E402
 
 
 class SingleProcess:
-    """What ti.clip_each_gradient, ti.update_center and ti.select_hard_views ask of an Accelerator."""
+    """What hvp.clip_each_gradient, hvp.update_center and ti.select_hard_views ask of an Accelerator."""
     scaler = None
     num_processes = 1
 
@@ -101,13 +101,13 @@ def main():
             student_out = student(x_globals, x_masks, x_locals)
         loss = ti.ibot_loss(student_out, teacher_out, x_masks, centers, temps, cfg)[0].mean()
         loss.backward()
-        ti.clip_each_gradient(student, 3.0, accelerator, opt)
+        hvp.clip_each_gradient(student, 3.0, accelerator, opt)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        ti.ema_update(teacher, student, 0.996)
+        hvp.ema_update(teacher, student, 0.996)
         count = torch.tensor([2.0 * len(x_globals)], device=device)
-        ti.update_center(centers[0], teacher_out[0].sum((0, 1)), count, 0.9, accelerator)
-        ti.update_center(centers[1], teacher_out[1].mean(2).sum((0, 1)), count, 0.9, accelerator)
+        hvp.update_center(centers[0], teacher_out[0].sum((0, 1)), count, 0.9, accelerator)
+        hvp.update_center(centers[1], teacher_out[1].mean(2).sum((0, 1)), count, 0.9, accelerator)
 
     def plain():
         t0 = sync()

@@ -144,29 +144,29 @@ def test_teacher_outputs_reused_from_selection_equal_rerunning_the_teacher():
 
 
 def test_selection_size_is_rounded_to_whole_patches():
-    assert td.selection_size(224, 0.5, 16) == 112 and td.selection_size(96, 0.5, 16) == 48
-    assert td.selection_size(32, 0.5, 8) == 16 and td.selection_size(16, 0.5, 8) == 8
-    assert td.selection_size(16, 0.25, 8) == 8  # never below one patch
-    assert td.selection_size(30, 0.5, 1) == 15  # CNNs: any size
+    assert hvp.selection_size(224, 0.5, 16) == 112 and hvp.selection_size(96, 0.5, 16) == 48
+    assert hvp.selection_size(32, 0.5, 8) == 16 and hvp.selection_size(16, 0.5, 8) == 8
+    assert hvp.selection_size(16, 0.25, 8) == 8  # never below one patch
+    assert hvp.selection_size(30, 0.5, 1) == 15  # CNNs: any size
 
 
 def test_center_is_an_ema_of_the_mean_teacher_output():
     center = torch.full((4,), 2.0)
     teacher_logits = torch.tensor([[[1.0, 2.0, 3.0, 4.0], [3.0, 2.0, 1.0, 0.0]]])  # (B=1, 2 globals, K=4)
-    td.update_center(center, teacher_logits.sum((0, 1)), torch.tensor([2.0]), 0.9, NoAccelerator())
+    hvp.update_center(center, teacher_logits.sum((0, 1)), torch.tensor([2.0]), 0.9, NoAccelerator())
     torch.testing.assert_close(center, 0.9 * 2.0 + 0.1 * torch.tensor([2.0, 2.0, 2.0, 2.0]))
 
 
 def test_teacher_ema_moves_parameters_towards_the_student():
-    student, teacher = td.DINOHead(8, 16, 12, 4), td.DINOHead(8, 16, 12, 4)
+    student, teacher = hvp.DINOHead(8, 16, 12, 4), hvp.DINOHead(8, 16, 12, 4)
     with torch.no_grad():
         for p in student.parameters():
             p.add_(1.0)
     before = [t.clone() for t in teacher.parameters()]
-    td.ema_update(teacher, student, 0.75)
+    hvp.ema_update(teacher, student, 0.75)
     for t, b, s in zip(teacher.parameters(), before, student.parameters()):
         torch.testing.assert_close(t, 0.75 * b + 0.25 * s)
-    td.ema_update(teacher, student, 1.0)  # the schedule's end: the teacher stops moving
+    hvp.ema_update(teacher, student, 1.0)  # the schedule's end: the teacher stops moving
     for t, b, s in zip(teacher.parameters(), before, student.parameters()):
         torch.testing.assert_close(t, 0.75 * b + 0.25 * s)
     # the momentum schedule is a cosine from momentum_teacher to 1
@@ -174,12 +174,12 @@ def test_teacher_ema_moves_parameters_towards_the_student():
 
 
 def test_head_last_layer_is_weight_normalised_and_norm_last_layer_fixes_its_norm():
-    head = td.DINOHead(24, 40, hidden_dim=32, bottleneck_dim=8, norm_last_layer=True)
+    head = hvp.DINOHead(24, 40, hidden_dim=32, bottleneck_dim=8, norm_last_layer=True)
     g = head.last_layer.parametrizations.weight.original0
     assert not g.requires_grad and torch.equal(g, torch.ones_like(g))
     torch.testing.assert_close(head.last_layer.weight.norm(dim=1), torch.ones(40))
     assert head(torch.randn(5, 3, 24)).shape == (5, 3, 40)
-    free = td.DINOHead(24, 40, hidden_dim=32, bottleneck_dim=8, norm_last_layer=False)
+    free = hvp.DINOHead(24, 40, hidden_dim=32, bottleneck_dim=8, norm_last_layer=False)
     assert free.last_layer.parametrizations.weight.original0.requires_grad
 
 
@@ -195,7 +195,7 @@ def test_one_vit_takes_global_and_local_crops_and_the_teacher_temperature_warms_
 def test_multicrop_transform_alternates_the_two_global_transforms():
     from PIL import Image
     cfg = tiny_cfg(global_views=4, local_views=3)
-    transform = td.multicrop_transform(cfg)
+    transform = hvp.multicrop_transform(cfg)
     recipes = transform.groups["globals"]
     assert [r.blur_p for r in recipes] == [1.0, 0.1, 1.0, 0.1] and [r.solarize_p for r in recipes] == [0, 0.2, 0, 0.2]
     out = transform(Image.new("RGB", (28, 28), (120, 30, 200)), torch.Generator().manual_seed(0))

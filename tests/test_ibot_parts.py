@@ -1,8 +1,7 @@
 """train_ibot.py's parts in-process: masking with the mask token, block masks, the iBOT loss,
 hard-view selection against exhaustive enumeration, masks travelling with their views, teacher
-reuse, reduced-resolution masks, and the blocks shared with train_dino.py."""
+reuse, reduced-resolution masks."""
 import contextlib
-import inspect
 import itertools
 from dataclasses import replace
 
@@ -11,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 import hvp_utils as hvp
-import train_dino as td
 import train_ibot as ti
 
 
@@ -115,7 +113,7 @@ def test_block_masks_are_seeded_rectangles_of_about_the_ratio():
 def test_masks_are_drawn_per_global_view_in_the_transform():
     from PIL import Image
     cfg = tiny_cfg(global_views=4, local_views=3, pred_ratio=0.4)
-    transform = ti.MaskedMultiCrop(ti.multicrop_transform(cfg), (4, 4), cfg.pred_ratio, cfg.pred_aspect)
+    transform = ti.MaskedMultiCrop(hvp.multicrop_transform(cfg), (4, 4), cfg.pred_ratio, cfg.pred_aspect)
     image = Image.new("RGB", (28, 28), (120, 30, 200))
     out = transform(image, torch.Generator().manual_seed(0))
     assert out["masks"].shape == (4, 4, 4) and out["masks"].dtype == torch.bool and out["masks"].any()
@@ -247,9 +245,3 @@ def test_teacher_temperatures_warm_up_separately():
                    teacher_patch_temp=0.07, warmup_teacher_temp_epochs=3)
     temps = [tuple(round(t, 4) for t in ti.teacher_temperatures(e, cfg)) for e in range(4)]
     assert temps == [(0.04, 0.04), (0.0467, 0.05), (0.0533, 0.06), (0.06, 0.07)]
-
-
-@pytest.mark.parametrize("name", ["dino_augs", "multicrop_transform", "DINOHead", "ema_update", "teacher_probs",
-                                  "cross_entropy_table", "update_center", "selection_size", "clip_each_gradient", "clock"])
-def test_blocks_copied_from_train_dino_are_identical(name):
-    assert inspect.getsource(getattr(ti, name)) == inspect.getsource(getattr(td, name))

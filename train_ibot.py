@@ -128,7 +128,8 @@ class Config:
 
 # The shipped Fashion-MNIST subset: 28 px grayscale, 10k images. One epoch of ViT-S on 2 CPU cores:
 # 32 px globals (4 x 4 patches of 8 px, ~5 masked) and 16 px locals, a 1024-wide head with 2048
-# prototypes (the patch head runs on every token), a faster teacher, 2 of 4 candidate locals, no teacher-temperature warm-up (the run is one epoch).
+# prototypes (the patch head runs on every token), a faster teacher, 2 of 4 candidate locals, no
+# teacher-temperature warm-up (the run is one epoch).
 # It replaces the ImageNet defaults above for the flags you do not give.
 PRESETS = {hvp.DEFAULT_DATASET: dict(
     small_stem=True, patch_size=8, image_size=32, local_size=16, global_scale=(0.4, 1.0), epochs=1, batch_size=64,

@@ -621,17 +621,25 @@ def _select_multicrop_limited(cost, num_locals, pairs, extra, limit, generator):
     return g[index], subsets[index], best
 
 
+STATS_BINS = 10  # histogram bins over [0, 1] of the IoU and area distributions in selection_stats
+
+
 def selection_stats(params, hard_pair, hard_score, random_score):
     """Decision D9 statistics for a batch: mean score, crop IoU and crop area of the selected pair
-    vs the plain pair (0, 1). params (B, N, P) on CPU; hard_pair (B, 2)."""
+    vs the plain pair (0, 1), plus the batch's IoU and area histograms (STATS_BINS equal bins over
+    [0, 1]; area counts both crops of a pair). params (B, N, P) on CPU; hard_pair (B, 2)."""
     hard_pair = hard_pair.cpu()
     a, b = gather_views(params, hard_pair[:, 0]), gather_views(params, hard_pair[:, 1])
-    return {
-        "hard_score": float(hard_score.float().mean()), "random_score": float(random_score.float().mean()),
-        "hard_iou": float(crop_iou(a, b).mean()), "random_iou": float(crop_iou(params[:, 0], params[:, 1]).mean()),
-        "hard_area": float((crop_area(a) + crop_area(b)).mean() / 2),
-        "random_area": float((crop_area(params[:, 0]) + crop_area(params[:, 1])).mean() / 2),
-    }
+    iou = {"hard": crop_iou(a, b).float(), "random": crop_iou(params[:, 0], params[:, 1]).float()}
+    area = {"hard": torch.cat([crop_area(a), crop_area(b)]).float(),
+            "random": torch.cat([crop_area(params[:, 0]), crop_area(params[:, 1])]).float()}
+    stats = {"hard_score": float(hard_score.float().mean()), "random_score": float(random_score.float().mean())}
+    for kind in ("hard", "random"):
+        stats[f"{kind}_iou"], stats[f"{kind}_area"] = float(iou[kind].mean()), float(area[kind].mean())
+    for kind in ("hard", "random"):
+        stats[f"{kind}_iou_hist"] = torch.histc(iou[kind], STATS_BINS, 0, 1).int().tolist()
+        stats[f"{kind}_area_hist"] = torch.histc(area[kind], STATS_BINS, 0, 1).int().tolist()
+    return stats
 
 
 # ----------------------------------------------------------------------------------- models

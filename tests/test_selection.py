@@ -213,3 +213,8 @@ def test_selection_statistics_compare_hard_pair_with_pair_zero_one():
     assert stats["random_iou"] == pytest.approx((1.0 + 0.5) / 2)
     assert stats["hard_iou"] == pytest.approx((0.0 + 0.5) / 2)
     assert stats["hard_area"] == pytest.approx(((0.25 + 0.25) / 2 + (1 + 0.5) / 2) / 2)
+    # histograms over [0, 1] in 10 bins (1.0 falls in the last bin); area counts both crops of a pair
+    assert stats["hard_iou_hist"] == [1, 0, 0, 0, 0, 1, 0, 0, 0, 0]
+    assert stats["random_iou_hist"] == [0, 0, 0, 0, 0, 1, 0, 0, 0, 1]
+    assert stats["hard_area_hist"] == [0, 0, 2, 0, 0, 1, 0, 0, 0, 1]
+    assert stats["random_area_hist"] == [0, 0, 2, 0, 0, 1, 0, 0, 0, 1]

@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import hvp_utils as hvp  # noqa: E402
+from bench import common  # noqa: E402
 import train_dino as td  # noqa: E402
 
 
@@ -134,6 +135,7 @@ def main():
     lines = [f"DINO step time, {args.arch} {cfg.image_size}/{cfg.local_size}px (patch {patch}), batch {args.batch_size}, "
              f"out_dim {cfg.out_dim}, HVP G={G} globals and L_loader={2 * L} locals -> 2 + {L} vs plain 2 + {L}, "
              f"{args.mixed_precision}, {where}, torch {torch.__version__}, median of {args.steps} interleaved steps"]
+    labels, ratios = {"plain": f"plain DINO (2 + {L})"}, {}
     for clock, label in ((0, "wall clock"), (1, "CPU time of this process")):
         med = {k: {part: statistics.median(r[part][clock] for r in v) for part in v[0]} for k, v in times.items()}
         base = med["plain"]["step"]
@@ -146,13 +148,15 @@ def main():
                 continue
             m = med[name]
             teacher_note = "teacher reused" if name == "hvp@1" else "teacher re-run at full res"
-            lines.append(f"| HVP G={G}, L_loader={2 * L}, selection at {name.split('@')[1]}x resolution ({teacher_note}) | "
+            labels[name] = f"HVP G={G}, L_loader={2 * L}, selection at {name.split('@')[1]}x resolution ({teacher_note})"
+            ratios[f"{name} ({label})"] = m["step"] / base
+            lines.append(f"| {labels[name]} | "
                          f"{m['step']:.4f} | {m['step'] / base:.2f} | {m['select_forward']:.4f} | {m['score_gather']:.5f} | "
                          f"{100 * m['score_gather'] / m['step']:.2f} % | {m['train']:.4f} |")
-    table = "\n".join(lines)
-    print(table)
-    if args.output:
-        Path(args.output).write_text(table + "\n")
+    memory_lines, peaks = common.memory_table(kinds, device, labels)
+    summary = {"bench": "dino", "machine": common.machine(device), "args": vars(args),
+               "step_ratio": ratios, "peak_memory_mib": peaks}
+    common.write(args.output, "\n".join(lines + memory_lines), summary)
 
 
 if __name__ == "__main__":

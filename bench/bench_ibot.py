@@ -27,11 +27,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import hvp_utils as hvp  # noqa: E402
+from bench import common  # noqa: E402
 import train_ibot as ti  # noqa: E402
 
 
 class SingleProcess:
-    """What hvp.clip_each_gradient, hvp.update_center and ti.select_hard_views ask of an Accelerator."""
+    """What hvp.clip_each_gradient and hvp.update_center ask of an Accelerator."""
     scaler = None
     num_processes = 1
 
@@ -115,15 +116,29 @@ def main():
         return {"step": sync() - t0}
 
     def hard(select_res):
+        # the calls of train_ibot.select_hard_views and its training loop, timed part by part
         t0 = sync()
-        chosen = ti.select_hard_views(student, teacher, global_views, masks, local_views, centers, temps,
-                                      replace(cfg, hvp_select_res=select_res), accelerator, patch)
-        x_globals, x_masks = hvp.gather_views(global_views, chosen["globals"]), hvp.gather_views(masks, chosen["globals"])
-        x_locals = hvp.gather_views(local_views, chosen["locals"])
-        t1 = sync()
-        train_step(x_globals, x_masks, x_locals, chosen["teacher_out"])
+        with torch.no_grad():
+            size = hvp.selection_size(cfg.image_size, select_res, patch)
+            g_in = hvp.resize_views(global_views, size / cfg.image_size)
+            l_in = hvp.resize_views(local_views, hvp.selection_size(cfg.local_size, select_res, patch) / cfg.local_size)
+            m_in = ti.resize_masks(masks, (size // patch, size // patch))
+            with autocast():
+                t_cls, t_patches = teacher(g_in)
+                s_cls, s_patches = student(g_in, m_in, l_in)
+            t1 = sync()
+            t_cls, t_patches = t_cls.float(), t_patches.float()
+            cost = hvp.cross_entropy_table(s_cls, hvp.teacher_probs(t_cls, centers[0], temps[0]), cfg.student_temp)
+            cost = cost * (cfg.lambda1 / (2 * (L + 1)))
+            per_global = ti.masked_patch_loss(s_patches, t_patches, m_in, centers[1], temps[1], cfg.student_temp)
+            pair, locals_, _ = hvp.select_multicrop(cost, L, extra=per_global * (cfg.lambda2 / 2))
+            x_globals, x_masks = hvp.gather_views(global_views, pair), hvp.gather_views(masks, pair)
+            x_locals = hvp.gather_views(local_views, locals_ - G)
+            reused = (hvp.gather_views(t_cls, pair), hvp.gather_views(t_patches, pair)) if select_res == 1 else None
         t2 = sync()
-        return {"step": t2 - t0, "select": t1 - t0, "train": t2 - t1}
+        train_step(x_globals, x_masks, x_locals, reused)
+        t3 = sync()
+        return {"step": t3 - t0, "select_forward": t1 - t0, "score_gather": t2 - t1, "train": t3 - t2}
 
     kinds = {"plain": plain, **{f"hvp@{r:g}": (lambda r=r: hard(r)) for r in args.select_res}}
     times = {k: [] for k in kinds}
@@ -141,20 +156,22 @@ def main():
              f"out_dim = patch_out_dim = {cfg.out_dim}, mask ratio 0.3, HVP G={G} globals and L_loader={2 * L} locals "
              f"-> 2 + {L} vs plain 2 + {L}, {args.mixed_precision}, {where}, torch {torch.__version__}, "
              f"median of {args.steps} interleaved steps",
-             "", "| step | total (s) | / plain | selection forward + scoring + gathers (s) | train step (s) |",
-             "|---|---|---|---|---|",
-             f"| plain iBOT (2 + {L}) | {base:.4f} | 1.00 | - | {base:.4f} |"]
+             "", "| step | total (s) | / plain | selection forward (s) | scoring + gather (s) | scoring + gather % of step "
+             "| train step (s) |", "|---|---|---|---|---|---|---|",
+             f"| plain iBOT (2 + {L}) | {base:.4f} | 1.00 | - | - | - | {base:.4f} |"]
+    labels = {"plain": f"plain iBOT (2 + {L})"}
     for name in kinds:
         if name == "plain":
             continue
         m = med[name]
         teacher_note = "teacher reused" if name == "hvp@1" else "teacher re-run at full res"
-        lines.append(f"| HVP G={G}, L_loader={2 * L}, selection at {name.split('@')[1]}x resolution ({teacher_note}) | "
-                     f"{m['step']:.4f} | {m['step'] / base:.2f} | {m['select']:.4f} | {m['train']:.4f} |")
-    table = "\n".join(lines)
-    print(table)
-    if args.output:
-        Path(args.output).write_text(table + "\n")
+        labels[name] = f"HVP G={G}, L_loader={2 * L}, selection at {name.split('@')[1]}x resolution ({teacher_note})"
+        lines.append(f"| {labels[name]} | {m['step']:.4f} | {m['step'] / base:.2f} | {m['select_forward']:.4f} | "
+                     f"{m['score_gather']:.5f} | {100 * m['score_gather'] / m['step']:.2f} % | {m['train']:.4f} |")
+    memory_lines, peaks = common.memory_table(kinds, device, labels)
+    summary = {"bench": "ibot", "machine": common.machine(device), "args": vars(args),
+               "step_ratio": {k: med[k]["step"] / base for k in kinds}, "peak_memory_mib": peaks}
+    common.write(args.output, "\n".join(lines + memory_lines), summary)
 
 
 if __name__ == "__main__":

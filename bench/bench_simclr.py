@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import hvp_utils as hvp  # noqa: E402
+from bench import common  # noqa: E402
 from train_simclr import LARS, SimCLR, lars_param_groups, nt_xent_loss, nt_xent_table, pair_scores  # noqa: E402
 
 
@@ -108,17 +109,19 @@ def main():
              "", "| step | total (s) | / plain | selection forward (s) | scoring + gather (s) | scoring + gather % of step | train step (s) |",
              "|---|---|---|---|---|---|---|",
              f"| plain SimCLR (N=2) | {base:.4f} | 1.00 | - | - | - | {base:.4f} |"]
+    labels = {"plain": "plain SimCLR (N=2)"}
     for name in kinds:
         if name == "plain":
             continue
         m = med[name]
-        lines.append(f"| HVP N={args.num_views}, selection at {name.split('@')[1]}x resolution | {m['step']:.4f} | "
+        labels[name] = f"HVP N={args.num_views}, selection at {name.split('@')[1]}x resolution"
+        lines.append(f"| {labels[name]} | {m['step']:.4f} | "
                      f"{m['step'] / base:.2f} | {m['select_forward']:.4f} | {m['score_gather']:.5f} | "
                      f"{100 * m['score_gather'] / m['step']:.2f} % | {m['train']:.4f} |")
-    table = "\n".join(lines)
-    print(table)
-    if args.output:
-        Path(args.output).write_text(table + "\n")
+    memory_lines, peaks = common.memory_table(kinds, device, labels)
+    summary = {"bench": "simclr", "machine": common.machine(device), "args": vars(args),
+               "step_ratio": {k: med[k]["step"] / base for k in kinds}, "peak_memory_mib": peaks}
+    common.write(args.output, "\n".join(lines + memory_lines), summary)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,69 @@
+"""Run every benchmark one after the other and write bench/RESULTS.md (summary table + full tables).
+
+    python bench/run_all.py                    # the scripts' default sizes (sized for 2 CPU cores)
+    python bench/run_all.py --only simsiam data
+    python bench/run_all.py --gpu              # ImageNet-sized settings (224 px; DINO/iBOT 224/96)
+
+Nothing else should run on the machine meanwhile: each script compares HVP with plain steps
+interleaved in one process, which protects the ratios from slow drifts but not from a busy machine.
+"""
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SETTINGS = {
+    "simsiam": ([], ["--arch", "resnet50", "--image_size", "224", "--batch_size", "64"]),
+    "simclr": ([], ["--arch", "resnet50", "--image_size", "224", "--batch_size", "64"]),
+    "dino": ([], ["--image_size", "224", "--local_size", "96", "--batch_size", "32", "--local_crops_number", "8"]),
+    "ibot": ([], ["--image_size", "224", "--local_size", "96", "--batch_size", "32", "--local_crops_number", "8"]),
+    "data": ([], ["--image_size", "224", "--workers", "0", "4", "8", "--views", "2", "4"]),
+}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--gpu", action="store_true", help="ImageNet-sized settings")
+    parser.add_argument("--output", default=str(HERE / "RESULTS.md"))
+    args = parser.parse_args()
+    output = Path(args.output)
+    parts = output.parent / (output.stem.lower() + "_files")
+    parts.mkdir(parents=True, exist_ok=True)
+    tables, summaries = [], {}
+    for name in args.only:
+        flags = SETTINGS[name][1 if args.gpu else 0]
+        command = [sys.executable, str(HERE / f"bench_{name}.py"), *flags, "--output", str(parts / f"{name}.md")]
+        print("$ " + " ".join(command), flush=True)
+        start = time.perf_counter()
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        print(f"  {time.perf_counter() - start:.0f} s", flush=True)
+        tables.append(f"### {name}\n\n`python bench/bench_{name}.py {' '.join(flags)}`\n\n" + (parts / f"{name}.md").read_text())
+        summaries[name] = json.loads((parts / f"{name}.json").read_text())
+
+    lines = ["# Benchmarks", "", f"Written by `python bench/run_all.py{' --gpu' if args.gpu else ''}` on "
+             f"{time.strftime('%Y-%m-%d')}. Ratios are taken within one run of one script (steps interleaved), "
+             "so they compare like with like; absolute times depend on the machine and its load.", "",
+             "| method | machine | HVP / plain step time, selection at full res | at 0.5x res | HVP / plain peak step memory (full res) |",
+             "|---|---|---|---|---|"]
+    for name, s in summaries.items():
+        if name == "data":
+            continue
+        ratios = s["step_ratio"]
+        full = " / ".join(f"{v:.2f} ({k.split('(')[1].rstrip(')')})" if "(" in k else f"{v:.2f}"
+                          for k, v in ratios.items() if k.startswith("hvp@1"))
+        half = " / ".join(f"{v:.2f} ({k.split('(')[1].rstrip(')')})" if "(" in k else f"{v:.2f}"
+                          for k, v in ratios.items() if k.startswith("hvp@0.5"))
+        peaks = s["peak_memory_mib"]
+        memory = f"{peaks['hvp@1'] / peaks['plain']:.2f}" if peaks.get("plain") and peaks.get("hvp@1") else "n/a"
+        lines.append(f"| {name} | {s['machine']} | {full or '-'} | {half or '-'} | {memory} |")
+    lines += [""] + tables
+    output.write_text("\n".join(lines) + "\n")
+    print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    main()

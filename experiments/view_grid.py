@@ -1,7 +1,7 @@
 """PNG grid of images with their hard (selected) and rejected views, from any training checkpoint.
 
     python experiments/view_grid.py --run outputs/simsiam                   # latest checkpoint of a run
-    python experiments/view_grid.py --run outputs/dino/checkpoint-00000156 --num_images 12 --output dino.png
+    python experiments/view_grid.py --run outputs/dino/checkpoint-00000156 --num_images 12 --zoom 3 --output dino.png
 
 The method (SimSiam, SimCLR, DINO or iBOT) and its settings come from the checkpoint. The first
 --num_images images of the split (unshuffled) get the run's own multi-view augmentation, the trained
@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -44,6 +45,13 @@ def load_run(path):
     return module, module.Config(**values), state, checkpoint
 
 
+def enlarge(views, factor):
+    """Views (B, N, C, H, W) scaled by an integer factor (nearest), so small crops stay visible."""
+    if factor <= 1:
+        return views
+    return F.interpolate(views.flatten(0, 1), scale_factor=factor, mode="nearest").unflatten(0, views.shape[:2])
+
+
 def first_batch(cfg, transform, num_images, dataset, split):
     ds, _ = hvp.open_dataset(dataset or cfg.dataset, split or cfg.split, cfg.image_column, cfg.label_column)
     stream = hvp.ViewStream(ds, transform, cfg.image_column, None, cfg.seed, 0, num_images, cycle=False)
@@ -57,6 +65,7 @@ def main():
     parser.add_argument("--num_images", type=int, default=8)
     parser.add_argument("--dataset", default="", help="images to show (default: the run's training data)")
     parser.add_argument("--split", default="")
+    parser.add_argument("--zoom", type=int, default=1, help="enlarge every view this many times (small images)")
     parser.add_argument("--output", default="", help="PNG path (default <run>/grids/<checkpoint>.png)")
     args = parser.parse_args()
     module, cfg, state, checkpoint = load_run(args.run)
@@ -78,7 +87,7 @@ def main():
         views = hvp.photometric(batch["views"], batch["views_params"])
         with torch.no_grad():
             pair, _, scores = module.select_hard_pair(model, views, cfg, accelerator)
-        hvp.save_view_grid(output, views, pair, max_images=args.num_images)
+        hvp.save_view_grid(output, enlarge(views, args.zoom), pair, max_images=args.num_images)
         written = [output]
         summary = f"selected pair loss {scores.max(1).values.mean():.3f} vs pair (0, 1) {scores[:, 0].mean():.3f}"
     else:
@@ -104,11 +113,11 @@ def main():
             chosen = module.select_hard_views(student, teacher, global_views, batch["masks"], local_views,
                                               (state["center"], state["patch_center"]),
                                               (cfg.teacher_temp, cfg.teacher_patch_temp), cfg, accelerator, patch)
-        hvp.save_view_grid(output, global_views, chosen["globals"], max_images=args.num_images)
+        hvp.save_view_grid(output, enlarge(global_views, args.zoom), chosen["globals"], max_images=args.num_images)
         written = [output]
         if cfg.local_views:
             local_output = output.with_name(output.stem + "-locals.png")
-            hvp.save_view_grid(local_output, local_views, chosen["locals"], max_images=args.num_images)
+            hvp.save_view_grid(local_output, enlarge(local_views, args.zoom), chosen["locals"], max_images=args.num_images)
             written.append(local_output)
         summary = (f"selected tuple loss {chosen['score'].mean():.3f} vs plain tuple "
                    f"{chosen['plain_score'].mean():.3f}")

@@ -182,17 +182,17 @@ def test_report_without_a_study_is_a_one_line_error(tmp_path):
 
 # ----------------------------------------------------------------------------------- experiments/view_grid.py
 
-@pytest.mark.parametrize("script,flags,views", [
-    ("train_simsiam.py", TINY_TRAIN + ["--num_views", "3"], 3),
-    ("train_ibot.py", TINY_IBOT, 4),
+@pytest.mark.parametrize("script,flags,views,zoom", [
+    ("train_simsiam.py", TINY_TRAIN + ["--num_views", "3"], 3, 2),
+    ("train_ibot.py", TINY_IBOT, 4, 1),
 ])
-def test_view_grid_draws_every_candidate_view_from_a_checkpoint(tiny_dataset, tmp_path, script, flags, views):
+def test_view_grid_draws_every_candidate_view_from_a_checkpoint(tiny_dataset, tmp_path, script, flags, views, zoom):
     run = tmp_path / "run"
     run_script([script, "--dataset", tiny_dataset, "--output_dir", run, "--max_steps", 1, *flags])
     grid = tmp_path / "grid.png"
-    result = run_script(["experiments/view_grid.py", "--run", run, "--num_images", 5, "--output", grid])
+    result = run_script(["experiments/view_grid.py", "--run", run, "--num_images", 5, "--zoom", zoom, "--output", grid])
     assert "wrote" in result.stdout
-    size = int(flags[flags.index("--image_size") + 1])
+    size = zoom * int(flags[flags.index("--image_size") + 1])
     with Image.open(grid) as image:  # 5 rows of `views` tiles (each view padded by 2 + 2, grid padding 2)
         assert image.size == (views * (size + 6) + 2, 5 * (size + 6) + 2)
     if script == "train_ibot.py":

@@ -1,6 +1,6 @@
 """Run every benchmark one after the other and write bench/RESULTS.md (summary table + full tables).
 
-    python bench/run_all.py                    # the scripts' default sizes (sized for 2 CPU cores)
+    python bench/run_all.py                    # sizes for 2 CPU cores (about 10 minutes)
     python bench/run_all.py --only simsiam data
     python bench/run_all.py --gpu              # ImageNet-sized settings (224 px; DINO/iBOT 224/96)
 
@@ -15,11 +15,14 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SETTINGS = {
-    "simsiam": ([], ["--arch", "resnet50", "--image_size", "224", "--batch_size", "64"]),
-    "simclr": ([], ["--arch", "resnet50", "--image_size", "224", "--batch_size", "64"]),
-    "dino": ([], ["--image_size", "224", "--local_size", "96", "--batch_size", "32", "--local_crops_number", "8"]),
-    "ibot": ([], ["--image_size", "224", "--local_size", "96", "--batch_size", "32", "--local_crops_number", "8"]),
+CPU_VIT = ["--image_size", "64", "--local_size", "32", "--steps", "6", "--warmup", "1"]
+GPU_VIT = ["--image_size", "224", "--local_size", "96", "--batch_size", "32", "--local_crops_number", "8"]
+GPU_RESNET = ["--arch", "resnet50", "--image_size", "224", "--batch_size", "64"]
+SETTINGS = {  # bench: (flags on 2 CPU cores, flags with --gpu)
+    "simsiam": ([], GPU_RESNET),
+    "simclr": ([], GPU_RESNET),
+    "dino": (CPU_VIT, GPU_VIT),
+    "ibot": (CPU_VIT, GPU_VIT),
     "data": ([], ["--image_size", "224", "--workers", "0", "4", "8", "--views", "2", "4"]),
 }
 

@@ -92,6 +92,10 @@ def plot_selection(runs_dir, methods, out_dir):
             ax = axes[row, col]
             ax.plot(epoch, curve(f"hard_{key}"), color="C3", label="selected pair")
             ax.plot(epoch, curve(f"random_{key}"), color="C0", label="random pair (0, 1)")
+            if key == "area" and "hard_local_area" in records[m][0][0]:  # DINO/iBOT: the kept local crops too
+                ax.plot(epoch, curve("hard_local_area"), color="C3", ls=":", label="selected locals")
+                ax.plot(epoch, curve("random_local_area"), color="C0", ls=":", label="first L locals")
+                ax.legend(loc="upper right", fontsize=7)
             ax.set_title(f"{m}: {label}")
             ax.set_ylim(0, 1)
         axes[2, col].set_xlabel("epoch")
@@ -200,7 +204,8 @@ def main():
         lines += ["## What the selection picks", "",
                   "The paper's analysis (its B.3): the selected pair's loss vs the random pair (0, 1) that plain "
                   "training would have used, and the crop IoU and area of both pairs (DINO/iBOT: the two global "
-                  "crops). Logged by every hvp run on one batch every `--log_every` steps.", ""]
+                  "crops; dotted: the area of the L local crops kept vs the first L). Logged by every hvp run on one "
+                  "batch every `--log_every` steps.", ""]
         lines += [f"![{p.stem}]({assets.name}/{p.name})" for p in plots] + [""]
     grids = sorted(assets.glob("grid-*.png"))
     if grids:

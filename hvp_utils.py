@@ -903,8 +903,8 @@ class MetricsLog:
 def write_run_info(output_dir, config):
     """Record the resolved config, versions and the script itself next to the results."""
     import platform
-    info = {"config": dataclasses.asdict(config), "argv": sys.argv, "python": platform.python_version(),
-            "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    info = {"config": dataclasses.asdict(config), "argv": sys.argv, "processes": int(os.environ.get("WORLD_SIZE", 1)),
+            "python": platform.python_version(), "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     for mod in ("timm", "accelerate", "datasets"):
         try:
             info[mod] = __import__(mod).__version__

@@ -90,8 +90,8 @@ def preset_flags(script):
 def training_time(run_dir):
     """Seconds of training (data + selection + step, excluding start-up and k-NN) from metrics.jsonl:
     each record holds the throughput over the steps since the previous one."""
-    config = json.loads((run_dir / "config.json").read_text())["config"]
-    global_batch = config["batch_size"] * config["grad_accum"]
+    info = json.loads((run_dir / "config.json").read_text())
+    global_batch = info["config"]["batch_size"] * info["config"]["grad_accum"] * info.get("processes", 1)
     seconds, last = 0.0, 0
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)

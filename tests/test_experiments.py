@@ -120,12 +120,12 @@ def test_study_on_other_data_passes_the_shipped_presets_so_the_cpu_budget_means_
 
 def test_training_time_reads_throughput_records(tmp_path):
     study = load_module("experiments/study.py", "study_under_test3")
-    (tmp_path / "config.json").write_text(json.dumps({"config": {"batch_size": 32, "grad_accum": 2}}))
-    records = [{"step": 10, "images_per_s": 64.0}, {"step": 10, "epoch": 1, "knn_top1": 5.0},
-               {"step": 15, "images_per_s": 32.0}]
+    (tmp_path / "config.json").write_text(json.dumps({"config": {"batch_size": 32, "grad_accum": 2}, "processes": 3}))
+    records = [{"step": 10, "images_per_s": 192.0}, {"step": 10, "epoch": 1, "knn_top1": 5.0},
+               {"step": 15, "images_per_s": 96.0}]
     (tmp_path / "metrics.jsonl").write_text("\n".join(map(json.dumps, records)))
-    seconds, steps = study.training_time(tmp_path)
-    assert steps == 15 and seconds == pytest.approx(10 * 64 / 64 + 5 * 64 / 32)
+    seconds, steps = study.training_time(tmp_path)  # global batch 32 x 2 x 3 = 192 images per step
+    assert steps == 15 and seconds == pytest.approx(10 * 192 / 192 + 5 * 192 / 96)
 
 
 # ----------------------------------------------------------------------------------- experiments/report.py
@@ -151,7 +151,7 @@ def write_study(folder):
                 stats[f"{kind}_area_hist"] = [2] * 10
             records.append(stats)
         (run / "metrics.jsonl").write_text("\n".join(map(json.dumps, records)) + "\n")
-    (folder / "raw_pixels_knn.json").write_text(json.dumps({"knn_top1": 81.15}))
+    (folder / "raw_pixels_knn.json").write_text(json.dumps({"image_size": 32, "knn": {"20": {"top1": 81.15}}}))
 
 
 def test_report_states_each_verdict_from_the_numbers_and_writes_plots(tmp_path):

@@ -151,6 +151,7 @@ def test_two_process_cpu_ddp_keeps_parameters_identical_across_ranks(tiny_datase
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
     assert [r["step"] for r in records(out)] == [1, 2, 3]  # one writer
+    assert json.loads((out / "config.json").read_text())["processes"] == 2  # the global batch counts both
 
 
 def test_the_no_argument_main_job_runs_to_its_knn_line(tmp_path):

@@ -44,7 +44,7 @@ def main():
         start = time.perf_counter()
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
         print(f"  {time.perf_counter() - start:.0f} s", flush=True)
-        tables.append(f"### {name}\n\n`python bench/bench_{name}.py {' '.join(flags)}`\n\n" + (parts / f"{name}.md").read_text())
+        tables.append(f"### {name}\n\n`{' '.join([f'python bench/bench_{name}.py', *flags])}`\n\n" + (parts / f"{name}.md").read_text())
         summaries[name] = json.loads((parts / f"{name}.json").read_text())
 
     lines = ["# Benchmarks", "", f"Written by `python bench/run_all.py{' --gpu' if args.gpu else ''}` on "

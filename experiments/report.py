@@ -5,7 +5,8 @@
 
 Reads <runs>/runs.jsonl (one line per finished run), the hvp runs' metrics.jsonl (the selection
 statistics every training run logs: selected-pair vs random-pair loss, crop IoU and crop area, with
-histograms) and, when present, <runs>/raw_pixels_knn.json (eval/knn.py --raw_pixels). Writes, next
+histograms) and, when present, <runs>/raw_pixels_knn.json (eval/knn.py --raw_pixels --output ...) and
+PNG grids named grid-*.png in the plots folder (experiments/view_grid.py --output ...). Writes, next
 to the output document, a folder of PNG plots and a copy of runs.jsonl, so the document and the data
 behind it are committed together (the run folders hold checkpoints and stay out of git).
 
@@ -163,9 +164,10 @@ def main():
              "backbone (DINO/iBOT: the teacher); \"best epoch\" is the best test accuracy over epochs and learning "
              "rates (as upstream reports it, optimistic), \"last epoch\" the last epoch's best head.", ""]
     raw = runs_dir / "raw_pixels_knn.json"
-    if raw.exists():
-        lines += [f"Raw-pixel floor (k-NN on normalised pixels, same protocol): "
-                  f"**{json.loads(raw.read_text())['knn_top1']:.2f} %**.", ""]
+    if raw.exists():  # eval/knn.py --raw_pixels output
+        floor = json.loads(raw.read_text())
+        lines += [f"Raw-pixel floor (k-NN on normalised {floor['image_size']} px pixels, k=20, T=0.07): "
+                  f"**{floor['knn']['20']['top1']:.2f} %**.", ""]
 
     lines += ["## Verdicts", ""]
     for m in methods:
@@ -187,7 +189,7 @@ def main():
             if not vr:
                 continue
             cells = [mean_std([r[k] for r in vr if k in r]) for k in METRICS]
-            steps = "/".join(sorted({str(r["steps"]) for r in vr}))
+            steps = "/".join(dict.fromkeys(str(r["steps"]) for r in vr))  # per seed, once if all equal
             lines.append(f"| {m} | {name} | {', '.join(str(r['seed']) for r in vr)} | {steps} | "
                          f"{statistics.mean(r['train_s'] for r in vr):.0f} | " + " | ".join(cells) + " |")
     lines += ["", "Training time: data loading + selection + training steps, from each run's metrics.jsonl "
@@ -207,11 +209,15 @@ def main():
                   "crops; dotted: the area of the L local crops kept vs the first L). Logged by every hvp run on one "
                   "batch every `--log_every` steps.", ""]
         lines += [f"![{p.stem}]({assets.name}/{p.name})" for p in plots] + [""]
-    grids = sorted(assets.glob("grid-*.png"))
+    def grid_order(path):  # grid-<method>[-locals].png, in the study's method order
+        name = path.stem.removeprefix("grid-").removesuffix("-locals")
+        return (methods.index(name) if name in methods else len(methods), name, path.stem.endswith("-locals"))
+    grids = sorted(assets.glob("grid-*.png"), key=grid_order)
     if grids:
-        lines += ["## Example hard views", "", "Written by `experiments/view_grid.py`: each row is one image's "
-                  "candidate views; the selected pair is framed green.", ""]
-        lines += [f"![{p.stem}]({assets.name}/{p.name})" for p in grids] + [""]
+        lines += ["## Example hard views", "", "Written by `experiments/view_grid.py`: each row is one training "
+                  "image's candidate views, the selected ones framed green (DINO/iBOT: global crops, then local "
+                  "crops).", ""]
+        lines += [f"**{p.stem.removeprefix('grid-')}**\n\n![{p.stem}]({assets.name}/{p.name})\n" for p in grids]
     notes = Path(args.notes)
     if notes.exists():
         lines += [notes.read_text().strip(), ""]

@@ -46,7 +46,7 @@ def read_metrics(run_dir):
     return [r for r in map(json.loads, path.read_text().splitlines()) if "hard_score" in r]
 
 
-def verdict(method, rows, baseline, metric):
+def verdict(rows, baseline, metric):
     """One sentence comparing hvp with a baseline variant on one metric, from per-seed pairs."""
     by_seed = {v: {r["seed"]: r[metric] for r in rows if r["variant"] == v and metric in r} for v in ("hvp", baseline)}
     seeds = sorted(set(by_seed["hvp"]) & set(by_seed[baseline]))
@@ -175,7 +175,7 @@ def main():
         lines.append(f"**{m}**")
         for baseline, name in (("plain", "equal epochs"), ("plain_eqc", "equal compute")):
             for metric in ("knn_top1", "linear_top1"):
-                text = verdict(m, mrows, baseline, metric)
+                text = verdict(mrows, baseline, metric)
                 if text:
                     lines.append(f"- Did HVP beat plain at {name} ({METRICS[metric]})? {text}")
         lines.append("")

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import hvp_utils as hvp  # noqa: E402
 
-# checkpoint state keys -> training script
+# training script -> a config field only its checkpoints have (iBOT is tried before DINO: both have out_dim)
 SCRIPTS = {"train_simsiam": "proj_layers", "train_simclr": "temperature", "train_ibot": "patch_out_dim",
            "train_dino": "out_dim"}
 

@@ -16,7 +16,6 @@ once in wall-clock time and once in this process's CPU time (steadier when other
 Inputs are random tensors: the data pipeline is not part of the step.
 """
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -130,11 +129,10 @@ def main():
             if i >= args.warmup:
                 times[name].append(result)
 
-    where = (torch.cuda.get_device_name() if device.type == "cuda"
-             else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
+    where = common.machine(device)
     lines = [f"DINO step time, {args.arch} {cfg.image_size}/{cfg.local_size}px (patch {patch}), batch {args.batch_size}, "
              f"out_dim {cfg.out_dim}, HVP G={G} globals and L_loader={2 * L} locals -> 2 + {L} vs plain 2 + {L}, "
-             f"{args.mixed_precision}, {where}, torch {torch.__version__}, median of {args.steps} interleaved steps"]
+             f"{args.mixed_precision}, {where}, median of {args.steps} interleaved steps"]
     labels, ratios = {"plain": f"plain DINO (2 + {L})"}, {}
     for clock, label in ((0, "wall clock"), (1, "CPU time of this process")):
         med = {k: {part: statistics.median(r[part][clock] for r in v) for part in v[0]} for k, v in times.items()}
@@ -154,7 +152,7 @@ def main():
                          f"{m['step']:.4f} | {m['step'] / base:.2f} | {m['select_forward']:.4f} | {m['score_gather']:.5f} | "
                          f"{100 * m['score_gather'] / m['step']:.2f} % | {m['train']:.4f} |")
     memory_lines, peaks = common.memory_table(kinds, device, labels)
-    summary = {"bench": "dino", "machine": common.machine(device), "args": vars(args),
+    summary = {"bench": "dino", "machine": where, "args": vars(args),
                "step_ratio": ratios, "peak_memory_mib": peaks}
     common.write(args.output, "\n".join(lines + memory_lines), summary)
 

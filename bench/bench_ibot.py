@@ -16,7 +16,6 @@ interleaved after warm-up, so slow drifts of a shared machine hit all alike; the
 medians and the ratio HVP / plain. Inputs are random tensors and block masks of 30 %.
 """
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -150,11 +149,10 @@ def main():
 
     med = {k: {part: statistics.median(r[part] for r in v) for part in v[0]} for k, v in times.items()}
     base = med["plain"]["step"]
-    where = (torch.cuda.get_device_name() if device.type == "cuda"
-             else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
+    where = common.machine(device)
     lines = [f"iBOT step time, {args.arch} {cfg.image_size}/{cfg.local_size}px (patch {patch}), batch {args.batch_size}, "
              f"out_dim = patch_out_dim = {cfg.out_dim}, mask ratio 0.3, HVP G={G} globals and L_loader={2 * L} locals "
-             f"-> 2 + {L} vs plain 2 + {L}, {args.mixed_precision}, {where}, torch {torch.__version__}, "
+             f"-> 2 + {L} vs plain 2 + {L}, {args.mixed_precision}, {where}, "
              f"median of {args.steps} interleaved steps",
              "", "| step | total (s) | / plain | selection forward (s) | scoring + gather (s) | scoring + gather % of step "
              "| train step (s) |", "|---|---|---|---|---|---|---|",
@@ -169,7 +167,7 @@ def main():
         lines.append(f"| {labels[name]} | {m['step']:.4f} | {m['step'] / base:.2f} | {m['select_forward']:.4f} | "
                      f"{m['score_gather']:.5f} | {100 * m['score_gather'] / m['step']:.2f} % | {m['train']:.4f} |")
     memory_lines, peaks = common.memory_table(kinds, device, labels)
-    summary = {"bench": "ibot", "machine": common.machine(device), "args": vars(args),
+    summary = {"bench": "ibot", "machine": where, "args": vars(args),
                "step_ratio": {k: med[k]["step"] / base for k in kinds}, "peak_memory_mib": peaks}
     common.write(args.output, "\n".join(lines + memory_lines), summary)
 

@@ -13,7 +13,6 @@ step (bench it separately).
 """
 import argparse
 import contextlib
-import platform
 import statistics
 import sys
 import time
@@ -100,11 +99,10 @@ def main():
 
     med = {k: {part: statistics.median(r[part] for r in v) for part in v[0]} for k, v in times.items()}
     base = med["plain"]["step"]
-    where = (torch.cuda.get_device_name() if device.type == "cuda"
-             else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
+    where = common.machine(device)
     lines = [f"SimCLR step time, {args.arch} {args.image_size}px{' small stem' if args.small_stem else ''}, batch "
              f"{args.batch_size}, N={args.num_views} vs 2, {args.mixed_precision}"
-             f"{', channels_last' if args.channels_last else ''}, {where}, torch {torch.__version__}, "
+             f"{', channels_last' if args.channels_last else ''}, {where}, "
              f"median of {args.steps} interleaved steps",
              "", "| step | total (s) | / plain | selection forward (s) | scoring + gather (s) | scoring + gather % of step | train step (s) |",
              "|---|---|---|---|---|---|---|",
@@ -119,7 +117,7 @@ def main():
                      f"{m['step'] / base:.2f} | {m['select_forward']:.4f} | {m['score_gather']:.5f} | "
                      f"{100 * m['score_gather'] / m['step']:.2f} % | {m['train']:.4f} |")
     memory_lines, peaks = common.memory_table(kinds, device, labels)
-    summary = {"bench": "simclr", "machine": common.machine(device), "args": vars(args),
+    summary = {"bench": "simclr", "machine": where, "args": vars(args),
                "step_ratio": {k: med[k]["step"] / base for k in kinds}, "peak_memory_mib": peaks}
     common.write(args.output, "\n".join(lines + memory_lines), summary)
 

@@ -21,6 +21,13 @@ class NoAccelerator:
         return contextlib.nullcontext()
 
 
+def float_slack(x, ulps=8):
+    """A few float32 steps at the magnitude of x: the same sum in another order (another CPU kind,
+    another kernel) may differ by that much, so comparisons of equal-in-exact-arithmetic scores
+    allow it."""
+    return ulps * torch.finfo(torch.float32).eps * x.abs()
+
+
 def tiny_cfg(**kw):
     base = dict(arch="vit_tiny", small_stem=True, image_size=16, local_size=8, out_dim=64, hidden_dim=64,
                 bottleneck_dim=32, global_views=4, local_views=4, local_crops_number=2, channels_last=False)
@@ -92,7 +99,7 @@ def test_top_l_local_selection_equals_exhaustive_enumeration_of_tuples(G, L_load
     # the plain tuple (0, 1, first L locals) is a candidate: its loss is the score of random views
     plain = td.dino_loss(student_logits[:, [0, 1, *range(G, G + L)]], teacher_logits[:, :2], center, 0.05, 0.1)
     torch.testing.assert_close(chosen["plain_score"], plain)
-    assert (chosen["score"] >= chosen["plain_score"] - 1e-6).all()
+    assert (chosen["score"] >= chosen["plain_score"] - float_slack(chosen["plain_score"])).all()
     # the teacher outputs handed to the training step are those of the chosen globals
     assert torch.equal(chosen["teacher_logits"], hvp.gather_views(teacher_logits, ref_globals))
 
@@ -106,7 +113,7 @@ def test_limited_selection_picks_the_best_of_the_drawn_tuples():
             torch.zeros(B, L_loader, 3, 8, 8), torch.zeros(K), 0.04, cfg, NoAccelerator())
     limited = td.select_hard_views(*args, generator=torch.Generator().manual_seed(1))
     full = td.select_hard_views(*args[:6], replace(cfg, hvp_limit=0), NoAccelerator())
-    assert (limited["score"] <= full["score"] + 1e-6).all()
+    assert (limited["score"] <= full["score"] + float_slack(full["score"])).all()
     again = td.select_hard_views(*args, generator=torch.Generator().manual_seed(1))
     assert torch.equal(limited["globals"], again["globals"]) and torch.equal(limited["locals"], again["locals"])
 

@@ -41,9 +41,10 @@ def test_every_pinned_requirement_is_locked():
 # them live in DESIGN.md, and nothing may send a reader to a document outside the repository.
 
 DESIGN_NUMBER = re.compile(r"\bD(?:10|[1-9])\b")
-OUTSIDE = [re.escape(p) for p in ("spec" + " B.", "HVP_" + "SPEC", "../" + "shared", "/work" + "/", "project " + "specification")]
-OUTSIDE = re.compile("|".join(OUTSIDE + [r"\bits B\.\d"]))
-# the other developer's rewrite of these files will point their references into DESIGN.md
+# documents outside the repository (spelt in pieces so that this file does not match itself)
+OUTSIDE = re.compile("|".join([re.escape(p) for p in ("spec" + " B.", "HVP_" + "SPEC", "../" + "shared", "/work" + "/",
+                                                      "project " + "specification")] + [r"\bits B\.\d"]))
+# files being rewritten: their references are checked by an xfail test until that lands
 BEING_REWRITTEN = re.compile(r"^(train_\w+|hvp_utils)\.py$")
 
 

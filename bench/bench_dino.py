@@ -7,13 +7,13 @@
 A plain step is: teacher forward on globals 0 and 1, student forward + backward on them and the
 first L locals, per-parameter clipping, AdamW, teacher EMA, centre update. An HVP step is the same,
 preceded by the selection forward (teacher on the G candidate globals, student on all G + L_loader
-views; no grad, train mode), the scoring (cross-entropy table, (even, odd) pairs x top-L locals)
-and the gathers; at full resolution the step reuses the selection's teacher outputs (D3), at
-reduced resolution it re-runs the teacher on the selected full-resolution globals (D6). Plain and
-HVP steps are interleaved (ABC ABC ...) after warm-up, so slow drifts of a shared machine hit all
-alike; the tables report medians and the ratio HVP / plain, with the HVP step split into its parts,
-once in wall-clock time and once in this process's CPU time (steadier when others share the CPU).
-Inputs are random tensors: the data pipeline is not part of the step.
+views; no grad, train mode), the scoring (cross-entropy table, (even, odd) pairs x top-L locals) and
+the gathers; at full resolution the step reuses the selection's teacher outputs (DESIGN.md, D3), at
+reduced resolution it re-runs the teacher on the selected full-resolution globals (DESIGN.md, D6).
+Plain and HVP steps are interleaved (ABC ABC ...) after warm-up, so slow drifts of a shared machine
+hit all alike; the tables report medians and the ratio HVP / plain, with the HVP step split into its
+parts, once in wall-clock time and once in this process's CPU time (steadier when others share the
+CPU). Inputs are random tensors: the data pipeline is not part of the step.
 """
 import argparse
 import statistics

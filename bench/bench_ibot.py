@@ -5,15 +5,16 @@
     python bench/bench_ibot.py --image_size 224 --local_size 96 --batch_size 64 --local_crops_number 10
 
 A plain step is: teacher forward on globals 0 and 1 ([CLS] and patch outputs), student forward on
-them (masked) and the first L locals, the iBOT loss ([CLS] + masked patches), backward, per-parameter
-clipping, AdamW, teacher EMA, both centre updates. An HVP step is the same, preceded by the selection
-forward (teacher on the G unmasked candidate globals, student on the G masked globals and all
-L_loader locals; no grad, train mode), the scoring ([CLS] cross-entropy table + per-global masked-
-patch loss, (even, odd) pairs x top-L locals) and the gathers of views and masks; at full resolution
-the step reuses the selection's teacher outputs (D3), at reduced resolution (masks resized too) it
-re-runs the teacher on the selected full-resolution globals (D6). Plain and HVP steps are
-interleaved after warm-up, so slow drifts of a shared machine hit all alike; the table reports
-medians and the ratio HVP / plain. Inputs are random tensors and block masks of 30 %.
+them (masked) and the first L locals, the iBOT loss ([CLS] + masked patches), backward,
+per-parameter clipping, AdamW, teacher EMA, both centre updates. An HVP step is the same, preceded
+by the selection forward (teacher on the G unmasked candidate globals, student on the G masked
+globals and all L_loader locals; no grad, train mode), the scoring ([CLS] cross-entropy table +
+per-global masked-patch loss, (even, odd) pairs x top-L locals) and the gathers of views and masks;
+at full resolution the step reuses the selection's teacher outputs (DESIGN.md, D3), at reduced
+resolution (masks resized too) it re-runs the teacher on the selected full-resolution globals
+(DESIGN.md, D6). Plain and HVP steps are interleaved after warm-up, so slow drifts of a shared
+machine hit all alike; the table reports medians and the ratio HVP / plain. Inputs are random
+tensors and block masks of 30 %.
 """
 import argparse
 import statistics

@@ -1,14 +1,15 @@
 """Full fine-tuning of a pretrained backbone with a new linear classifier, top-1/top-5 each epoch.
 
-The transfer protocol of the paper's upstream code (spec B.7): AdamW, weight decay 0.05, global
-batch 512, lr x global batch / 256 with a per-step cosine schedule, random-resized-crop (0.08-1) +
-flip training augmentation, resize + centre-crop evaluation at the backbone's resolution (224 px
-for ImageNet backbones: CIFAR is upsampled). ViTs get layer-wise lr decay (--layer_decay, timm's
-BEiT-style grouping; the upstream runs do not record one, 1.0 switches it off). The best top-1
-over epochs is reported as upstream does, and the last epoch too.
+The transfer protocol of the paper's upstream code (DESIGN.md, evaluation protocols): AdamW, weight
+decay 0.05, global batch 512, lr x global batch / 256 with a per-step cosine schedule,
+random-resized-crop (0.08-1) + flip training augmentation, resize + centre-crop evaluation at the
+backbone's resolution (224 px for ImageNet backbones: CIFAR is upsampled). ViTs get layer-wise lr
+decay (--layer_decay, timm's BEiT-style grouping; the upstream runs do not record one, 1.0 switches
+it off). The best top-1 over epochs is reported as upstream does, and the last epoch too.
 
-Per-dataset presets (lr / epochs, spec B.7 table) apply when --dataset is one of the names below
-(or its Hub id) and you do not give the flag yourself; --protocol dino takes the DINO column:
+Per-dataset presets (lr / epochs; the table in DESIGN.md, evaluation protocols) apply when --dataset
+is one of the names below (or its Hub id) and you do not give the flag yourself; --protocol dino
+takes the DINO column:
 
     dataset      Hub id                             SimSiam lr / ep   DINO lr / ep
     cifar10      uoft-cs/cifar10                    7.5e-6 / 300      7.5e-6 / 300

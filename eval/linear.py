@@ -1,12 +1,12 @@
 """Linear probe of a frozen backbone: one linear layer trained on its features, top-1/top-5 each epoch.
 
-Features (spec B.7): ViTs with a class token give the final-norm [CLS] of the last --n_last_blocks
-blocks, concatenated (DINO: 4 for ViT-S), plus the mean of the last block's patch tokens with
---avgpool (iBOT ViT-B: 1 block + avgpool); every other backbone gives its pooled output (ResNet:
-global-average-pooled, projector never part of an export). The backbone is frozen in eval mode;
-the head is initialised N(0, 0.01), trained with random-resized-crop (0.08-1) + flip augmentation
-and a per-step cosine schedule, and the best top-1 over epochs is reported as upstream does (the
-last epoch is reported too).
+Features (DESIGN.md, evaluation protocols): ViTs with a class token give the final-norm [CLS] of the
+last --n_last_blocks blocks, concatenated (DINO: 4 for ViT-S), plus the mean of the last block's
+patch tokens with --avgpool (iBOT ViT-B: 1 block + avgpool); every other backbone gives its pooled
+output (ResNet: global-average-pooled, projector never part of an export). The backbone is frozen in
+eval mode; the head is initialised N(0, 0.01), trained with random-resized-crop (0.08-1) + flip
+augmentation and a per-step cosine schedule, and the best top-1 over epochs is reported as upstream
+does (the last epoch is reported too).
 
 Defaults are the SimSiam ImageNet protocol (LARS, lr 0.1 x batch/256, momentum 0.9, wd 0, 90
 epochs). The DINO protocol: --optimizer sgd --lr 0.001 --epochs 100. Several comma-separated
@@ -64,7 +64,7 @@ class Config:
     head_batchnorm: bool = False  # standardise features (BatchNorm, no affine) before the head, as MoCo v3 / MAE probes: one lr grid then fits backbones of any feature scale
     epochs: int = 90  # passes over the train split
     batch_size: int = 256  # images per process per step
-    crop_scale: tuple = (0.08, 1.0)  # random-resized-crop area range of the training augmentation (spec: 0.08-1)
+    crop_scale: tuple = (0.08, 1.0)  # random-resized-crop area range of the training augmentation (reference protocols: 0.08-1)
     cache_views: int = 0  # 0 = backbone forward on fresh augmentations every epoch; K > 0 = extract K augmented copies once
     seed: int = 0  # augmentation and head initialisation seed
     num_workers: int = 2  # data loader workers per process

@@ -1,10 +1,10 @@
 """The paper's transfer table for one backbone: linear probe and fine-tuning on a list of datasets.
 
 For every dataset, eval/linear.py and eval/finetune.py run in this process, one after the other,
-with the dataset's preset (eval/finetune.py --help lists the table: Hub id, columns, splits, and
-the SimSiam or DINO lr / epochs of spec B.7; linear probes use the ImageNet linear protocol, as
-upstream). Results go to a Markdown table and a JSON file; a dataset that fails is reported in the
-table with its one-line error and the others still run.
+with the dataset's preset (eval/finetune.py --help lists the table: Hub id, columns, splits, and the
+SimSiam or DINO lr / epochs of DESIGN.md, evaluation protocols; linear probes use the ImageNet
+linear protocol, as upstream). Results go to a Markdown table and a JSON file; a dataset that fails
+is reported in the table with its one-line error and the others still run.
 
     python eval/transfer.py --backbone outputs/simsiam --datasets cifar10,cifar100,flowers102,food101
     python eval/transfer.py --backbone outputs/dino --checkpoint_key teacher --protocol dino --evals linear

@@ -1,14 +1,24 @@
 """Turn a study (experiments/study.py) into experiments/RESULTS.md and its plots.
 
-    python experiments/report.py                       # reads experiments/runs, writes experiments/RESULTS.md
+    python experiments/report.py                                   # from a study in experiments/runs
+    python experiments/report.py --runs experiments/results_files  # rebuild RESULTS.md from the shipped copies
     python experiments/report.py --runs experiments/full --output experiments/RESULTS_full.md
 
-Reads <runs>/runs.jsonl (one line per finished run), the hvp runs' metrics.jsonl (the selection
-statistics every training run logs: selected-pair vs random-pair loss, crop IoU and crop area, with
-histograms) and, when present, <runs>/raw_pixels_knn.json (eval/knn.py --raw_pixels --output ...) and
-PNG grids named grid-*.png in the plots folder (experiments/view_grid.py --output ...). Writes, next
-to the output document, a folder of PNG plots and a copy of runs.jsonl, so the document and the data
-behind it are committed together (the run folders hold checkpoints and stay out of git).
+Inputs, all in the --runs folder (a study's --out folder, or the folder of copies a previous report
+wrote next to its document, e.g. experiments/results_files):
+
+    runs.jsonl            one line per finished run (required)
+    raw_pixels_knn.json   the raw-pixel k-NN floor (eval/knn.py --raw_pixels --output ...)
+    <method>/hvp-seed*/metrics.jsonl   the selection statistics every hvp run logs (selected vs random
+                          pair: loss, crop IoU and area, with histograms), or their copy selection.jsonl
+    grid-*.png            example hard views (experiments/view_grid.py --output ...)
+    the two selection plots, reused as they are only when the statistics behind them are absent
+
+The document goes to --output; next to it, in <output stem>_files/, go the plots and a copy of every
+input above, so that folder alone rebuilds the same document (the run folders hold checkpoints and stay
+out of git). The document is a function of its inputs only: no date, machine or path of the build in it.
+An input that is missing is never skipped silently: each one is named, with what it would take to
+supply it, on stderr and in a section of the document, and the rest is still written.
 
 Every verdict in the document is computed here from the numbers: "HVP beat the baseline" means its
 mean over seeds is higher; the document also gives the per-seed differences and whether the gap is
@@ -16,11 +26,9 @@ larger than the seeds' spread, so a reader can judge a 0.1-point "win" for what 
 """
 import argparse
 import json
-import platform
 import shutil
 import statistics
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,6 +37,10 @@ import hvp_utils as hvp  # noqa: E402
 
 VARIANTS = {"hvp": "HVP", "plain": "plain, equal epochs", "plain_eqc": "plain, equal compute"}
 METRICS = {"knn_top1": "k-NN top-1", "linear_top1": "linear top-1 (best epoch)", "linear_top1_final": "linear top-1 (last epoch)"}
+PLOTS = ("selection_over_training.png", "iou_area_distributions.png")
+SELECTION_FILE = "selection.jsonl"  # the selection statistics of the hvp runs, copied out of their metrics.jsonl
+RAW_PIXELS_FILE = "raw_pixels_knn.json"
+MULTICROP = ("dino", "ibot")  # methods whose grids come in two parts (global crops, then local crops)
 
 
 def mean_std(values):
@@ -40,10 +52,38 @@ def mean_std(values):
 
 
 def read_metrics(run_dir):
+    """The selection records of one run's metrics.jsonl: step, epoch and every hard_*/random_* value."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    return [r for r in map(json.loads, path.read_text().splitlines()) if "hard_score" in r]
+    return [{k: v for k, v in r.items() if k in ("step", "epoch") or k.startswith(("hard_", "random_"))}
+            for r in map(json.loads, path.read_text().splitlines()) if "hard_score" in r]
+
+
+def load_selection(runs_dir, methods):
+    """Selection records per method, {method: [(run name, [records])]}: from the hvp run folders'
+    metrics.jsonl where a method has them, else from the selection.jsonl copy in runs_dir."""
+    copied = {}
+    if (runs_dir / SELECTION_FILE).exists():
+        for line in (runs_dir / SELECTION_FILE).read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                method, run = r.pop("method"), r.pop("run")
+                copied.setdefault(method, {}).setdefault(run, []).append(r)
+    records = {}
+    for m in methods:
+        runs = [(d.name, read_metrics(d)) for d in sorted((runs_dir / m).glob("hvp-seed*"))]
+        runs = [(name, recs) for name, recs in runs if recs] or list(copied.get(m, {}).items())
+        if runs:
+            records[m] = runs
+    return records
+
+
+def write_selection(records, path):
+    """The selection records as one small file (one line per record), so the plots can be redrawn
+    without the run folders."""
+    lines = [json.dumps({"method": m, "run": name, **r}) for m, runs in records.items() for name, recs in runs for r in recs]
+    path.write_text("\n".join(lines) + "\n")
 
 
 def verdict(rows, baseline, metric):
@@ -63,18 +103,16 @@ def verdict(rows, baseline, metric):
             f"(per seed: {', '.join(f'{d:+.2f}' for d in diffs)}; HVP higher in {wins}/{len(seeds)}){noise}")
 
 
-def plot_selection(runs_dir, methods, out_dir):
-    """Selection statistics of the hvp runs over training, and IoU/area distributions by phase."""
+def plot_selection(records, out_dir):
+    """Selection statistics of the hvp runs over training, and IoU/area distributions by phase.
+    records: {method: [(run name, [records])]} as load_selection gives. Returns the PNG paths."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    records = {m: [read_metrics(d) for d in sorted((runs_dir / m).glob("hvp-seed*"))] for m in methods}
-    records = {m: [r for r in runs if r] for m, runs in records.items()}
-    methods = [m for m in methods if records[m]]
-    if not methods:
-        return []
+    methods = list(records)
+    records = {m: [recs for _, recs in runs] for m, runs in records.items()}
     written = []
 
     # 1. means over training: loss gap, IoU, area (hard vs random), mean over seeds
@@ -103,7 +141,7 @@ def plot_selection(runs_dir, methods, out_dir):
     axes[1, 0].legend(loc="lower left", fontsize=8)
     fig.suptitle(f"Hard-view selection over training (mean of {len(records[methods[0]])} seeds per method)")
     fig.tight_layout()
-    path = out_dir / "selection_over_training.png"
+    path = out_dir / PLOTS[0]
     fig.savefig(path, dpi=110)
     plt.close(fig)
     written.append(path)
@@ -134,7 +172,7 @@ def plot_selection(runs_dir, methods, out_dir):
     axes[0, 0].legend(fontsize=7)
     fig.suptitle("Selected pair (solid) vs random pair (dashed), by third of training (all seeds)")
     fig.tight_layout()
-    path = out_dir / "iou_area_distributions.png"
+    path = out_dir / PLOTS[1]
     fig.savefig(path, dpi=110)
     plt.close(fig)
     written.append(path)
@@ -143,46 +181,64 @@ def plot_selection(runs_dir, methods, out_dir):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", default="experiments/runs", help="the study's --out folder")
-    parser.add_argument("--output", default="experiments/RESULTS.md")
-    parser.add_argument("--notes", default="experiments/notes.md",
-                        help="Markdown inserted after the tables (setup, timings, discussion), if it exists")
+    parser.add_argument("--runs", default="", help="the study's --out folder, or a folder of copies written by an "
+                        "earlier report (default: experiments/runs)")
+    parser.add_argument("--output", default="", help="the document (default: experiments/RESULTS.md)")
+    parser.add_argument("--notes", default="", help="Markdown inserted after the tables (setup, timings, "
+                        "discussion; default: experiments/notes.md)")
     args = parser.parse_args()
-    runs_dir, output = Path(args.runs), Path(args.output)
+    runs_dir = Path(args.runs) if args.runs else ROOT / "experiments" / "runs"
+    output = Path(args.output) if args.output else ROOT / "experiments" / "RESULTS.md"
+    notes = Path(args.notes) if args.notes else ROOT / "experiments" / "notes.md"
     if not (runs_dir / "runs.jsonl").exists():
-        raise hvp.HVPError(f"{runs_dir / 'runs.jsonl'} not found: run experiments/study.py --out {runs_dir} first")
+        raise hvp.HVPError(f"{runs_dir / 'runs.jsonl'} not found: run experiments/study.py --out {runs_dir} first, "
+                           "or rebuild from the shipped results with --runs experiments/results_files")
     rows = [json.loads(line) for line in (runs_dir / "runs.jsonl").read_text().splitlines() if line.strip()]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     assets = output.parent / (output.stem.lower() + "_files")
     assets.mkdir(parents=True, exist_ok=True)
-    shutil.copy(runs_dir / "runs.jsonl", assets / "runs.jsonl")
+    missing = []  # (label, what this build left out or did not redraw, what would supply it; {runs} = the runs folder)
 
+    def copy_in(source):
+        """An input file from the runs folder, copied next to the document (unless it is that file)."""
+        target = assets / source.name
+        if not (target.exists() and target.samefile(source)):
+            shutil.copyfile(source, target)
+        return target
+
+    copy_in(runs_dir / "runs.jsonl")
     lines = [f"# {output.stem}: hard-view pretraining vs plain pretraining", "",
-             f"Generated by `python experiments/report.py --runs {args.runs} --output {args.output}` from "
-             f"[{assets.name}/runs.jsonl]({assets.name}/runs.jsonl) ({len(rows)} runs). Accuracies are % on the "
-             "test split, mean ± std over seeds. k-NN: k=20, T=0.07. Linear: eval/linear.py on the exported "
+             f"Generated by `experiments/report.py` from [{assets.name}/runs.jsonl]({assets.name}/runs.jsonl) "
+             f"({len(rows)} runs); `python experiments/report.py --runs experiments/{assets.name} --output "
+             f"experiments/{output.name}` rebuilds this document from the copies in `{assets.name}/`. Accuracies are "
+             "% on the test split, mean ± std over seeds. k-NN: k=20, T=0.07. Linear: eval/linear.py on the exported "
              "backbone (DINO/iBOT: the teacher); \"best epoch\" is the best test accuracy over epochs and learning "
              "rates (as upstream reports it, optimistic), \"last epoch\" the last epoch's best head.", ""]
-    raw = runs_dir / "raw_pixels_knn.json"
+    raw = runs_dir / RAW_PIXELS_FILE
     if raw.exists():  # eval/knn.py --raw_pixels output
-        floor = json.loads(raw.read_text())
+        floor = json.loads(copy_in(raw).read_text())
         lines += [f"Raw-pixel floor (k-NN on normalised {floor['image_size']} px pixels, k=20, T=0.07): "
                   f"**{floor['knn']['20']['top1']:.2f} %**.", ""]
+    else:
+        missing.append(("Left out", "the raw-pixel k-NN floor", f"Needs `{{runs}}/{RAW_PIXELS_FILE}`, written by "
+                        f"`python eval/knn.py --raw_pixels --image_size <the runs' image size> --output "
+                        f"{{runs}}/{RAW_PIXELS_FILE}`"))
+    body = []
 
-    lines += ["## Verdicts", ""]
+    body += ["## Verdicts", ""]
     for m in methods:
         mrows = [r for r in rows if r["method"] == m]
-        lines.append(f"**{m}**")
+        body.append(f"**{m}**")
         for baseline, name in (("plain", "equal epochs"), ("plain_eqc", "equal compute")):
             for metric in ("knn_top1", "linear_top1"):
                 text = verdict(mrows, baseline, metric)
                 if text:
-                    lines.append(f"- Did HVP beat plain at {name} ({METRICS[metric]})? {text}")
-        lines.append("")
+                    body.append(f"- Did HVP beat plain at {name} ({METRICS[metric]})? {text}")
+        body.append("")
 
-    lines += ["## Numbers", "",
-              "| method | variant | seeds | steps | training time (s) | k-NN top-1 | linear top-1 (best) | linear top-1 (last) |",
-              "|---|---|---|---|---|---|---|---|"]
+    body += ["## Numbers", "",
+             "| method | variant | seeds | steps | training time (s) | k-NN top-1 | linear top-1 (best) | linear top-1 (last) |",
+             "|---|---|---|---|---|---|---|---|"]
     for m in methods:
         for v, name in VARIANTS.items():
             vr = sorted((r for r in rows if r["method"] == m and r["variant"] == v), key=lambda r: r["seed"])
@@ -190,42 +246,87 @@ def main():
                 continue
             cells = [mean_std([r[k] for r in vr if k in r]) for k in METRICS]
             steps = "/".join(dict.fromkeys(str(r["steps"]) for r in vr))  # per seed, once if all equal
-            lines.append(f"| {m} | {name} | {', '.join(str(r['seed']) for r in vr)} | {steps} | "
-                         f"{statistics.mean(r['train_s'] for r in vr):.0f} | " + " | ".join(cells) + " |")
-    lines += ["", "Training time: data loading + selection + training steps, from each run's metrics.jsonl "
-              "(start-up and evaluation excluded). Equal compute: the plain run gets the hvp run's steps × "
-              "(hvp time / plain time) of the same seed.", ""]
-    lines += ["Flags per method (the scripts' presets for the shipped dataset fill in the rest):", ""]
+            body.append(f"| {m} | {name} | {', '.join(str(r['seed']) for r in vr)} | {steps} | "
+                        f"{statistics.mean(r['train_s'] for r in vr):.0f} | " + " | ".join(cells) + " |")
+    body += ["", "Training time: data loading + selection + training steps, from each run's metrics.jsonl "
+             "(start-up and evaluation excluded). Equal compute: the plain run gets the hvp run's steps × "
+             "(hvp time / plain time) of the same seed.", ""]
+    body += ["Flags per method (the scripts' presets for the shipped dataset fill in the rest):", ""]
     for m in methods:
-        flags = next(r["flags"] for r in rows if r["method"] == m and r["variant"] == "hvp")
-        lines.append(f"- {m}: `{flags}`")
-    lines.append("")
+        flags = next((r["flags"] for r in rows if r["method"] == m and r["variant"] == "hvp"), None)
+        if flags is not None:
+            body.append(f"- {m}: `{flags}`")
+    body.append("")
 
-    plots = plot_selection(runs_dir, methods, assets)
+    # Selection plots: redrawn from the runs' statistics (or their copy); without any, the PNGs of an
+    # earlier build found in the runs folder are shown as they are, and the document says so.
+    hvp_methods = [m for m in methods if any(r["method"] == m and r["variant"] == "hvp" for r in rows)]
+    records = load_selection(runs_dir, hvp_methods)
+    statistics_needed = (f"the hvp runs' selection statistics: their `{{runs}}/<method>/hvp-seed*/metrics.jsonl`, or "
+                         f"`{{runs}}/{SELECTION_FILE}`, the copy of them that a report writes next to its document")
+    plots, reused = [], False
+    if records:
+        write_selection(records, assets / SELECTION_FILE)
+        plots = plot_selection(records, assets)
+        absent = [m for m in hvp_methods if m not in records]
+        if absent:
+            missing.append(("Left out", f"{', '.join(absent)} in the selection plots", "Needs " + statistics_needed))
+    else:
+        plots = [copy_in(runs_dir / name) for name in PLOTS if (runs_dir / name).exists()]
+        reused = bool(plots)
+        if reused:
+            missing.append(("Not redrawn", "the two selection plots", "The PNGs shown are the ones found in the runs "
+                            "folder, drawn by an earlier build and reused as they are. Redrawing them needs "
+                            + statistics_needed))
+        elif hvp_methods:
+            missing.append(("Left out", "the selection plots (section \"What the selection picks\")",
+                            "Needs " + statistics_needed))
     if plots:
-        lines += ["## What the selection picks", "",
-                  "The paper's analysis (its B.3): the selected pair's loss vs the random pair (0, 1) that plain "
-                  "training would have used, and the crop IoU and area of both pairs (DINO/iBOT: the two global "
-                  "crops; dotted: the area of the L local crops kept vs the first L). Logged by every hvp run on one "
-                  "batch every `--log_every` steps.", ""]
-        lines += [f"![{p.stem}]({assets.name}/{p.name})" for p in plots] + [""]
+        body += ["## What the selection picks", "",
+                 "The paper's analysis of what hard-view selection picks: the selected pair's loss vs the random pair "
+                 "(0, 1) that plain training would have used, and the crop IoU and area of both pairs (DINO/iBOT: the "
+                 "two global crops; dotted: the area of the L local crops kept vs the first L). Logged by every hvp "
+                 "run on one batch every `--log_every` steps.", ""]
+        if reused:
+            body += ["_Not redrawn by this build: the per-step statistics behind these plots are not among its inputs "
+                     "(see \"Inputs missing from this build\" above)._", ""]
+        body += [f"![{p.stem}]({assets.name}/{p.name})" for p in plots] + [""]
+
+    # Example grids: inputs made by experiments/view_grid.py, in the runs folder or already next to the document.
+    found = {p.name: p for p in assets.glob("grid-*.png")}
+    found.update({p.name: p for p in runs_dir.glob("grid-*.png")})
+    grids = [copy_in(p) for p in found.values()]
+
     def grid_order(path):  # grid-<method>[-locals].png, in the study's method order
         name = path.stem.removeprefix("grid-").removesuffix("-locals")
         return (methods.index(name) if name in methods else len(methods), name, path.stem.endswith("-locals"))
-    grids = sorted(assets.glob("grid-*.png"), key=grid_order)
+    grids.sort(key=grid_order)
+    for m in hvp_methods:
+        if f"grid-{m}.png" not in found:
+            missing.append(("Left out", f"the example hard views of {m}", f"Needs `{{runs}}/grid-{m}.png`, written by "
+                            f"`python experiments/view_grid.py --run {{runs}}/{m}/hvp-seed0 --zoom 3 --output "
+                            f"{{runs}}/grid-{m}.png` from that run's checkpoint"))
     if grids:
-        lines += ["## Example hard views", "", "Written by `experiments/view_grid.py`: each row is one training "
-                  "image's candidate views, the selected ones framed green (DINO/iBOT: global crops, then local "
-                  "crops).", ""]
-        lines += [f"**{p.stem.removeprefix('grid-')}**\n\n![{p.stem}]({assets.name}/{p.name})\n" for p in grids]
-    notes = Path(args.notes)
+        body += ["## Example hard views", "", "Written by `experiments/view_grid.py`: each row is one training "
+                 "image's candidate views, the selected ones framed green (DINO/iBOT: global crops, then local "
+                 "crops).", ""]
+        body += [f"**{p.stem.removeprefix('grid-')}**\n\n![{p.stem}]({assets.name}/{p.name})\n" for p in grids]
     if notes.exists():
-        lines += [notes.read_text().strip(), ""]
-    import torch
-    lines += [f"_Report written on: {platform.platform()}, {platform.processor() or platform.machine()}, "
-              f"{torch.get_num_threads()} torch threads; Python {platform.python_version()}, torch {torch.__version__}._", ""]
-    output.write_text("\n".join(lines))
-    print(f"wrote {output} and {assets}/")
+        body += [notes.read_text().strip(), ""]
+    else:
+        missing.append(("Left out", "the setup and discussion section",
+                        f"Needs the notes file `{args.notes or 'experiments/notes.md'}`"))
+
+    if missing:
+        lines += ["## Inputs missing from this build", "",
+                  "This document was built without some of its inputs. What is left out, and what would supply it:", ""]
+        lines += [f"- **{label}: {what}.** {needs.format(runs='<runs folder>')}." for label, what, needs in missing] + [""]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text("\n".join(lines + body))
+    for label, what, needs in missing:
+        print(f"warning: {label.lower()}: {what}. {needs.format(runs=runs_dir)}.", file=sys.stderr)
+    print(f"wrote {output} and {assets}/" + (f" ({len(missing)} input(s) missing: listed above and in the document's "
+                                             "section \"Inputs missing from this build\")" if missing else ""))
 
 
 if __name__ == "__main__":

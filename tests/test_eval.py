@@ -207,7 +207,7 @@ def test_transfer_writes_a_markdown_table_and_keeps_going_after_a_bad_dataset(co
     assert json.loads((backbone / "transfer.json").read_text())["results"][str(colour_dataset)]["linear"]["best_top1"] >= 0
 
 
-def test_transfer_presets_follow_the_spec_table():
+def test_transfer_presets_follow_the_table_in_design_md():
     assert finetune.transfer_preset("cifar10")["lr"] == 7.5e-6 and finetune.transfer_preset("cifar10")["epochs"] == 300
     assert finetune.transfer_preset("uoft-cs/cifar100")["label_column"] == "fine_label"
     assert finetune.transfer_preset("flowers102", "dino")["lr"] == 5e-5

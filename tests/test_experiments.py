@@ -1,6 +1,7 @@
 """experiments/ (study, report, view grid) and the benchmarks' shared measurement code."""
 import importlib.util
 import json
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -166,6 +167,81 @@ def test_report_states_each_verdict_from_the_numbers_and_writes_plots(tmp_path):
         with Image.open(files / name) as image:
             assert image.format == "PNG" and image.width > 200
     assert (files / "runs.jsonl").read_text() == (tmp_path / "runs.jsonl").read_text()
+
+
+SHIPPED_RESULTS = REPO / "experiments" / "results_files"
+
+
+def folder_bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file()}
+
+
+def markdown_links(text):
+    return re.findall(r"\]\(([^)]+)\)", text)
+
+
+def test_report_rebuilds_the_committed_results_from_the_shipped_folder(tmp_path):
+    shipped = folder_bytes(SHIPPED_RESULTS)
+    out = tmp_path / "RESULTS.md"
+    result = run_script(["experiments/report.py", "--runs", SHIPPED_RESULTS, "--output", out])
+    text = out.read_text()
+    assert text == (REPO / "experiments" / "RESULTS.md").read_text()
+    assert folder_bytes(SHIPPED_RESULTS) == shipped  # the shipped folder is only read
+    # every shipped input ends up next to the rebuilt document, unchanged, and every link resolves
+    assert folder_bytes(tmp_path / "results_files") == shipped
+    for link in markdown_links(text):
+        assert (tmp_path / link).is_file(), link
+    # what the shipped folder cannot give is said, on stderr and in the document: here only that the
+    # selection plots are shown as drawn by the study's own report (its per-step metrics are not shipped)
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: not redrawn: the two selection plots.")
+    assert "selection.jsonl" in warnings[0] and str(SHIPPED_RESULTS) in warnings[0]
+    assert "- **Not redrawn: the two selection plots.**" in text and "Raw-pixel floor" in text
+    assert "1 input(s) missing" in result.stdout
+
+
+def test_report_names_every_missing_input_and_still_writes_the_rest(tmp_path):
+    runs = tmp_path / "shipped"
+    runs.mkdir()
+    for name, data in folder_bytes(SHIPPED_RESULTS).items():
+        if name not in ("raw_pixels_knn.json", "selection_over_training.png", "iou_area_distributions.png",
+                        "grid-ibot.png", "grid-ibot-locals.png"):
+            (runs / name).write_bytes(data)
+    out = tmp_path / "doc" / "RESULTS.md"
+    result = run_script(["experiments/report.py", "--runs", runs, "--output", out, "--notes", tmp_path / "none.md"])
+    text = out.read_text()
+    left_out = ["the raw-pixel k-NN floor", "the selection plots", "the example hard views of ibot",
+                "the setup and discussion section"]
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == len(left_out), result.stderr
+    for what, warning in zip(left_out, warnings):
+        assert warning.startswith(f"warning: left out: {what}")
+        assert f"- **Left out: {what}" in text
+    assert str(runs / "raw_pixels_knn.json") in warnings[0] and str(runs / "grid-ibot.png") in warnings[2]
+    assert "eval/knn.py --raw_pixels" in warnings[0] and "experiments/view_grid.py" in warnings[2]
+    assert "Raw-pixel floor (" not in text and "## What the selection picks" not in text
+    assert "![grid-ibot" not in text
+    assert "## Verdicts" in text and "grid-dino-locals.png" in text  # everything else is still there
+    assert "4 input(s) missing" in result.stdout
+
+
+def test_a_report_copies_the_selection_statistics_so_its_folder_alone_redraws_the_plots(tmp_path):
+    (tmp_path / "study").mkdir()
+    write_study(tmp_path / "study")
+    Image.new("RGB", (40, 20)).save(tmp_path / "study" / "grid-simsiam.png")
+    first, second = tmp_path / "a" / "RESULTS.md", tmp_path / "b" / "RESULTS.md"
+    notes = tmp_path / "notes.md"
+    notes.write_text("## Setup\n\nnotes")
+    run_script(["experiments/report.py", "--runs", tmp_path / "study", "--output", first, "--notes", notes])
+    copies = first.parent / "results_files"
+    assert {"runs.jsonl", "raw_pixels_knn.json", "selection.jsonl", "grid-simsiam.png"} <= set(folder_bytes(copies))
+    result = run_script(["experiments/report.py", "--runs", copies, "--output", second, "--notes", notes])
+    assert "warning:" not in result.stderr and "missing" not in result.stdout
+    assert second.read_text() == first.read_text() and "Inputs missing" not in first.read_text()
+    assert (second.parent / "results_files" / "selection.jsonl").read_text() == (copies / "selection.jsonl").read_text()
+    for name in ("selection_over_training.png", "iou_area_distributions.png"):
+        with Image.open(second.parent / "results_files" / name) as image:  # redrawn, not copied
+            assert image.format == "PNG" and image.width > 200
 
 
 def test_report_without_a_study_is_a_one_line_error(tmp_path):

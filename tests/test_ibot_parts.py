@@ -120,7 +120,7 @@ def test_masks_are_drawn_per_global_view_in_the_transform():
     assert out["globals"].shape == (4, 3, 16, 16) and out["locals"].shape == (3, 3, 8, 8)
     again = transform(image, torch.Generator().manual_seed(0))
     assert all(torch.equal(out[k], again[k]) for k in out)
-    # the globals alternate DINO's two transforms (D5), not the reference iBOT's "view 0 only"
+    # the globals alternate DINO's two transforms (DESIGN.md, D5), not the reference iBOT's "view 0 only"
     assert [r.blur_p for r in transform.multicrop.groups["globals"]] == [1.0, 0.1, 1.0, 0.1]
 
 
@@ -170,7 +170,7 @@ def test_selection_equals_exhaustive_enumeration_of_tuples(G, L_loader, L, lambd
     plain_student = (student_out[0][:, [0, 1, *range(G, G + L)]], student_out[1][:, :2])
     plain = ti.ibot_loss(plain_student, (teacher_out[0][:, :2], teacher_out[1][:, :2]), masks[:, :2], centers, temps, cfg)[0]
     torch.testing.assert_close(chosen["plain_score"], plain)
-    # teacher outputs for the step are those of the chosen globals (D3)
+    # teacher outputs for the step are those of the chosen globals (DESIGN.md, D3)
     assert torch.equal(chosen["teacher_out"][0], hvp.gather_views(teacher_out[0], ref_globals))
     assert torch.equal(chosen["teacher_out"][1], hvp.gather_views(teacher_out[1], ref_globals))
 

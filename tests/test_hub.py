@@ -1,14 +1,18 @@
 """Hugging Face Hub push and load, end to end against a local Hub (tests/hub_server.py).
 
 Everything that talks to the Hub runs in a fresh subprocess whose environment points
-`huggingface_hub` at the local server before it is imported (HF_ENDPOINT, HF_HUB_OFFLINE=0) and
-gives it a private cache (HF_HOME) and a dummy token (HF_TOKEN). The real `huggingface_hub` and timm
-code then runs over HTTP both ways; nothing leaves 127.0.0.1.
+`huggingface_hub` at the local server before it is imported (HF_ENDPOINT, HF_HUB_OFFLINE=0,
+HF_HUB_DISABLE_XET=1 from conftest.py, so that model.safetensors goes the Git LFS way) and gives it a
+private cache (HF_HOME) and a dummy token (HF_TOKEN). The real `huggingface_hub` and timm code then
+runs over HTTP both ways; nothing leaves 127.0.0.1.
 """
+import hashlib
 import json
 import re
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 
 import pytest
 import torch
@@ -51,6 +55,20 @@ def ok(result):
 
 def files_containing(folder, needle):
     return [p for p in folder.rglob("*") if p.is_file() and needle.encode() in p.read_bytes()]
+
+
+def stored_anywhere(hub, needle):
+    """True if any git object or LFS object the server holds contains `needle`."""
+    return any(needle.encode() in content for content in [*hub.blobs.values(), *hub.lfs.values()])
+
+
+def upload_modes(hub, repo, branch="main"):
+    """How the files came in the commits to a branch: {path: {"lfs" and/or "regular"}}."""
+    modes = {}
+    for entry in hub.commit_log:
+        if entry["repo"] == repo and entry["branch"] == branch:
+            modes.setdefault(entry["path"], set()).add(entry["mode"])
+    return modes
 
 
 LOAD_IN_A_FRESH_PROCESS = r"""
@@ -99,13 +117,19 @@ def test_a_pushed_backbone_loads_in_a_fresh_process_with_timm_and_gives_identica
     assert "last-checkpoint/state.safetensors" in facts["state_files"]
     assert facts["card_library"] == "timm" and "hard-view-pretraining" in facts["card_tags"]
     assert sorted(p.name for p in out.iterdir() if p.name.startswith((".hub-push", "hub_upload"))) == []
+    # weights and training state went the Git LFS way, config and card as regular files
+    assert upload_modes(hub, repo) == {"config.json": {"regular"}, "README.md": {"regular"},
+                                       "model.safetensors": {"lfs"}}
+    assert upload_modes(hub, repo, "training-state")["last-checkpoint/state.safetensors"] == {"lfs"}
+    assert hub.file(repo, "model.safetensors") == (out / "backbone" / "model.safetensors").read_bytes()
 
-    # the token authenticated the pushes and appears nowhere else
+    # the token authenticated the pushes and appears nowhere else, not even on the storage host
     assert hub.tokens_seen == {TOKEN}
+    assert hub.storage_requests and not any(had_token for _, _, had_token in hub.storage_requests)
     assert files_containing(out, TOKEN) == []
     for text in (trained.stdout, trained.stderr, loaded.stdout, loaded.stderr):
         assert TOKEN not in text
-    assert not any(TOKEN.encode() in blob for blob in hub.blobs.values())
+    assert not stored_anywhere(hub, TOKEN)
 
 
 def test_the_model_card_has_hub_metadata_settings_results_and_a_usage_snippet(hub, tiny_dataset, tmp_path):
@@ -127,6 +151,114 @@ def test_the_model_card_has_hub_metadata_settings_results_and_a_usage_snippet(hu
     assert 'hvp_utils.load_backbone("hf-hub:me/tiny")' in ModelCard(small).text
 
 
+TRAINING_DATA_CONFIG = {"input_size": (3, 32, 32), "interpolation": "bicubic", "crop_pct": 0.875,
+                        "mean": hvp.IMAGENET_MEAN, "std": hvp.IMAGENET_STD}  # what the training scripts export
+
+PUSH_THE_SAME_EXPORT_TWICE = r"""
+import sys
+import hvp_utils as hvp
+for step in (1, 2):
+    pusher = hvp.HubPusher("hvp-tester/lfs", "SimSiam", {"arch": "test_resnet", "image_size": 32}, sys.argv[1], retries=1)
+    pusher.push(sys.argv[2], step=step)
+    print("pushed:", pusher.close())
+"""
+
+DOWNLOAD_IN_A_FRESH_PROCESS = r"""
+import json, sys
+from pathlib import Path
+import torch
+from huggingface_hub import hf_hub_download
+import hvp_utils as hvp
+repo, local = sys.argv[1], sys.argv[2]
+weights = Path(hf_hub_download(repo, "model.safetensors"))
+x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+with torch.no_grad():
+    same = torch.equal(hvp.load_backbone(f"hf-hub:{repo}")[0].eval()(x), hvp.load_backbone(local)[0].eval()(x))
+print(json.dumps({"bytes": weights.read_bytes() == (Path(local) / "model.safetensors").read_bytes(),
+                  "cache_blob": weights.resolve().name, "features_equal": same}))
+"""
+
+
+def test_the_weights_go_through_git_lfs_and_a_fresh_download_gives_identical_weights(hub, tmp_path):
+    export = hvp.export_backbone(hvp.create_backbone("test_resnet", 32), tmp_path / "backbone", TRAINING_DATA_CONFIG,
+                                 "hvp_simsiam")
+    weights = (export / "model.safetensors").read_bytes()
+    sha = hashlib.sha256(weights).hexdigest()
+    result = ok(run_with_hub(["-c", PUSH_THE_SAME_EXPORT_TWICE, tmp_path, export], hub.url, tmp_path / "hf-push"))
+    assert result.stdout.count("pushed: True") == 2
+    repo = "hvp-tester/lfs"
+
+    # preupload said "lfs" for the weights: LFS batch request, upload of exactly these bytes to the storage
+    # host (the server checks size and sha256), verify, then a commit that names the object (lfsFile)
+    paths = [path for _, path, _ in hub.requests]
+    batch, verify = f"/{repo}.git/info/lfs/objects/batch", f"/{repo}.git/info/lfs/objects/verify"
+    assert paths.index(f"/api/models/{repo}/preupload/main") < paths.index(batch) < paths.index(verify) \
+        < paths.index(f"/api/models/{repo}/commit/main")
+    assert upload_modes(hub, repo) == {"config.json": {"regular"}, "README.md": {"regular"}, "model.safetensors": {"lfs"}}
+    assert [(m, p) for m, p, _ in hub.storage_requests] == [("PUT", f"/lfs-upload/{sha}")], \
+        "uploaded once: the second push found the object stored and the file unchanged"
+    assert hub.commits(repo) == ["HVP SimSiam: backbone at step 2", "HVP SimSiam: backbone at step 1", "initial commit"]
+    assert hub.stored_in_lfs(repo, "model.safetensors") and not hub.stored_in_lfs(repo, "config.json")
+    assert hub.lfs[sha] == weights and hub.file(repo, "model.safetensors") == weights
+
+    # a fresh process with its own cache and no token: the same bytes (cached under their sha256, taken from
+    # X-Linked-Etag as on the Hub) and the same features
+    loaded = ok(run_with_hub(["-c", DOWNLOAD_IN_A_FRESH_PROCESS, repo, export], hub.url, tmp_path / "hf-load",
+                             token=None))
+    facts = json.loads(loaded.stdout.strip().splitlines()[-1])
+    assert facts == {"bytes": True, "cache_blob": sha, "features_equal": True}
+    assert ("GET", f"/lfs-objects/{sha}") in [(m, p.split("?")[0]) for m, p, _ in hub.storage_requests]
+    assert not any(had_token for _, _, had_token in hub.storage_requests), "the token stays on the Hub host"
+    assert not stored_anywhere(hub, TOKEN) and TOKEN not in result.stdout + result.stderr
+
+
+def call(url, method="POST", body=None, token=TOKEN):
+    """One request to the test server: (status, response body bytes)."""
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_the_test_hub_accepts_only_lfs_uploads_whose_bytes_match_their_oid(hub):
+    hub.add_files("hvp-tester/strict", {"config.json": b"{}"})
+    content = b"safetensors bytes" * 100
+    sha = hashlib.sha256(content).hexdigest()
+    commit_url = f"{hub.url}/api/models/hvp-tester/strict/commit/main"
+
+    def commit(key, value):
+        lines = [{"key": "header", "value": {"summary": "s"}}, {"key": key, "value": value}]
+        return call(commit_url, body="\n".join(map(json.dumps, lines)).encode())[0]
+
+    status, preupload = call(f"{hub.url}/api/models/hvp-tester/strict/preupload/main", body={"files": [
+        {"path": "w/model.safetensors", "size": 9, "sample": ""}, {"path": "notes.txt", "size": 9, "sample": ""},
+        {"path": "big.bin", "size": 10 * 1024 * 1024, "sample": ""}]})
+    assert status == 200
+    assert [f["uploadMode"] for f in json.loads(preupload)["files"]] == ["lfs", "regular", "lfs"]
+    assert commit("file", {"path": "model.safetensors", "content": "eA==", "encoding": "base64"}) == 400
+    assert commit("lfsFile", {"path": "model.safetensors", "algo": "sha256", "oid": sha, "size": len(content)}) == 422
+
+    batch_url = f"{hub.url}/hvp-tester/strict.git/info/lfs/objects/batch"
+    status, batch = call(batch_url, body={"operation": "upload", "transfers": ["basic"], "hash_algo": "sha256",
+                                          "objects": [{"oid": sha, "size": len(content)}]})
+    upload = json.loads(batch)["objects"][0]["actions"]["upload"]["href"]
+    assert status == 200 and upload.startswith(hub.storage_url)
+    assert call(f"{hub.storage_url}/lfs-upload/{'0' * 64}", "PUT", content, token=None)[0] == 403, "not granted"
+    assert call(upload, "PUT", content[:-1] + b"!", token=None)[0] == 400, "wrong sha256"
+    assert call(upload, "PUT", content[1:], token=None)[0] == 400, "wrong size"
+    assert call(upload, "PUT", content, token=None)[0] == 200
+    assert call(batch_url.replace("batch", "verify"), body={"oid": sha, "size": len(content)})[0] == 200
+    assert commit("lfsFile", {"path": "model.safetensors", "algo": "sha256", "oid": sha, "size": len(content)}) == 200
+    assert hub.file("hvp-tester/strict", "model.safetensors") == content
+    status, again = call(batch_url, body={"operation": "upload", "objects": [{"oid": sha, "size": len(content)}]})
+    assert "actions" not in json.loads(again)["objects"][0], "stored already: nothing to upload"
+    assert call(batch_url, body={"operation": "upload", "objects": []}, token=None)[0] in (401, 403), "writes need a token"
+
+
 def test_a_failing_hub_is_retried_and_reported_and_training_and_checkpoints_stay_intact(hub, tiny_dataset, tmp_path):
     # a repo to start from (--init_from hf-hub:...) that the server still serves while every write fails
     hvp.export_backbone(hvp.create_backbone("test_resnet", 32), tmp_path / "init", {"input_size": (3, 32, 32)}, "init")
@@ -140,7 +272,7 @@ def test_a_failing_hub_is_retried_and_reported_and_training_and_checkpoints_stay
     assert "k-NN (k=20, T=0.07)" in result.stdout, "training ran to its end"
     assert re.search(r"push of step 2 to hvp-tester/failing failed \(try 1/3\): .*500", result.stderr)
     assert "failed after 3 tries" in result.stderr and "hf upload hvp-tester/failing" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr and TOKEN not in result.stdout + result.stderr
     assert sum(1 for m, p, _ in hub.requests if p == "/api/repos/create") >= 3, "retried"
     assert "hvp-tester/failing" not in hub.repos
     assert hvp.load_checkpoint(hvp.latest_checkpoint(out))["step"] == 2

@@ -149,6 +149,11 @@ def test_the_model_card_has_hub_metadata_settings_results_and_a_usage_snippet(hu
     assert str(hvp.REPO_DIR) not in card.text, "no local paths on a public card"
     small = hvp.model_card("me/tiny", "DINO", dict(arch="vit_small", small_stem=True, dataset="/no/such/dir"), 1)
     assert 'hvp_utils.load_backbone("hf-hub:me/tiny")' in ModelCard(small).text
+    # a small-stem ViT is a plain timm ViT (patch and image size in config.json); a small-stem ResNet is not
+    assert ModelCard(small).data.library_name == "timm" and 'timm.create_model("hf-hub:me/tiny"' in small
+    resnet = ModelCard(hvp.model_card("me/r", "SimCLR", dict(arch="resnet18", small_stem=True, dataset="x/y"), 1))
+    assert resnet.data.library_name == hvp.HUB_CUSTOM_LIBRARY and "timm" not in resnet.data.tags
+    assert 'timm.create_model("hf-hub:me/r", pretrained=True)' in resnet.text and "fails" in resnet.text
 
 
 TRAINING_DATA_CONFIG = {"input_size": (3, 32, 32), "interpolation": "bicubic", "crop_pct": 0.875,
@@ -257,6 +262,100 @@ def test_the_test_hub_accepts_only_lfs_uploads_whose_bytes_match_their_oid(hub):
     status, again = call(batch_url, body={"operation": "upload", "objects": [{"oid": sha, "size": len(content)}]})
     assert "actions" not in json.loads(again)["objects"][0], "stored already: nothing to upload"
     assert call(batch_url, body={"operation": "upload", "objects": []}, token=None)[0] in (401, 403), "writes need a token"
+
+
+CARD_EXPORTS = {  # name: (arch, image_size, small_stem)
+    "resnet": ("resnet18", 32, False), "resnet-small-stem": ("resnet18", 32, True),
+    "vit": ("vit_tiny", 64, False), "vit-small-stem": ("vit_tiny", 32, True),
+}
+
+PUSH_EXPORTS = r"""
+import json, sys
+import hvp_utils as hvp
+for name, (arch, size, small_stem, export) in json.loads(sys.argv[2]).items():
+    config = {"arch": arch, "image_size": size, "small_stem": small_stem, "dataset": "zalando-datasets/fashion_mnist"}
+    pusher = hvp.HubPusher(f"hvp-tester/card-{name}", "DINO", config, sys.argv[1], retries=1)
+    pusher.push(export, step=5)
+    print(name, "pushed:", pusher.close())
+"""
+
+RUN_THE_CARDS = r"""
+import json, re, sys
+import PIL.Image, timm, torch
+from huggingface_hub import ModelCard
+from safetensors.torch import save_file
+out, facts = sys.argv[1], {}
+for name, size in json.loads(sys.argv[2]).items():
+    card = ModelCard.load(f"hvp-tester/card-{name}")
+    usage = card.text[card.text.index("## Usage"):card.text.index("## Results")]
+    snippets = re.findall(r"```python\n(.*?)```", usage, re.S)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    runs = []
+    for i, code in enumerate(snippets):
+        namespace = {"image": PIL.Image.new("RGB", (2 * size, 2 * size), (90, 120, 200))}
+        exec(compile(code, f"<card {name} #{i}>", "exec"), namespace)
+        model = namespace["model"]
+        with torch.no_grad():
+            save_file({"features": model(x).contiguous()}, f"{out}/{name}-{i}.safetensors")
+        data = timm.data.resolve_data_config({}, model=model)
+        runs.append({"code": code, "input_size": list(data["input_size"]), "mean": list(data["mean"]),
+                     "transform_ok": "features" not in namespace or namespace["features"].shape == (1, model.num_features)})
+    facts[name] = {"library": card.data.library_name, "runs": runs}
+print(json.dumps(facts))
+"""
+
+
+def test_each_model_card_loads_its_architecture_with_identical_features(hub, tmp_path):
+    import timm
+    from safetensors.torch import load_file
+    torch.manual_seed(0)
+    models, exports, features = {}, {}, {}
+    for name, (arch, size, small_stem) in CARD_EXPORTS.items():
+        models[name] = hvp.create_backbone(arch, size, small_stem).eval()
+        data = dict(TRAINING_DATA_CONFIG, input_size=(3, size, size))
+        exports[name] = hvp.export_backbone(models[name], tmp_path / name / "backbone", data, "hvp_dino")
+        with torch.no_grad():
+            features[name] = models[name](torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)))
+    jobs = {name: [*CARD_EXPORTS[name], str(exports[name])] for name in CARD_EXPORTS}
+    pushed = ok(run_with_hub(["-c", PUSH_EXPORTS, tmp_path, json.dumps(jobs)], hub.url, tmp_path / "hf-push"))
+    assert pushed.stdout.count("pushed: True") == 4
+
+    ran = ok(run_with_hub(["-c", RUN_THE_CARDS, tmp_path, json.dumps({n: c[1] for n, c in CARD_EXPORTS.items()})],
+                          hub.url, tmp_path / "hf-load", token=None))
+    facts = json.loads(ran.stdout.strip().splitlines()[-1])
+    for name, (arch, size, small_stem) in CARD_EXPORTS.items():
+        runs = facts[name]["runs"]
+        assert len(runs) == 2, (name, [r["code"] for r in runs])
+        for i, run in enumerate(runs):  # every snippet on the card: the exported model, its data config
+            assert torch.equal(load_file(tmp_path / f"{name}-{i}.safetensors")["features"], features[name]), (name, i)
+            assert run["input_size"] == [3, size, size] and run["mean"] == list(hvp.IMAGENET_MEAN), (name, i)
+            assert run["transform_ok"], (name, i)
+        first, second = (run["code"] for run in runs)
+        if name == "resnet-small-stem":  # plain timm cannot build it: say so, and load it another way
+            assert facts[name]["library"] == hvp.HUB_CUSTOM_LIBRARY
+            assert 'hvp_utils.load_backbone("hf-hub:hvp-tester/card-resnet-small-stem")' in first
+            assert "timm.create_model(\"hf-hub:" not in first + second and "nn.Identity()" in second
+        else:
+            assert facts[name]["library"] == "timm"
+            assert f'timm.create_model("hf-hub:hvp-tester/card-{name}", pretrained=True)' in first
+            assert 'pretrained_cfg_overlay=dict(\n        file=hf_hub_download(' in second
+        if arch.startswith("vit"):
+            assert f"img_size=[{size}, {size}]" in second and "dynamic_img_size=True" in second
+            assert ("patch_size=4" in second) == small_stem
+
+    # the same calls on the local export (the card's "local-dir:" note), and why the card lists model_args
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for name in ("resnet", "vit-small-stem"):
+        with torch.no_grad():
+            local = timm.create_model(f"local-dir:{exports[name]}", pretrained=True).eval()
+            assert torch.equal(local(x), features[name])
+    with torch.no_grad():
+        assert torch.equal(hvp.load_backbone(exports["resnet-small-stem"])[0].eval()(x), features["resnet-small-stem"])
+    with pytest.raises(RuntimeError, match="conv1.weight"):
+        timm.create_model(f"local-dir:{exports['resnet-small-stem']}", pretrained=True)
+    by_name_only = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=0,
+                                     pretrained_cfg_overlay=dict(file=str(exports["vit-small-stem"] / "model.safetensors")))
+    assert by_name_only.patch_embed.patch_size == (16, 16), "no error: the weights were resampled into a patch-16 ViT"
 
 
 def test_a_failing_hub_is_retried_and_reported_and_training_and_checkpoints_stay_intact(hub, tiny_dataset, tmp_path):

@@ -1120,8 +1120,12 @@ def clock(enabled, device):
 # `timm.create_model("hf-hub:<user>/<repo>", pretrained=True)` gives the backbone in one line. The
 # full training state stays local, or goes to last-checkpoint/ on the repo's "training-state" branch
 # with --hub_push_state. Load: "hf-hub:<user>/<repo>[@revision]" wherever a backbone is accepted
-# (load_backbone, eval scripts, --init_from). The token is found by huggingface_hub itself (HF_TOKEN,
-# `hf auth login`); this code only checks that one exists, so it can never print or write it.
+# (load_backbone, eval scripts, --init_from). The token: huggingface_hub finds it (HF_TOKEN, `hf auth
+# login`) and sends it to the Hub. This code only asks huggingface_hub whether one exists
+# (`get_token() is None`, so that a missing token stops the run before training instead of failing the
+# first push) and drops the answer; it never passes the token on, prints, logs or writes it. The
+# tests check stdout, stderr, the output folder (model card, config.json) and every uploaded file
+# against a fake token.
 
 HUB_STATE_BRANCH = "training-state"
 HUB_LICENSE = "mit"  # the licence of this code; weights trained on other data may need another
@@ -1388,7 +1392,7 @@ class HubPusher:
             raise HVPError("--push_to_hub cannot push with HF_HUB_OFFLINE=1 set")
         if cfg.hub_every < 0:
             raise HVPError(f"--hub_every must be >= 0 (0 = push only at the end), got {cfg.hub_every}")
-        if get_token() is None:
+        if get_token() is None:  # whether a token exists; its value is not kept
             raise HVPError("--push_to_hub needs a Hugging Face token with write access: run `hf auth login` or set "
                            "HF_TOKEN" + ("" if cfg.hub_model_id else " (and pass --hub_model_id <user>/<name>, or the "
                                          "repo is <your user>/<--output_dir folder name>)"))

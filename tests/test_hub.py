@@ -378,6 +378,7 @@ def test_a_failing_hub_is_retried_and_reported_and_training_and_checkpoints_stay
     hvp.load_backbone(out)
     kept = sorted(p.name for p in (out / "hub_upload" / "backbone").iterdir())
     assert kept == ["README.md", "config.json", "model.safetensors"], "what the last push would have uploaded"
+    assert files_containing(out, TOKEN) == [], "the kept card and config do not hold the token"
 
     # once the Hub is back, the printed command uploads it
     hub.fail(None)

@@ -1209,7 +1209,8 @@ def _needs_hvp_code(cfg, export_config):
         return False
     import timm
     name = ARCH_ALIASES.get(str(cfg.get("arch")), str(cfg.get("arch")))
-    return not (timm.is_model(name) and timm.models.is_model_in_modules(name, ["vision_transformer", "deit", "eva", "beit"]))
+    vit = timm.is_model(name) and timm.models.is_model_in_modules(name, ["vision_transformer", "deit", "eva", "beit"])
+    return not vit
 
 
 def _usage(repo_id, cfg, export_config):
@@ -1222,7 +1223,7 @@ def _usage(repo_id, cfg, export_config):
     model_args = (export_config or {}).get("model_args") or {}
     pretrained = (export_config or {}).get("pretrained_cfg") or {}
     data = ", ".join(f"{k}={_py(pretrained[k], tuples=True)}" for k in _DATA_KEYS if pretrained.get(k) is not None)
-    args = ", ".join(f"{k}={_py(v)}" for k, v in model_args.items())
+    args = "".join(f"{k}={_py(v)}, " for k, v in model_args.items()).rstrip()
     if _needs_hvp_code(cfg, export_config):
         snippets = [f'import timm\nimport hvp_utils  # hvp_utils.py of the HVP repository, on the Python path\n\n'
                     f'model, config = {hvp_load}\nmodel = model.eval()\n{transform}']
@@ -1232,7 +1233,7 @@ def _usage(repo_id, cfg, export_config):
                 f'from safetensors.torch import load_file\n\n'
                 f'# without the HVP code: timm\'s {arch} with this export\'s model_args and data config (config.json),\n'
                 f'# given the small stem (3x3 stride-1 first conv, no max-pool), then the weights\n'
-                f'model = timm.create_model(\n    "{arch}",\n    pretrained_cfg_overlay=dict({data}),\n    {args},\n)\n'
+                f'model = timm.create_model(\n    "{arch}",\n    pretrained_cfg_overlay=dict({data}),\n    {args}\n)\n'
                 f'model.conv1 = nn.Conv2d(model.conv1.in_channels, model.conv1.out_channels, 3, 1, 1, bias=False)\n'
                 f'model.maxpool = nn.Identity()\n'
                 f'model.load_state_dict(load_file({weights}))\nmodel = model.eval()')
@@ -1250,9 +1251,10 @@ def _usage(repo_id, cfg, export_config):
             f'import timm\nfrom huggingface_hub import hf_hub_download\n\n'
             f'# by architecture name, with the weights file (here from the Hub; any local copy works)\n'
             f'model = timm.create_model(\n    "{arch}",\n    pretrained=True,\n'
-            f'    pretrained_cfg_overlay=dict(\n        file={weights},\n        {data},  # the data config\n    ),\n'
+            f'    pretrained_cfg_overlay=dict(\n        file={weights},\n'
+            + (f'        {data},  # the data config\n' if data else '') + '    ),\n'
             f'    # this export\'s model_args (config.json), which "hf-hub:"/"local-dir:" pass by themselves{why}\n'
-            f'    {args},\n).eval()')
+            f'    {args}\n).eval()')
     note = (f'A local copy (`hf download {repo_id} --local-dir <folder>`) loads with '
             f'`timm.create_model("local-dir:<folder>", pretrained=True)`; with the HVP repository, '
             f'`{hvp_load}` gives the same model.')

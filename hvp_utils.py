@@ -991,9 +991,10 @@ def create_backbone(arch, image_size=224, small_stem=False, drop_path_rate=0.0, 
 
 
 def export_backbone(backbone, out_dir, data_config, tag):
-    """Write `model.safetensors` + timm `config.json` to `out_dir` atomically. Standard backbones
-    load with `timm.create_model("local-dir:<out_dir>", pretrained=True)` (or "hf-hub:<id>" once
-    pushed); small-stem ResNets need `load_backbone` (timm cannot express that stem)."""
+    """Write `model.safetensors` + timm `config.json` to `out_dir` atomically. ResNets with the standard
+    stem and every ViT (patch size, image size etc. are in config.json's model_args) load with
+    `timm.create_model("local-dir:<out_dir>", pretrained=True)` (or "hf-hub:<id>" once pushed);
+    small-stem ResNets need `load_backbone` (config.json cannot describe the replaced stem)."""
     import copy
     import timm
     out_dir = Path(out_dir)
@@ -1036,6 +1037,9 @@ def load_backbone(source):
         args = {k: v for k, v in config.get("model_args", {}).items() if k not in ("num_classes", "in_chans", "global_pool")}
         model = create_backbone(config["architecture"], small_stem=True, **args)
         model.load_state_dict(load_file(path / "model.safetensors"))
+        # the export's data config, as timm sets it for the exports it loads (resolve_data_config(model=...))
+        model.pretrained_cfg = model.default_cfg = dict(config.get("pretrained_cfg", {}),
+                                                        architecture=config["architecture"])
     else:
         model = timm.create_model(f"local-dir:{path}", pretrained=True, num_classes=0)
     return model, config
@@ -2063,8 +2067,12 @@ def clock(enabled, device):
 # `timm.create_model("hf-hub:<user>/<repo>", pretrained=True)` gives the backbone in one line. The
 # full training state stays local, or goes to last-checkpoint/ on the repo's "training-state" branch
 # with --hub_push_state. Load: "hf-hub:<user>/<repo>[@revision]" wherever a backbone is accepted
-# (load_backbone, eval scripts, --init_from). The token is found by huggingface_hub itself (HF_TOKEN,
-# `hf auth login`); this code only checks that one exists, so it can never print or write it.
+# (load_backbone, eval scripts, --init_from). The token: huggingface_hub finds it (HF_TOKEN, `hf auth
+# login`) and sends it to the Hub. This code only asks huggingface_hub whether one exists
+# (`get_token() is None`, so that a missing token stops the run before training instead of failing the
+# first push) and drops the answer; it never passes the token on, prints, logs or writes it. The
+# tests check stdout, stderr, the output folder (model card, config.json) and every uploaded file
+# against a fake token.
 
 HUB_STATE_BRANCH = "training-state"
 HUB_LICENSE = "mit"  # the licence of this code; weights trained on other data may need another
@@ -2124,9 +2132,89 @@ def _card_value(value):
     return list(value) if isinstance(value, tuple) else value
 
 
-def model_card(repo_id, method, config, step, results=None, processes=1, precision="no", license=HUB_LICENSE):
-    """The model card README.md: Hub metadata (library timm, tags, dataset, licence), what was
-    trained and how, the hard-view settings, the final evaluation numbers and how to load it."""
+HUB_CUSTOM_LIBRARY = "hvp"  # card library_name of exports that plain timm cannot build (small-stem ResNets)
+_DATA_KEYS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")  # timm's data config
+
+
+def _py(value, tuples=False):
+    """A config.json value as Python source; with `tuples`, JSON lists as tuples (timm's data config)."""
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        items = ", ".join(_py(v, tuples) for v in value)
+        return f"({items}{',' if len(value) == 1 else ''})" if tuples else f"[{items}]"
+    return repr(value)
+
+
+def _needs_hvp_code(cfg, export_config):
+    """True for exports that plain timm cannot build: the small-stem ResNets (create_backbone replaces
+    their stem, which config.json cannot describe). Small-stem ViTs are plain timm ViTs (patch size,
+    image size in config.json's model_args)."""
+    if export_config is not None:
+        return bool(export_config.get("hvp_small_stem"))
+    if not cfg.get("small_stem"):
+        return False
+    import timm
+    name = ARCH_ALIASES.get(str(cfg.get("arch")), str(cfg.get("arch")))
+    vit = timm.is_model(name) and timm.models.is_model_in_modules(name, ["vision_transformer", "deit", "eva", "beit"])
+    return not vit
+
+
+def _usage(repo_id, cfg, export_config):
+    """The card's loading instructions: a list of Python snippets, each defining `model`, and a note."""
+    transform = ('transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))\n'
+                 'features = model(transform(image).unsqueeze(0))  # (1, model.num_features); `image` is a PIL image')
+    weights = f'hf_hub_download("{repo_id}", "model.safetensors")'
+    hvp_load = f'hvp_utils.load_backbone("hf-hub:{repo_id}")'
+    arch = (export_config or {}).get("architecture")
+    model_args = (export_config or {}).get("model_args") or {}
+    pretrained = (export_config or {}).get("pretrained_cfg") or {}
+    data = ", ".join(f"{k}={_py(pretrained[k], tuples=True)}" for k in _DATA_KEYS if pretrained.get(k) is not None)
+    args = "".join(f"{k}={_py(v)}, " for k, v in model_args.items()).rstrip()
+    if _needs_hvp_code(cfg, export_config):
+        snippets = [f'import timm\nimport hvp_utils  # hvp_utils.py of the HVP repository, on the Python path\n\n'
+                    f'model, config = {hvp_load}\nmodel = model.eval()\n{transform}']
+        if arch:
+            snippets.append(
+                f'import timm\nimport torch.nn as nn\nfrom huggingface_hub import hf_hub_download\n'
+                f'from safetensors.torch import load_file\n\n'
+                f'# without the HVP code: timm\'s {arch} with this export\'s model_args and data config (config.json),\n'
+                f'# given the small stem (3x3 stride-1 first conv, no max-pool), then the weights\n'
+                f'model = timm.create_model(\n    "{arch}",\n    pretrained_cfg_overlay=dict({data}),\n    {args}\n)\n'
+                f'model.conv1 = nn.Conv2d(model.conv1.in_channels, model.conv1.out_channels, 3, 1, 1, bias=False)\n'
+                f'model.maxpool = nn.Identity()\n'
+                f'model.load_state_dict(load_file({weights}))\nmodel = model.eval()')
+        note = (f"This backbone has the HVP small stem (a 3x3 stride-1 first convolution and no max-pool, for "
+                f"small images), which timm's `{arch or cfg.get('arch')}` does not have and `config.json` cannot "
+                f"describe: `timm.create_model(\"hf-hub:{repo_id}\", pretrained=True)` fails on the shape of "
+                f"`conv1.weight`. Load it as above (a local copy: `hvp_utils.load_backbone(\"<folder>\")`).")
+        return snippets, note
+    snippets = [f'import timm\n\nmodel = timm.create_model("hf-hub:{repo_id}", pretrained=True).eval()\n{transform}']
+    if arch:
+        vit = any(k in model_args for k in ("img_size", "patch_size", "dynamic_img_size"))
+        why = ("\n    # without img_size and patch_size timm builds its default 224 px patch-16 ViT and silently"
+               "\n    # resamples these weights into it" if vit else "")
+        snippets.append(
+            f'import timm\nfrom huggingface_hub import hf_hub_download\n\n'
+            f'# by architecture name, with the weights file (here from the Hub; any local copy works)\n'
+            f'model = timm.create_model(\n    "{arch}",\n    pretrained=True,\n'
+            f'    pretrained_cfg_overlay=dict(\n        file={weights},\n'
+            + (f'        {data},  # the data config\n' if data else '') + '    ),\n'
+            f'    # this export\'s model_args (config.json), which "hf-hub:"/"local-dir:" pass by themselves{why}\n'
+            f'    {args}\n).eval()')
+    note = (f'A local copy (`hf download {repo_id} --local-dir <folder>`) loads with '
+            f'`timm.create_model("local-dir:<folder>", pretrained=True)`; with the HVP repository, '
+            f'`{hvp_load}` gives the same model.')
+    return snippets, note
+
+
+def model_card(repo_id, method, config, step, results=None, processes=1, precision="no", license=HUB_LICENSE,
+               export_config=None):
+    """The model card README.md: Hub metadata (library, tags, dataset, licence), what was trained and
+    how, the hard-view settings, the final evaluation numbers and how to load it. `export_config` is the
+    export's config.json (a dict): with it the card also shows how to build the model by architecture
+    name with the export's exact model_args. Library "timm" where plain timm loads the export, else
+    HUB_CUSTOM_LIBRARY: a card without library_name would be taken for a transformers model (config.json)."""
     from huggingface_hub import ModelCardData
     cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
     dataset = str(cfg.get("dataset", ""))
@@ -2134,18 +2222,17 @@ def model_card(repo_id, method, config, step, results=None, processes=1, precisi
     hub_dataset = HUB_DATASETS.get(dataset) or (dataset if is_hub_id else None)
     dataset_name = (hub_dataset or Path(dataset).name).split("/")[-1]
     tags = ["image-feature-extraction", "self-supervised", "hard-view-pretraining", method.lower(), dataset_name]
-    metadata = ModelCardData(library_name="timm", license=license, tags=list(dict.fromkeys(filter(None, tags))),
+    custom = _needs_hvp_code(cfg, export_config)
+    if custom:
+        tags.insert(0, "pytorch")
+    metadata = ModelCardData(library_name=HUB_CUSTOM_LIBRARY if custom else "timm", license=license,
+                             tags=list(dict.fromkeys(filter(None, tags))),
                              datasets=[hub_dataset] if hub_dataset else None, pipeline_tag="image-feature-extraction")
     hvp_settings = {k: v for k, v in cfg.items() if k in _HVP_SETTINGS or k.startswith("hvp_")}
     shown = {k: _card_value(v) for k, v in cfg.items()}
     arch, size = cfg.get("arch", "?"), cfg.get("image_size", "?")
-    if cfg.get("small_stem"):
-        load = (f'import hvp_utils  # the HVP repository\'s shared file: timm cannot express the small stem\n'
-                f'model, config = hvp_utils.load_backbone("hf-hub:{repo_id}")')
-    else:
-        load = (f'import timm\n\nmodel = timm.create_model("hf-hub:{repo_id}", pretrained=True).eval()\n'
-                f'transform = timm.data.create_transform(**timm.data.resolve_data_config({{}}, model=model))\n'
-                f'features = model(transform(image).unsqueeze(0))  # (1, model.num_features); `image` is a PIL image')
+    snippets, load_note = _usage(repo_id, cfg, export_config)
+    load = "\n```\n\n```python\n".join(snippets)
     numbers = {k: v for k, v in (results or {}).items() if isinstance(v, (int, float))}
     results_text = ("| metric | value |\n|---|---|\n" + "".join(
         f"| {k} | {v:.2f} |\n" if isinstance(v, float) else f"| {k} | {v} |\n" for k, v in numbers.items())
@@ -2166,6 +2253,8 @@ candidate pairs with the method's own loss in one no-gradient forward, and train
 ```python
 {load}
 ```
+
+{load_note}
 
 k-NN evaluation with the HVP repository: `python eval/knn.py --backbone hf-hub:{repo_id} --dataset <dataset>`
 
@@ -2252,7 +2341,7 @@ class HubPusher:
             raise HVPError("--push_to_hub cannot push with HF_HUB_OFFLINE=1 set")
         if cfg.hub_every < 0:
             raise HVPError(f"--hub_every must be >= 0 (0 = push only at the end), got {cfg.hub_every}")
-        if get_token() is None:
+        if get_token() is None:  # whether a token exists; its value is not kept
             raise HVPError("--push_to_hub needs a Hugging Face token with write access: run `hf auth login` or set "
                            "HF_TOKEN" + ("" if cfg.hub_model_id else " (and pass --hub_model_id <user>/<name>, or the "
                                          "repo is <your user>/<--output_dir folder name>)"))
@@ -2365,5 +2454,7 @@ class HubPusher:
     def _write_card(self, job):
         card = job["folder"] / "backbone" / "README.md"
         card.unlink(missing_ok=True)  # never write through a hard link into the export
+        config = job["folder"] / "backbone" / "config.json"
         card.write_text(model_card(self.repo_id, self.method, self.config, job["step"], job["results"],
-                                   self.processes, self.precision))
+                                   self.processes, self.precision,
+                                   export_config=json.loads(config.read_text()) if config.is_file() else None))

@@ -12,6 +12,9 @@ REPO = Path(__file__).resolve().parent.parent
 # Read by huggingface_hub / datasets at import time: set before anything imports them.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+# Uploads take the Git LFS path (preupload -> LFS batch API -> PUT -> commit), which tests/hub_server.py
+# implements, not Xet (hf_xet is installed and would be used otherwise; the test server has no Xet storage).
+os.environ["HF_HUB_DISABLE_XET"] = "1"
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hvp-test-hf-"))
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 sys.path.insert(0, str(REPO))

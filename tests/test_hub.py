@@ -1,14 +1,18 @@
 """Hugging Face Hub push and load, end to end against a local Hub (tests/hub_server.py).
 
 Everything that talks to the Hub runs in a fresh subprocess whose environment points
-`huggingface_hub` at the local server before it is imported (HF_ENDPOINT, HF_HUB_OFFLINE=0) and
-gives it a private cache (HF_HOME) and a dummy token (HF_TOKEN). The real `huggingface_hub` and timm
-code then runs over HTTP both ways; nothing leaves 127.0.0.1.
+`huggingface_hub` at the local server before it is imported (HF_ENDPOINT, HF_HUB_OFFLINE=0,
+HF_HUB_DISABLE_XET=1 from conftest.py, so that model.safetensors goes the Git LFS way) and gives it a
+private cache (HF_HOME) and a dummy token (HF_TOKEN). The real `huggingface_hub` and timm code then
+runs over HTTP both ways; nothing leaves 127.0.0.1.
 """
+import hashlib
 import json
 import re
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 
 import pytest
 import torch
@@ -51,6 +55,20 @@ def ok(result):
 
 def files_containing(folder, needle):
     return [p for p in folder.rglob("*") if p.is_file() and needle.encode() in p.read_bytes()]
+
+
+def stored_anywhere(hub, needle):
+    """True if any git object or LFS object the server holds contains `needle`."""
+    return any(needle.encode() in content for content in [*hub.blobs.values(), *hub.lfs.values()])
+
+
+def upload_modes(hub, repo, branch="main"):
+    """How the files came in the commits to a branch: {path: {"lfs" and/or "regular"}}."""
+    modes = {}
+    for entry in hub.commit_log:
+        if entry["repo"] == repo and entry["branch"] == branch:
+            modes.setdefault(entry["path"], set()).add(entry["mode"])
+    return modes
 
 
 LOAD_IN_A_FRESH_PROCESS = r"""
@@ -99,13 +117,19 @@ def test_a_pushed_backbone_loads_in_a_fresh_process_with_timm_and_gives_identica
     assert "last-checkpoint/state.safetensors" in facts["state_files"]
     assert facts["card_library"] == "timm" and "hard-view-pretraining" in facts["card_tags"]
     assert sorted(p.name for p in out.iterdir() if p.name.startswith((".hub-push", "hub_upload"))) == []
+    # weights and training state went the Git LFS way, config and card as regular files
+    assert upload_modes(hub, repo) == {"config.json": {"regular"}, "README.md": {"regular"},
+                                       "model.safetensors": {"lfs"}}
+    assert upload_modes(hub, repo, "training-state")["last-checkpoint/state.safetensors"] == {"lfs"}
+    assert hub.file(repo, "model.safetensors") == (out / "backbone" / "model.safetensors").read_bytes()
 
-    # the token authenticated the pushes and appears nowhere else
+    # the token authenticated the pushes and appears nowhere else, not even on the storage host
     assert hub.tokens_seen == {TOKEN}
+    assert hub.storage_requests and not any(had_token for _, _, had_token in hub.storage_requests)
     assert files_containing(out, TOKEN) == []
     for text in (trained.stdout, trained.stderr, loaded.stdout, loaded.stderr):
         assert TOKEN not in text
-    assert not any(TOKEN.encode() in blob for blob in hub.blobs.values())
+    assert not stored_anywhere(hub, TOKEN)
 
 
 def test_the_model_card_has_hub_metadata_settings_results_and_a_usage_snippet(hub, tiny_dataset, tmp_path):
@@ -125,6 +149,213 @@ def test_the_model_card_has_hub_metadata_settings_results_and_a_usage_snippet(hu
     assert str(hvp.REPO_DIR) not in card.text, "no local paths on a public card"
     small = hvp.model_card("me/tiny", "DINO", dict(arch="vit_small", small_stem=True, dataset="/no/such/dir"), 1)
     assert 'hvp_utils.load_backbone("hf-hub:me/tiny")' in ModelCard(small).text
+    # a small-stem ViT is a plain timm ViT (patch and image size in config.json); a small-stem ResNet is not
+    assert ModelCard(small).data.library_name == "timm" and 'timm.create_model("hf-hub:me/tiny"' in small
+    resnet = ModelCard(hvp.model_card("me/r", "SimCLR", dict(arch="resnet18", small_stem=True, dataset="x/y"), 1))
+    assert resnet.data.library_name == hvp.HUB_CUSTOM_LIBRARY and "timm" not in resnet.data.tags
+    assert 'timm.create_model("hf-hub:me/r", pretrained=True)' in resnet.text and "fails" in resnet.text
+
+
+TRAINING_DATA_CONFIG = {"input_size": (3, 32, 32), "interpolation": "bicubic", "crop_pct": 0.875,
+                        "mean": hvp.IMAGENET_MEAN, "std": hvp.IMAGENET_STD}  # what the training scripts export
+
+PUSH_THE_SAME_EXPORT_TWICE = r"""
+import sys
+import hvp_utils as hvp
+for step in (1, 2):
+    pusher = hvp.HubPusher("hvp-tester/lfs", "SimSiam", {"arch": "test_resnet", "image_size": 32}, sys.argv[1], retries=1)
+    pusher.push(sys.argv[2], step=step)
+    print("pushed:", pusher.close())
+"""
+
+DOWNLOAD_IN_A_FRESH_PROCESS = r"""
+import json, sys
+from pathlib import Path
+import torch
+from huggingface_hub import hf_hub_download
+import hvp_utils as hvp
+repo, local = sys.argv[1], sys.argv[2]
+weights = Path(hf_hub_download(repo, "model.safetensors"))
+x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+with torch.no_grad():
+    same = torch.equal(hvp.load_backbone(f"hf-hub:{repo}")[0].eval()(x), hvp.load_backbone(local)[0].eval()(x))
+print(json.dumps({"bytes": weights.read_bytes() == (Path(local) / "model.safetensors").read_bytes(),
+                  "cache_blob": weights.resolve().name, "features_equal": same}))
+"""
+
+
+def test_the_weights_go_through_git_lfs_and_a_fresh_download_gives_identical_weights(hub, tmp_path):
+    export = hvp.export_backbone(hvp.create_backbone("test_resnet", 32), tmp_path / "backbone", TRAINING_DATA_CONFIG,
+                                 "hvp_simsiam")
+    weights = (export / "model.safetensors").read_bytes()
+    sha = hashlib.sha256(weights).hexdigest()
+    result = ok(run_with_hub(["-c", PUSH_THE_SAME_EXPORT_TWICE, tmp_path, export], hub.url, tmp_path / "hf-push"))
+    assert result.stdout.count("pushed: True") == 2
+    repo = "hvp-tester/lfs"
+
+    # preupload said "lfs" for the weights: LFS batch request, upload of exactly these bytes to the storage
+    # host (the server checks size and sha256), verify, then a commit that names the object (lfsFile)
+    paths = [path for _, path, _ in hub.requests]
+    batch, verify = f"/{repo}.git/info/lfs/objects/batch", f"/{repo}.git/info/lfs/objects/verify"
+    assert paths.index(f"/api/models/{repo}/preupload/main") < paths.index(batch) < paths.index(verify) \
+        < paths.index(f"/api/models/{repo}/commit/main")
+    assert upload_modes(hub, repo) == {"config.json": {"regular"}, "README.md": {"regular"}, "model.safetensors": {"lfs"}}
+    assert [(m, p) for m, p, _ in hub.storage_requests] == [("PUT", f"/lfs-upload/{sha}")], \
+        "uploaded once: the second push found the object stored and the file unchanged"
+    assert hub.commits(repo) == ["HVP SimSiam: backbone at step 2", "HVP SimSiam: backbone at step 1", "initial commit"]
+    assert hub.stored_in_lfs(repo, "model.safetensors") and not hub.stored_in_lfs(repo, "config.json")
+    assert hub.lfs[sha] == weights and hub.file(repo, "model.safetensors") == weights
+
+    # a fresh process with its own cache and no token: the same bytes (cached under their sha256, taken from
+    # X-Linked-Etag as on the Hub) and the same features
+    loaded = ok(run_with_hub(["-c", DOWNLOAD_IN_A_FRESH_PROCESS, repo, export], hub.url, tmp_path / "hf-load",
+                             token=None))
+    facts = json.loads(loaded.stdout.strip().splitlines()[-1])
+    assert facts == {"bytes": True, "cache_blob": sha, "features_equal": True}
+    assert ("GET", f"/lfs-objects/{sha}") in [(m, p.split("?")[0]) for m, p, _ in hub.storage_requests]
+    assert not any(had_token for _, _, had_token in hub.storage_requests), "the token stays on the Hub host"
+    assert not stored_anywhere(hub, TOKEN) and TOKEN not in result.stdout + result.stderr
+
+
+def call(url, method="POST", body=None, token=TOKEN):
+    """One request to the test server: (status, response body bytes)."""
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_the_test_hub_accepts_only_lfs_uploads_whose_bytes_match_their_oid(hub):
+    hub.add_files("hvp-tester/strict", {"config.json": b"{}"})
+    content = b"safetensors bytes" * 100
+    sha = hashlib.sha256(content).hexdigest()
+    commit_url = f"{hub.url}/api/models/hvp-tester/strict/commit/main"
+
+    def commit(key, value):
+        lines = [{"key": "header", "value": {"summary": "s"}}, {"key": key, "value": value}]
+        return call(commit_url, body="\n".join(map(json.dumps, lines)).encode())[0]
+
+    status, preupload = call(f"{hub.url}/api/models/hvp-tester/strict/preupload/main", body={"files": [
+        {"path": "w/model.safetensors", "size": 9, "sample": ""}, {"path": "notes.txt", "size": 9, "sample": ""},
+        {"path": "big.bin", "size": 10 * 1024 * 1024, "sample": ""}]})
+    assert status == 200
+    assert [f["uploadMode"] for f in json.loads(preupload)["files"]] == ["lfs", "regular", "lfs"]
+    assert commit("file", {"path": "model.safetensors", "content": "eA==", "encoding": "base64"}) == 400
+    assert commit("lfsFile", {"path": "model.safetensors", "algo": "sha256", "oid": sha, "size": len(content)}) == 422
+
+    batch_url = f"{hub.url}/hvp-tester/strict.git/info/lfs/objects/batch"
+    status, batch = call(batch_url, body={"operation": "upload", "transfers": ["basic"], "hash_algo": "sha256",
+                                          "objects": [{"oid": sha, "size": len(content)}]})
+    upload = json.loads(batch)["objects"][0]["actions"]["upload"]["href"]
+    assert status == 200 and upload.startswith(hub.storage_url)
+    assert call(f"{hub.storage_url}/lfs-upload/{'0' * 64}", "PUT", content, token=None)[0] == 403, "not granted"
+    assert call(upload, "PUT", content[:-1] + b"!", token=None)[0] == 400, "wrong sha256"
+    assert call(upload, "PUT", content[1:], token=None)[0] == 400, "wrong size"
+    assert call(upload, "PUT", content, token=None)[0] == 200
+    assert call(batch_url.replace("batch", "verify"), body={"oid": sha, "size": len(content)})[0] == 200
+    assert commit("lfsFile", {"path": "model.safetensors", "algo": "sha256", "oid": sha, "size": len(content)}) == 200
+    assert hub.file("hvp-tester/strict", "model.safetensors") == content
+    status, again = call(batch_url, body={"operation": "upload", "objects": [{"oid": sha, "size": len(content)}]})
+    assert "actions" not in json.loads(again)["objects"][0], "stored already: nothing to upload"
+    assert call(batch_url, body={"operation": "upload", "objects": []}, token=None)[0] in (401, 403), "writes need a token"
+
+
+CARD_EXPORTS = {  # name: (arch, image_size, small_stem)
+    "resnet": ("resnet18", 32, False), "resnet-small-stem": ("resnet18", 32, True),
+    "vit": ("vit_tiny", 64, False), "vit-small-stem": ("vit_tiny", 32, True),
+}
+
+PUSH_EXPORTS = r"""
+import json, sys
+import hvp_utils as hvp
+for name, (arch, size, small_stem, export) in json.loads(sys.argv[2]).items():
+    config = {"arch": arch, "image_size": size, "small_stem": small_stem, "dataset": "zalando-datasets/fashion_mnist"}
+    pusher = hvp.HubPusher(f"hvp-tester/card-{name}", "DINO", config, sys.argv[1], retries=1)
+    pusher.push(export, step=5)
+    print(name, "pushed:", pusher.close())
+"""
+
+RUN_THE_CARDS = r"""
+import json, re, sys
+import PIL.Image, timm, torch
+from huggingface_hub import ModelCard
+from safetensors.torch import save_file
+out, facts = sys.argv[1], {}
+for name, size in json.loads(sys.argv[2]).items():
+    card = ModelCard.load(f"hvp-tester/card-{name}")
+    usage = card.text[card.text.index("## Usage"):card.text.index("## Results")]
+    snippets = re.findall(r"```python\n(.*?)```", usage, re.S)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    runs = []
+    for i, code in enumerate(snippets):
+        namespace = {"image": PIL.Image.new("RGB", (2 * size, 2 * size), (90, 120, 200))}
+        exec(compile(code, f"<card {name} #{i}>", "exec"), namespace)
+        model = namespace["model"]
+        with torch.no_grad():
+            save_file({"features": model(x).contiguous()}, f"{out}/{name}-{i}.safetensors")
+        data = timm.data.resolve_data_config({}, model=model)
+        runs.append({"code": code, "input_size": list(data["input_size"]), "mean": list(data["mean"]),
+                     "transform_ok": "features" not in namespace or namespace["features"].shape == (1, model.num_features)})
+    facts[name] = {"library": card.data.library_name, "runs": runs}
+print(json.dumps(facts))
+"""
+
+
+def test_each_model_card_loads_its_architecture_with_identical_features(hub, tmp_path):
+    import timm
+    from safetensors.torch import load_file
+    torch.manual_seed(0)
+    models, exports, features = {}, {}, {}
+    for name, (arch, size, small_stem) in CARD_EXPORTS.items():
+        models[name] = hvp.create_backbone(arch, size, small_stem).eval()
+        data = dict(TRAINING_DATA_CONFIG, input_size=(3, size, size))
+        exports[name] = hvp.export_backbone(models[name], tmp_path / name / "backbone", data, "hvp_dino")
+        with torch.no_grad():
+            features[name] = models[name](torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)))
+    jobs = {name: [*CARD_EXPORTS[name], str(exports[name])] for name in CARD_EXPORTS}
+    pushed = ok(run_with_hub(["-c", PUSH_EXPORTS, tmp_path, json.dumps(jobs)], hub.url, tmp_path / "hf-push"))
+    assert pushed.stdout.count("pushed: True") == 4
+
+    ran = ok(run_with_hub(["-c", RUN_THE_CARDS, tmp_path, json.dumps({n: c[1] for n, c in CARD_EXPORTS.items()})],
+                          hub.url, tmp_path / "hf-load", token=None))
+    facts = json.loads(ran.stdout.strip().splitlines()[-1])
+    for name, (arch, size, small_stem) in CARD_EXPORTS.items():
+        runs = facts[name]["runs"]
+        assert len(runs) == 2, (name, [r["code"] for r in runs])
+        for i, run in enumerate(runs):  # every snippet on the card: the exported model, its data config
+            assert torch.equal(load_file(tmp_path / f"{name}-{i}.safetensors")["features"], features[name]), (name, i)
+            assert run["input_size"] == [3, size, size] and run["mean"] == list(hvp.IMAGENET_MEAN), (name, i)
+            assert run["transform_ok"], (name, i)
+        first, second = (run["code"] for run in runs)
+        if name == "resnet-small-stem":  # plain timm cannot build it: say so, and load it another way
+            assert facts[name]["library"] == hvp.HUB_CUSTOM_LIBRARY
+            assert 'hvp_utils.load_backbone("hf-hub:hvp-tester/card-resnet-small-stem")' in first
+            assert "timm.create_model(\"hf-hub:" not in first + second and "nn.Identity()" in second
+        else:
+            assert facts[name]["library"] == "timm"
+            assert f'timm.create_model("hf-hub:hvp-tester/card-{name}", pretrained=True)' in first
+            assert 'pretrained_cfg_overlay=dict(\n        file=hf_hub_download(' in second
+        if arch.startswith("vit"):
+            assert f"img_size=[{size}, {size}]" in second and "dynamic_img_size=True" in second
+            assert ("patch_size=4" in second) == small_stem
+
+    # the same calls on the local export (the card's "local-dir:" note), and why the card lists model_args
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for name in ("resnet", "vit-small-stem"):
+        with torch.no_grad():
+            local = timm.create_model(f"local-dir:{exports[name]}", pretrained=True).eval()
+            assert torch.equal(local(x), features[name])
+    with torch.no_grad():
+        assert torch.equal(hvp.load_backbone(exports["resnet-small-stem"])[0].eval()(x), features["resnet-small-stem"])
+    with pytest.raises(RuntimeError, match="conv1.weight"):
+        timm.create_model(f"local-dir:{exports['resnet-small-stem']}", pretrained=True)
+    by_name_only = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=0,
+                                     pretrained_cfg_overlay=dict(file=str(exports["vit-small-stem"] / "model.safetensors")))
+    assert by_name_only.patch_embed.patch_size == (16, 16), "no error: the weights were resampled into a patch-16 ViT"
 
 
 def test_a_failing_hub_is_retried_and_reported_and_training_and_checkpoints_stay_intact(hub, tiny_dataset, tmp_path):
@@ -140,13 +371,14 @@ def test_a_failing_hub_is_retried_and_reported_and_training_and_checkpoints_stay
     assert "k-NN (k=20, T=0.07)" in result.stdout, "training ran to its end"
     assert re.search(r"push of step 2 to hvp-tester/failing failed \(try 1/3\): .*500", result.stderr)
     assert "failed after 3 tries" in result.stderr and "hf upload hvp-tester/failing" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr and TOKEN not in result.stdout + result.stderr
     assert sum(1 for m, p, _ in hub.requests if p == "/api/repos/create") >= 3, "retried"
     assert "hvp-tester/failing" not in hub.repos
     assert hvp.load_checkpoint(hvp.latest_checkpoint(out))["step"] == 2
     hvp.load_backbone(out)
     kept = sorted(p.name for p in (out / "hub_upload" / "backbone").iterdir())
     assert kept == ["README.md", "config.json", "model.safetensors"], "what the last push would have uploaded"
+    assert files_containing(out, TOKEN) == [], "the kept card and config do not hold the token"
 
     # once the Hub is back, the printed command uploads it
     hub.fail(None)

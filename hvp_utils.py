@@ -66,6 +66,9 @@ def _field_comments(cls):
 def parse_config(cls, argv=None, presets=None, description=None):
     """Turn a @dataclass into a CLI (one flag per field, its comment as help).
 
+    A bool becomes --flag/--no-flag; a tuple takes as many values as its default has, except a
+    tuple default of length 1, which means "one number or more" (nargs="+", e.g. --pred_ratio 0 0.3).
+
     `presets` maps a dataset name to defaults that replace the dataclass defaults when that
     dataset is used, for the flags the user did not give. Returns (config, preset keys applied).
     """
@@ -76,7 +79,7 @@ def parse_config(cls, argv=None, presets=None, description=None):
         if isinstance(f.default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif isinstance(f.default, tuple):
-            kwargs.update(nargs=len(f.default), type=type(f.default[0]))
+            kwargs.update(nargs=len(f.default) if len(f.default) > 1 else "+", type=type(f.default[0]))
         else:
             kwargs["type"] = type(f.default) if f.default is not None else str
         parser.add_argument(f"--{f.name}", **kwargs)

@@ -1063,9 +1063,14 @@ class DINOHead(nn.Module):
 @torch.no_grad()
 def ema_update(teacher, student, momentum):
     """teacher <- momentum * teacher + (1 - momentum) * student, parameters only (buffers such as
-    BatchNorm statistics are the teacher's own)."""
-    for t, s in zip(teacher.parameters(), student.parameters()):
-        t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
+    BatchNorm statistics are the teacher's own), matched by name: the student may have parameters
+    the teacher lacks (iBOT's separate patch last layer), never the other way round."""
+    student_params = dict(student.named_parameters())
+    missing = [name for name, _ in teacher.named_parameters() if name not in student_params]
+    if missing:
+        raise ValueError(f"teacher parameters missing in the student: {missing}")
+    for name, t in teacher.named_parameters():
+        t.mul_(momentum).add_(student_params[name].detach(), alpha=1 - momentum)
 
 
 def teacher_probs(teacher_logits, center, teacher_temp):

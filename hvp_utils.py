@@ -120,9 +120,10 @@ def parse_config(cls, argv=None, presets=None, recipes=None, description=None):
 
     Values come, later ones winning, from: the dataclass defaults; the named --recipe (`recipes`:
     name -> values); the CPU preset of the dataset (`presets`: dataset -> values; used only without
-    --recipe); the flags on the command line. Tuple fields take as many values as their default has,
-    or one or more with field metadata {"nargs": "+"}; a field with metadata {"const": v} may be
-    given bare (--resume means --resume yes). Local dataset paths are stored resolved.
+    --recipe); the flags on the command line. A bool becomes --flag/--no-flag; a tuple takes as
+    many values as its default has, except a tuple default of length 1, which means "one number or
+    more" (e.g. --pred_ratio 0 0.3); a field with metadata {"const": v} may be given bare (--resume
+    means --resume yes). Local dataset paths are stored resolved.
     Returns (config, notes): notes are start-up lines naming what a recipe or preset set.
     """
     parser = argparse.ArgumentParser(description=description)
@@ -132,7 +133,7 @@ def parse_config(cls, argv=None, presets=None, recipes=None, description=None):
         if isinstance(f.default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif isinstance(f.default, tuple):
-            kwargs.update(nargs=f.metadata.get("nargs", len(f.default)), type=type(f.default[0]))
+            kwargs.update(nargs=len(f.default) if len(f.default) > 1 else "+", type=type(f.default[0]))
         else:
             kwargs["type"] = type(f.default) if f.default is not None else str
             if "const" in f.metadata:
@@ -2011,9 +2012,14 @@ class DINOHead(nn.Module):
 @torch.no_grad()
 def ema_update(teacher, student, momentum):
     """teacher <- momentum * teacher + (1 - momentum) * student, parameters only (buffers such as
-    BatchNorm statistics are the teacher's own)."""
-    for t, s in zip(teacher.parameters(), student.parameters()):
-        t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
+    BatchNorm statistics are the teacher's own), matched by name: the student may have parameters
+    the teacher lacks (iBOT's separate patch last layer), never the other way round."""
+    student_params = dict(student.named_parameters())
+    missing = [name for name, _ in teacher.named_parameters() if name not in student_params]
+    if missing:
+        raise ValueError(f"teacher parameters missing in the student: {missing}")
+    for name, t in teacher.named_parameters():
+        t.mul_(momentum).add_(student_params[name].detach(), alpha=1 - momentum)
 
 
 def teacher_probs(teacher_logits, center, teacher_temp):

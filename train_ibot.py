@@ -19,23 +19,31 @@ teacher outputs of the selection pass (D3). --global_views 2 --local_views L is 
     python train_ibot.py --resume                    # continue the run in --output_dir
 
 Defaults are the reference iBOT recipe (ViT-S/16, drop-path 0.1, a 2048-2048-256 head shared by
-[CLS] and patch tokens with separate weight-normalised last layers of 8192 prototypes each, block
-masks of 30 % of the patches with aspect 0.3-3.3, lambda1 = lambda2 = 1, teacher temperatures 0.04
-for [CLS] and 0.04 -> 0.07 over 30 epochs for patches, student 0.1, two centres with momentum 0.9,
-AdamW lr 5e-4 x batch/256 with 10 warm-up epochs and cosine to 1e-6, weight decay 0.04 -> 0.4,
-clip 3.0, last layers frozen for the first epoch, teacher EMA 0.996 -> 1, 2 x 224 px globals at
-scale 0.14-1, no locals, 100 epochs) with G = 4 candidate globals. On the shipped dataset a CPU
-preset (see PRESETS) replaces the flags you do not give: one epoch (156 steps) of ViT-S, then k-NN.
+[CLS] and patch tokens with separate weight-normalised last layers of 8192 prototypes each in the
+student and one for both in the teacher, block masks of 30 % of the patches with aspect 0.3-3.3,
+lambda1 = lambda2 = 1, teacher temperatures 0.04 for [CLS] and 0.04 -> 0.07 over 30 epochs for
+patches, student 0.1, two centres with momentum 0.9, AdamW lr 5e-4 x batch/256 with 10 warm-up
+epochs and cosine to 1e-6, weight decay 0.04 -> 0.4, clip 3.0, last layers frozen for the first
+epoch, teacher EMA 0.996 -> 1, 2 x 224 px globals at scale 0.14-1, no locals, 100 epochs) with
+G = 4 candidate globals. On the shipped dataset a CPU preset (see PRESETS) replaces the flags you
+do not give: one epoch (156 steps) of ViT-S, then k-NN.
 
 Masking: the student's patch embeddings at masked positions are replaced by a learnable mask token
 (on the model wrapper, so it is trained, averaged into the teacher and saved) before the position
 embedding and the transformer blocks; the teacher always sees the unmasked view. Masks are drawn
-per view in the data workers from the view's own seeded generator (exact on resume).
+per view in the data workers from the view's own seeded generator (exact on resume), each with its
+own ratio drawn as the reference does: one of the --pred_ratio values picked at random, each
+uniform within -/+ its --pred_ratio_var (the reference's ViT-S/16 recipe, --pred_ratio 0 0.3
+--pred_ratio_var 0 0.2, leaves half the views unmasked and masks 10-50 % of the others); no masking
+before --pred_start_epoch. As in the reference (--shared_head_teacher, its default), the teacher
+computes patch targets with its [CLS] last layer while the student has a separate patch last
+layer, which the teacher EMA skips (it averages the parameters both have, by name).
 
 Differences from the reference iBOT code: globals alternate the two transforms (the reference gives
-transform 1 to view 0 only, D5); teacher and student heads have the same structure (the reference's
-teacher shares one last layer for [CLS] and patches while the student has two); no pred_ratio
-variance and no MIM start epoch.
+transform 1 to view 0 only, D5); only the global views get masks (the reference also draws masks
+for the local crops, which it never uses); before --pred_start_epoch the masks drawn in the data
+workers are replaced by empty ones (the reference draws none), so the data stream does not depend
+on it.
 """
 import json
 import math
@@ -43,6 +51,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -81,8 +90,9 @@ class Config:
     freeze_last_layer: float = 1.0  # epochs during which the heads' last layers are not trained
     drop_path: float = 0.1  # stochastic depth of the student (the teacher has none)
     out_dim: int = 8192  # [CLS] prototypes
-    patch_out_dim: int = 8192  # patch prototypes (must equal out_dim with --shared_head)
+    patch_out_dim: int = 8192  # patch prototypes (must equal out_dim with --shared_head or --shared_head_teacher)
     shared_head: bool = False  # one last layer for [CLS] and patch tokens (the MLP is always shared)
+    shared_head_teacher: bool = True  # teacher patch tokens use its [CLS] last layer (official); no-: own layer, the student's EMA
     hidden_dim: int = 2048  # head MLP width
     bottleneck_dim: int = 256  # head bottleneck before the weight-normalised last layer(s)
     norm_last_layer: bool = True  # fix the last layers' weight norm to 1 (more stable for ViTs)
@@ -97,7 +107,9 @@ class Config:
     center_momentum2: float = 0.9  # EMA momentum of the patch centre
     lambda1: float = 1.0  # weight of the [CLS] self-distillation loss
     lambda2: float = 1.0  # weight of the masked-patch (MIM) self-distillation loss
-    pred_ratio: float = 0.3  # fraction of a global crop's patches masked for the student (0 = no MIM)
+    pred_ratio: tuple = (0.3,)  # fraction of a global crop's patches masked for the student (0 = no MIM); several: one per view
+    pred_ratio_var: tuple = (0.0,)  # each view's ratio is uniform in pred_ratio -/+ this (one number, or one per pred_ratio)
+    pred_start_epoch: int = 0  # no masking (no MIM loss) before this epoch
     pred_aspect: tuple = (0.3, 1 / 0.3)  # aspect-ratio range of the mask blocks
     global_views: int = 4  # candidate global crops per image (even number); 2 = no global selection
     local_views: int = 0  # candidate local crops per image; = local_crops_number: no local selection
@@ -144,12 +156,27 @@ def check_config(cfg):
     if not 0 <= cfg.local_crops_number <= cfg.local_views:
         raise hvp.HVPError(f"--local_crops_number must be in [0, --local_views = {cfg.local_views}], "
                            f"got {cfg.local_crops_number}")
-    if not 0 <= cfg.pred_ratio < 1:
+    means, half_widths = ratio_options(cfg.pred_ratio, cfg.pred_ratio_var)
+    if not all(0 <= m < 1 for m in means):
         raise hvp.HVPError(f"--pred_ratio must be in [0, 1), got {cfg.pred_ratio}")
+    if len(half_widths) != len(means):
+        raise hvp.HVPError(f"--pred_ratio_var must be one number or one per --pred_ratio ({len(means)}), "
+                           f"got {cfg.pred_ratio_var}")
+    if not all(0 <= v <= m and m + v < 1 for m, v in zip(means, half_widths)):
+        raise hvp.HVPError(f"--pred_ratio_var must be in [0, pred_ratio] with pred_ratio + pred_ratio_var < 1, "
+                           f"got --pred_ratio {cfg.pred_ratio} --pred_ratio_var {cfg.pred_ratio_var}")
+    if cfg.pred_start_epoch < 0:
+        raise hvp.HVPError(f"--pred_start_epoch must be >= 0, got {cfg.pred_start_epoch}")
     if not 0 < cfg.pred_aspect[0] <= cfg.pred_aspect[1]:
         raise hvp.HVPError(f"--pred_aspect must be two numbers 0 < low <= high, got {cfg.pred_aspect}")
     if cfg.shared_head and cfg.patch_out_dim != cfg.out_dim:
         raise hvp.HVPError(f"--shared_head needs --patch_out_dim = --out_dim, got {cfg.patch_out_dim} and {cfg.out_dim}")
+    if cfg.shared_head and not cfg.shared_head_teacher:
+        raise hvp.HVPError("--shared_head needs --shared_head_teacher: the teacher's separate patch last layer "
+                           "would have no student counterpart to start from and follow")
+    if cfg.shared_head_teacher and cfg.patch_out_dim != cfg.out_dim:
+        raise hvp.HVPError(f"--shared_head_teacher (the default) needs --patch_out_dim = --out_dim, got "
+                           f"{cfg.patch_out_dim} and {cfg.out_dim} (or pass --no-shared_head_teacher)")
     if not 0 < cfg.hvp_select_res <= 1:
         raise hvp.HVPError(f"--hvp_select_res must be in (0, 1], got {cfg.hvp_select_res}")
     if cfg.hvp_every < 1 or cfg.hvp_limit < 0 or cfg.batch_size < 1 or cfg.grad_accum < 1:
@@ -163,52 +190,104 @@ def check_config(cfg):
 
 # ----------------------------------------------------------------------------------- data
 
+def ratio_options(ratio, ratio_var):
+    """--pred_ratio / --pred_ratio_var (numbers or sequences) as two equal-length tuples of means and
+    half-widths: one half-width is used for every mean (official iBOT's broadcast)."""
+    means = tuple(ratio) if isinstance(ratio, (tuple, list)) else (ratio,)
+    half_widths = tuple(ratio_var) if isinstance(ratio_var, (tuple, list)) else (ratio_var,)
+    return means, half_widths * len(means) if len(half_widths) == 1 else half_widths
+
+
+def mask_ratios(n, ratio, ratio_var, generator):
+    """n mask ratios as official iBOT draws them (ImageFolderMask.get_pred_ratio): for every (mean,
+    half-width) pair uniform(mean - half-width, mean + half-width) (exactly the mean when the width
+    is 0), then one of those values picked uniformly. One generator call. -> float64 array (n,)."""
+    means, half_widths = (np.array(x, dtype=np.float64) for x in ratio_options(ratio, ratio_var))
+    u = torch.rand(n, len(means) + 1, generator=generator, dtype=torch.float64).numpy()
+    values = means + half_widths * (2 * u[:, :-1] - 1)
+    return values[np.arange(n), (u[:, -1] * len(means)).astype(np.int64)]
+
+
+def block_masks(ratios, height, width, aspect, generator, attempts=10):
+    """BEiT-style block-wise masks of a height x width patch grid, one per ratio, with official
+    iBOT's rules (loader.py): a mask grows by rectangles until ratio x height x width patches are
+    masked or `attempts` proposals in a row add nothing. A proposal has an area uniform between
+    (min(height, width) // 3)^2 and the patches still to mask, a log-uniform aspect in `aspect`,
+    rounded sides, is usable only if strictly narrower and lower than the grid, gets a uniform
+    position, and is accepted if it masks at least one new patch and no more than are still to mask.
+
+    Vectorised: each round draws all masks' `attempts` proposals in one generator call, counts the
+    patches they already cover from summed-area tables and keeps each mask's first acceptable one
+    (the later proposals of a round are drawn but unused: the same distribution as drawing one by
+    one). -> bool tensor (len(ratios), height, width)."""
+    target = np.asarray(ratios, dtype=np.float64).reshape(-1) * height * width
+    n = len(target)
+    masks = np.zeros((n, height, width), dtype=bool)
+    count = np.zeros(n, dtype=np.int64)
+    low = (min(height, width) // 3) ** 2
+    log_low, log_high = math.log(aspect[0]), math.log(aspect[1])
+    rows, cols = np.arange(height), np.arange(width)
+    active = np.flatnonzero(count < target)
+    while len(active):
+        u = torch.rand(len(active), attempts, 4, generator=generator, dtype=torch.float64).numpy()
+        remaining = (target[active] - count[active])[:, None]
+        area = low + (remaining - low) * u[..., 0]
+        aspect_ratio = np.exp(log_low + (log_high - log_low) * u[..., 1])
+        h = np.rint(np.sqrt(area * aspect_ratio)).astype(np.int64)  # rint, like round: halves to even
+        w = np.rint(np.sqrt(area / aspect_ratio)).astype(np.int64)
+        usable = (h < height) & (w < width)
+        h, w = h * usable, w * usable                               # unusable ones: empty, in range
+        top = (u[..., 2] * (height - h + 1)).astype(np.int64)       # uniform in [0, height - h]
+        left = (u[..., 3] * (width - w + 1)).astype(np.int64)
+        table = np.zeros((len(active), height + 1, width + 1), dtype=np.int64)  # summed-area tables
+        table[:, 1:, 1:] = masks[active].cumsum(1).cumsum(2)
+        b = np.arange(len(active))[:, None]
+        covered = table[b, top + h, left + w] - table[b, top, left + w] - table[b, top + h, left] + table[b, top, left]
+        new = h * w - covered
+        ok = usable & (new > 0) & (new <= remaining)
+        hit = np.flatnonzero(ok.any(1))                             # the others stop: `attempts` failures
+        first = ok[hit].argmax(1)
+        t, l, hh, ww = top[hit, first], left[hit, first], h[hit, first], w[hit, first]
+        in_rows = (rows >= t[:, None]) & (rows < (t + hh)[:, None])
+        in_cols = (cols >= l[:, None]) & (cols < (l + ww)[:, None])
+        grown = active[hit]
+        masks[grown] |= in_rows[:, :, None] & in_cols[:, None, :]
+        count[grown] += new[hit, first]
+        active = grown[count[grown] < target[grown]]
+    return torch.from_numpy(masks)
+
+
 def block_mask(height, width, ratio, aspect, generator):
-    """BEiT-style block-wise mask of a height x width patch grid: rectangles (area between a ninth
-    of the shorter side squared and what is left to mask, log-uniform aspect in `aspect`) are added
-    until about `ratio` of the patches are masked, or ten tries in a row add nothing."""
-    mask = torch.zeros(height, width, dtype=torch.bool)
-    target = ratio * height * width
-    min_area = max(1, (min(height, width) // 3) ** 2)
-    log_aspect = (math.log(aspect[0]), math.log(aspect[1]))
-
-    def uniform(low, high):
-        return low + (high - low) * float(torch.rand((), generator=generator))
-
-    count = 0
-    while count < target:
-        budget = target - count
-        added = 0
-        for _ in range(10):
-            area, ar = uniform(min_area, budget), math.exp(uniform(*log_aspect))
-            h, w = round(math.sqrt(area * ar)), round(math.sqrt(area / ar))
-            if not (1 <= h <= height and 1 <= w <= width):
-                continue
-            top = int(torch.randint(0, height - h + 1, (), generator=generator))
-            left = int(torch.randint(0, width - w + 1, (), generator=generator))
-            new = h * w - int(mask[top:top + h, left:left + w].sum())
-            if 0 < new <= budget:
-                mask[top:top + h, left:left + w] = True
-                added = new
-                break
-        if not added:
-            break
-        count += added
-    return mask
+    """One block mask of `ratio` (see block_masks). -> bool tensor (height, width)."""
+    return block_masks([ratio], height, width, aspect, generator)[0]
 
 
 class MaskedMultiCrop:
-    """The multi-crop transform plus one block mask per global view ("masks": (G, h, w) bool), drawn
-    from the same per-sample generator, so masks are as reproducible as the crops."""
+    """The multi-crop transform plus one block mask per global view ("masks": (G, h, w) bool), each
+    with its own ratio (mask_ratios of `ratio`, `ratio_var`), drawn from the same per-sample
+    generator, so masks are as reproducible as the crops."""
 
-    def __init__(self, multicrop, grid, ratio, aspect):
-        self.multicrop, self.grid, self.ratio, self.aspect = multicrop, grid, ratio, aspect
+    def __init__(self, multicrop, grid, ratio, aspect, ratio_var=0.0):
+        self.multicrop, self.grid, self.ratio, self.aspect, self.ratio_var = multicrop, grid, ratio, aspect, ratio_var
 
     def __call__(self, image, generator):
         out = self.multicrop(image, generator)
-        out["masks"] = torch.stack([block_mask(*self.grid, self.ratio, self.aspect, generator)
-                                    for _ in range(len(out["globals"]))])
+        ratios = mask_ratios(len(out["globals"]), self.ratio, self.ratio_var, generator)
+        out["masks"] = block_masks(ratios, *self.grid, self.aspect, generator)
         return out
+
+
+def masks_for_epoch(masks, epoch, cfg):
+    """No masked image modelling before --pred_start_epoch (official iBOT: ratio 0 then): the masks
+    drawn in the data workers are replaced by all-False ones."""
+    return masks if epoch >= cfg.pred_start_epoch else torch.zeros_like(masks)
+
+
+def mask_ratio_text(cfg):
+    """The mask ratio settings for the start-up line: "0.3", "0 or 0.1-0.5", "... from epoch 10"."""
+    means, half_widths = ratio_options(cfg.pred_ratio, cfg.pred_ratio_var)
+    options = [f"{m:g}" if v == 0 else f"{m - v:g}-{m + v:g}" for m, v in zip(means, half_widths)]
+    return " or ".join(options) + (f" from epoch {cfg.pred_start_epoch}" if cfg.pred_start_epoch else "")
 
 
 def resize_masks(masks, grid):
@@ -295,12 +374,28 @@ class IBOTModel(nn.Module):
         return self.head(torch.cat(cls, 1)), patch_logits
 
 
-def build_model(cfg, drop_path_rate):
+def build_model(cfg, drop_path_rate, shared_head=None):
+    """The student (shared_head None: --shared_head) or, via build_teacher, the teacher."""
     backbone = create_backbone(cfg, drop_path_rate)
     head = IBOTHead(backbone.num_features, cfg.out_dim, cfg.patch_out_dim, cfg.hidden_dim, cfg.bottleneck_dim,
-                    cfg.norm_last_layer, cfg.shared_head)
+                    cfg.norm_last_layer, cfg.shared_head if shared_head is None else shared_head)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     return IBOTModel(backbone, head, memory_format)
+
+
+def build_teacher(cfg):
+    """The teacher: no drop-path, and (official iBOT's default --shared_head_teacher) one last layer
+    for [CLS] and patch tokens, so it lacks the student's last_layer2. Not yet initialised: see
+    copy_student_into."""
+    return build_model(cfg, 0.0, shared_head=cfg.shared_head_teacher)
+
+
+def copy_student_into(teacher, student):
+    """Start the teacher from the student's weights: every teacher entry is copied from the student
+    entry of the same name (a missing one is an error); student entries the teacher lacks (its
+    separate patch last layer, when the teacher's head is shared) are left out."""
+    names = teacher.state_dict().keys()
+    teacher.load_state_dict({k: v for k, v in student.state_dict().items() if k in names})
 
 
 # ----------------------------------------------------------------------------------- loss
@@ -411,15 +506,16 @@ def main():
         raise hvp.HVPError(f"--image_size {cfg.image_size} and --local_size {cfg.local_size} must be multiples "
                            f"of the ViT patch size {patch}")
     grid = (cfg.image_size // patch, cfg.image_size // patch)
-    teacher = build_model(cfg, 0.0)  # no drop-path; kept out of `prepare`: it has no gradients and no DDP
-    teacher.load_state_dict(student.state_dict())
+    teacher = build_teacher(cfg)  # no drop-path; kept out of `prepare`: it has no gradients and no DDP
+    copy_student_into(teacher, student)  # the common entries (the shared-head teacher lacks last_layer2)
     teacher.requires_grad_(False)
     teacher.to(device)
 
     ds = hvp.shard_for_rank(ds, rank, world, cfg.num_workers)
     num_shards = ds.num_shards
     ds = ds.shuffle(seed=cfg.seed, buffer_size=cfg.shuffle_buffer)
-    transform = MaskedMultiCrop(hvp.multicrop_transform(cfg), grid, cfg.pred_ratio, cfg.pred_aspect)
+    transform = MaskedMultiCrop(hvp.multicrop_transform(cfg), grid, cfg.pred_ratio, cfg.pred_aspect,
+                                cfg.pred_ratio_var)  # each view's ratio drawn as official iBOT
     stream = hvp.ViewStream(ds, transform, cfg.image_column, cfg.label_column if has_labels else None,
                             cfg.seed, rank, cfg.batch_size)
     loader = hvp.make_loader(stream, cfg.batch_size, cfg.num_workers, num_shards, pin_memory=device.type == "cuda")
@@ -459,7 +555,7 @@ def main():
     selecting = G > 2 or L_loader > L
     if is_main:
         print(f"iBOT {'+ HVP ' if selecting else ''}| {cfg.arch} {cfg.image_size}/{cfg.local_size}px patch {patch} | "
-              f"globals {G} -> 2, locals {L_loader} -> {L} | mask ratio {cfg.pred_ratio} | {world} process(es) on "
+              f"globals {G} -> 2, locals {L_loader} -> {L} | mask ratio {mask_ratio_text(cfg)} | {world} process(es) on "
               f"{device.type} | global batch {global_batch} | {steps_per_epoch} steps/epoch | {total_steps} steps | "
               f"lr {init_lr:.4g} | precision {accelerator.mixed_precision}" + (f" | resumed at step {step}" if step else "")
               + (f"\npreset for the shipped dataset: {', '.join(f'{k}={getattr(cfg, k)}' for k in preset_keys)}"
@@ -519,7 +615,7 @@ def main():
             skipped += int(batch["skipped"].sum())
             torch.manual_seed(hvp.mix_seed(cfg.seed, rank, step, micro))  # drop-path etc. replay on resume
             global_views = hvp.photometric(batch["globals"].to(device, non_blocking=True), batch["globals_params"])
-            masks = batch["masks"].to(device, non_blocking=True)
+            masks = masks_for_epoch(batch["masks"], epoch, cfg).to(device, non_blocking=True)  # --pred_start_epoch
             local_views = (hvp.photometric(batch["locals"].to(device, non_blocking=True), batch["locals_params"])
                            if L_loader else global_views.new_zeros(len(global_views), 0, 3, cfg.local_size, cfg.local_size))
             temps = teacher_temperatures(epoch, cfg)

@@ -92,7 +92,8 @@ def main():
         summary = f"selected pair loss {scores.max(1).values.mean():.3f} vs pair (0, 1) {scores[:, 0].mean():.3f}"
     else:
         cfg.drop_path = 0.0
-        student, teacher = module.build_model(cfg, 0.0), module.build_model(cfg, 0.0)
+        student = module.build_model(cfg, 0.0)
+        teacher = module.build_teacher(cfg) if method == "ibot" else module.build_model(cfg, 0.0)  # iBOT: shared head
         student.load_state_dict(state["student"])
         teacher.load_state_dict(state["teacher"])
         student.train(), teacher.train()
@@ -101,7 +102,7 @@ def main():
             transform = hvp.multicrop_transform(cfg)
         else:
             transform = module.MaskedMultiCrop(hvp.multicrop_transform(cfg), (cfg.image_size // patch,) * 2,
-                                               cfg.pred_ratio, cfg.pred_aspect)
+                                               cfg.pred_ratio, cfg.pred_aspect, cfg.pred_ratio_var)
         batch = first_batch(cfg, transform, args.num_images, args.dataset, args.split)
         global_views = hvp.photometric(batch["globals"], batch["globals_params"])
         local_views = (hvp.photometric(batch["locals"], batch["locals_params"]) if cfg.local_views else

@@ -1,9 +1,14 @@
-"""train_ibot.py's parts in-process: masking with the mask token, block masks, the iBOT loss,
-hard-view selection against exhaustive enumeration, masks travelling with their views, teacher
-reuse, reduced-resolution masks."""
+"""train_ibot.py's parts in-process: masking with the mask token, block masks and mask ratios
+against a loop of the official iBOT algorithm, the mask options, the shared-head teacher and its
+EMA, the iBOT loss, hard-view selection against exhaustive enumeration, masks travelling with their
+views, teacher reuse, reduced-resolution masks."""
 import contextlib
 import itertools
+import math
+import random
 from dataclasses import replace
+
+import numpy as np
 
 import pytest
 import torch
@@ -23,10 +28,15 @@ class NoAccelerator:
 
 
 def tiny_cfg(**kw):
+    """A 16 px ViT-tiny with 64 [CLS] and 48 patch prototypes (distinct sizes catch mix-ups), so a
+    teacher with its own patch last layer; SHARED_TEACHER switches to the official default."""
     base = dict(arch="vit_tiny", small_stem=True, image_size=16, local_size=8, out_dim=64, patch_out_dim=48,
-                hidden_dim=64, bottleneck_dim=32, global_views=4, local_views=4, local_crops_number=2,
-                channels_last=False)
+                shared_head_teacher=False, hidden_dim=64, bottleneck_dim=32, global_views=4, local_views=4,
+                local_crops_number=2, channels_last=False)
     return replace(ti.Config(), **{**base, **kw})
+
+
+SHARED_TEACHER = dict(shared_head_teacher=True, patch_out_dim=64)
 
 
 def random_masks(B, G, h, w, gen, ratio=0.4):
@@ -34,10 +44,11 @@ def random_masks(B, G, h, w, gen, ratio=0.4):
 
 
 def vit_pair(cfg):
+    """Student and teacher as main() builds them (the student without drop-path, for exact reruns)."""
     torch.manual_seed(0)
     student = ti.build_model(cfg, drop_path_rate=0.0).train()
-    teacher = ti.build_model(cfg, drop_path_rate=0.0).train()
-    teacher.load_state_dict(student.state_dict())
+    teacher = ti.build_teacher(cfg).train()
+    ti.copy_student_into(teacher, student)
     teacher.requires_grad_(False)
     return student, teacher
 
@@ -79,7 +90,7 @@ def test_the_model_gives_cls_logits_for_all_views_and_patch_logits_for_globals()
     gen = torch.Generator().manual_seed(0)
     cls, patches = model(torch.randn(2, 4, 3, 16, 16), random_masks(2, 4, 4, 4, gen), torch.randn(2, 3, 3, 8, 8))
     assert cls.shape == (2, 7, 64) and patches.shape == (2, 4, 16, 48)
-    shared, _ = vit_pair(tiny_cfg(shared_head=True, patch_out_dim=64))
+    shared, _ = vit_pair(tiny_cfg(shared_head=True, **SHARED_TEACHER))
     assert shared.head.last_layer2 is None and shared(torch.randn(2, 2, 3, 16, 16))[1].shape == (2, 2, 16, 64)
 
 
@@ -101,19 +112,171 @@ def test_only_masked_patches_enter_the_patch_loss():
         torch.testing.assert_close(loss[b, g], expected)
 
 
+# ----------------------------------------------------------------------------------- masks
+
+ASPECT = (0.3, 1 / 0.3)
+
+
+def official_ratio(rng, means, half_widths):
+    """Official iBOT's ImageFolderMask.get_pred_ratio, with Python's random module as there."""
+    if len(means) > 1:
+        half_widths = half_widths * len(means) if len(half_widths) == 1 else half_widths
+        return rng.choice([rng.uniform(m - v, m + v) if v > 0 else m for m, v in zip(means, half_widths)])
+    return rng.uniform(means[0] - half_widths[0], means[0] + half_widths[0]) if half_widths[0] > 0 else means[0]
+
+
+def official_block_mask(rng, height, width, ratio, aspect):
+    """Official iBOT's block mask (loader.py, after BEiT), one proposal and one patch at a time."""
+    high = ratio * height * width
+    mask = [[False] * width for _ in range(height)]
+    count = 0
+    while count < high:
+        remaining = high - count
+        delta = 0
+        for _ in range(10):
+            area = rng.uniform((min(height, width) // 3) ** 2, remaining)
+            aspect_ratio = math.exp(rng.uniform(math.log(aspect[0]), math.log(aspect[1])))
+            h, w = round(math.sqrt(area * aspect_ratio)), round(math.sqrt(area / aspect_ratio))
+            if w < width and h < height:
+                top, left = rng.randint(0, height - h), rng.randint(0, width - w)
+                cells = [(i, j) for i in range(top, top + h) for j in range(left, left + w)]
+                new = sum(not mask[i][j] for i, j in cells)
+                if 0 < new <= remaining:
+                    for i, j in cells:
+                        mask[i][j] = True
+                    delta = new
+            if delta:
+                break
+        if not delta:
+            break
+        count += delta
+    return mask
+
+
+@pytest.mark.parametrize("ratio,ratio_var", [((0.3,), (0.0,)), ((0.0, 0.3), (0.0, 0.2))])
+def test_block_masks_are_distributed_as_the_official_algorithms(ratio, ratio_var):
+    rng = random.Random(0)
+    reference = np.array([official_block_mask(rng, 14, 14, official_ratio(rng, ratio, ratio_var), ASPECT)
+                          for _ in range(4000)])
+    fast = []
+    for seed in range(1000):  # as the transform draws them: 4 global views of an image from its generator
+        gen = torch.Generator().manual_seed(seed)
+        fast.append(ti.block_masks(ti.mask_ratios(4, ratio, ratio_var, gen), 14, 14, ASPECT, gen))
+    fast = torch.cat(fast).numpy()
+    reference_fraction, fast_fraction = reference.mean((1, 2)), fast.mean((1, 2))
+    assert abs(fast_fraction.mean() - reference_fraction.mean()) < 0.01
+    assert abs((fast_fraction == 0).mean() - (reference_fraction == 0).mean()) < 0.04
+    # the spread (fixed setting: how close to the target the last rectangles get; it moves with the
+    # minimum area and the number of attempts)
+    assert abs(fast_fraction.std() / reference_fraction.std() - 1) < 0.25
+    # the reference itself: a little under the ratio (rectangles overshooting it are refused) in the
+    # fixed setting, about 0.147 with half the views unmasked in the ranged one (iBOT's ViT-S recipe)
+    if ratio_var == (0.0,):
+        assert 0.27 < reference_fraction.mean() <= 0.3 and not (reference_fraction == 0).any()
+    else:
+        assert abs(reference_fraction.mean() - 0.147) < 0.01 and abs((reference_fraction == 0).mean() - 0.5) < 0.04
+
+
+def test_block_masks_never_exceed_their_target_and_ratio_0_masks_nothing():
+    gen = torch.Generator().manual_seed(0)
+    ratios = ti.mask_ratios(2000, (0.0, 0.3), (0.0, 0.2), gen)
+    counts = ti.block_masks(ratios, 14, 14, ASPECT, gen).flatten(1).sum(1).numpy()
+    assert (counts <= ratios * 14 * 14).all()
+    assert (counts[ratios == 0] == 0).all() and (counts[ratios > 0] > 0).all()
+
+
+@pytest.mark.parametrize("aspect,grid,wider", [(1 / 14, (14, 14), (14, 15)), (14.0, (14, 14), (15, 14))])
+def test_a_block_as_wide_or_as_high_as_the_grid_is_never_used(aspect, grid, wider):
+    # aspect fixed and a target of 14.5 patches: every proposal (area 14.5-16) is a 1 x 14 or 1 x 15
+    # strip (14 x 1 or 15 x 1), usable only where the grid is strictly larger (official: w < W, h < H)
+    def draw(height, width):
+        return ti.block_masks([14.5 / (height * width)] * 200, height, width, (aspect, aspect),
+                              torch.Generator().manual_seed(0))
+
+    assert not draw(*grid).any()
+    masks = draw(*wider)
+    counts = masks.flatten(1).sum(1)
+    assert counts.max() == 14 and set(counts.tolist()) <= {0, 14}
+    lines = masks.sum(1 if aspect > 1 else 2) == 14  # columns (rows) holding a whole strip
+    assert (lines.sum(1)[counts == 14] == 1).all()
+
+
 def test_block_masks_are_seeded_rectangles_of_about_the_ratio():
-    masks = [ti.block_mask(14, 14, 0.3, (0.3, 1 / 0.3), torch.Generator().manual_seed(s)) for s in range(20)]
+    masks = [ti.block_mask(14, 14, 0.3, ASPECT, torch.Generator().manual_seed(s)) for s in range(20)]
     ratios = torch.stack([m.float().mean() for m in masks])
     assert (ratios <= 0.3 + 1e-6).all() and ratios.mean() > 0.2
-    again = ti.block_mask(14, 14, 0.3, (0.3, 1 / 0.3), torch.Generator().manual_seed(3))
+    again = ti.block_mask(14, 14, 0.3, ASPECT, torch.Generator().manual_seed(3))
     assert torch.equal(again, masks[3])
     assert not ti.block_mask(4, 4, 0.0, (0.3, 3.3), torch.Generator()).any()
 
 
+def test_masks_and_their_ratios_are_reproducible_from_the_generator():
+    def draw(seed):
+        gen = torch.Generator().manual_seed(seed)
+        return ti.block_masks(ti.mask_ratios(4, (0.0, 0.3), (0.0, 0.2), gen), 14, 14, ASPECT, gen)
+
+    assert torch.equal(draw(3), draw(3)) and not torch.equal(draw(3), draw(4))
+
+
+def test_mask_ratios_are_drawn_as_official_get_pred_ratio():
+    gen = torch.Generator().manual_seed(0)
+    assert (ti.mask_ratios(100, (0.3,), (0.0,), gen) == 0.3).all()  # no width: exactly the mean
+    assert (ti.mask_ratios(100, 0.3, 0.0, gen) == 0.3).all()        # plain numbers work too
+    # (0, 0.3) -/+ (0, 0.2): half exactly 0, half uniform in [0.1, 0.5] (mean 0.3, variance 0.4^2 / 12)
+    r = ti.mask_ratios(20000, (0.0, 0.3), (0.0, 0.2), gen)
+    wide = r[r != 0]
+    assert abs(len(wide) / len(r) - 0.5) < 0.02 and ((wide >= 0.1) & (wide <= 0.5)).all()
+    assert abs(wide.mean() - 0.3) < 0.005 and abs(wide.var() / (0.4 ** 2 / 12) - 1) < 0.05
+    # one half-width serves every mean
+    r = ti.mask_ratios(20000, (0.2, 0.6), (0.1,), gen)
+    assert (((r >= 0.1) & (r <= 0.3)) | ((r >= 0.5) & (r <= 0.7))).all() and abs((r < 0.4).mean() - 0.5) < 0.02
+
+
+def test_no_masks_before_pred_start_epoch():
+    cfg = tiny_cfg(pred_start_epoch=2)
+    masks = random_masks(3, 4, 4, 4, torch.Generator().manual_seed(0))
+    for epoch in (0, 1):
+        empty = ti.masks_for_epoch(masks, epoch, cfg)
+        assert empty.shape == masks.shape and empty.dtype == torch.bool and not empty.any()
+    assert ti.masks_for_epoch(masks, 2, cfg) is masks and ti.masks_for_epoch(masks, 7, cfg) is masks
+
+
+def test_mask_ratio_flags_take_one_number_or_several():
+    cfg, _ = hvp.parse_config(ti.Config, ["--pred_ratio", "0", "0.3", "--pred_ratio_var", "0", "0.2",
+                                          "--pred_start_epoch", "5"])
+    assert (cfg.pred_ratio, cfg.pred_ratio_var, cfg.pred_start_epoch) == ((0.0, 0.3), (0.0, 0.2), 5)
+    cfg, _ = hvp.parse_config(ti.Config, ["--pred_ratio", "0.4"])
+    assert cfg.pred_ratio == (0.4,) and cfg.pred_ratio_var == (0.0,)
+    with pytest.raises(SystemExit):  # tuples with a longer default keep its length
+        hvp.parse_config(ti.Config, ["--pred_aspect", "0.3"])
+
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(pred_ratio=(0.3, 1.0)), "--pred_ratio must be in [0, 1)"),
+    (dict(pred_ratio=(0.0, 0.3, 0.5), pred_ratio_var=(0.0, 0.2)), "--pred_ratio_var must be one number or one per"),
+    (dict(pred_ratio=(0.1,), pred_ratio_var=(0.2,)), "--pred_ratio_var must be in [0, pred_ratio]"),
+    (dict(pred_ratio=(0.3,), pred_ratio_var=(-0.1,)), "--pred_ratio_var must be in [0, pred_ratio]"),
+    (dict(pred_ratio=(0.0, 0.5), pred_ratio_var=(0.0, 0.5)), "--pred_ratio_var must be in [0, pred_ratio]"),
+    (dict(pred_start_epoch=-1), "--pred_start_epoch must be >= 0"),
+    (dict(shared_head_teacher=True, patch_out_dim=48), "--shared_head_teacher (the default) needs --patch_out_dim"),
+    (dict(shared_head=True, patch_out_dim=64), "--shared_head needs --shared_head_teacher"),
+])
+def test_bad_mask_or_teacher_head_settings_are_one_line_errors(settings, message):
+    with pytest.raises(hvp.HVPError) as error:
+        ti.check_config(tiny_cfg(**settings))
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+def test_the_official_mask_recipes_are_valid_settings():
+    ti.check_config(tiny_cfg(pred_ratio=(0.0, 0.3), pred_ratio_var=(0.0, 0.2), pred_start_epoch=10, **SHARED_TEACHER))
+    ti.check_config(tiny_cfg(pred_ratio=(0.3,), pred_ratio_var=(0.0,)))
+
+
 def test_masks_are_drawn_per_global_view_in_the_transform():
     from PIL import Image
-    cfg = tiny_cfg(global_views=4, local_views=3, pred_ratio=0.4)
-    transform = ti.MaskedMultiCrop(hvp.multicrop_transform(cfg), (4, 4), cfg.pred_ratio, cfg.pred_aspect)
+    cfg = tiny_cfg(global_views=4, local_views=3, pred_ratio=(0.4,))
+    transform = ti.MaskedMultiCrop(hvp.multicrop_transform(cfg), (4, 4), cfg.pred_ratio, cfg.pred_aspect,
+                                   cfg.pred_ratio_var)
     image = Image.new("RGB", (28, 28), (120, 30, 200))
     out = transform(image, torch.Generator().manual_seed(0))
     assert out["masks"].shape == (4, 4, 4) and out["masks"].dtype == torch.bool and out["masks"].any()
@@ -123,6 +286,57 @@ def test_masks_are_drawn_per_global_view_in_the_transform():
     # the globals alternate DINO's two transforms (DESIGN.md, D5), not the reference iBOT's "view 0 only"
     assert [r.blur_p for r in transform.multicrop.groups["globals"]] == [1.0, 0.1, 1.0, 0.1]
 
+
+# ----------------------------------------------------------------------------------- teacher head
+
+def test_the_shared_head_teacher_computes_patch_logits_with_its_cls_last_layer():
+    student, teacher = vit_pair(tiny_cfg(**SHARED_TEACHER))
+    assert teacher.head.last_layer2 is None and student.head.last_layer2 is not None
+    x = torch.randn(2, 2, 3, 16, 16)
+    with torch.no_grad():
+        cls_logits, patch_logits = teacher(x)
+        _, tokens = teacher.tokens(x.flatten(0, 1))
+        expected = teacher.head.last_layer(F.normalize(teacher.head.mlp(tokens), dim=-1))
+    assert cls_logits.shape == (2, 2, 64)
+    torch.testing.assert_close(patch_logits, expected.unflatten(0, (2, 2)))
+
+
+@pytest.mark.parametrize("teacher_head", [{}, SHARED_TEACHER])
+def test_the_teacher_starts_from_the_students_entries_of_the_same_names(teacher_head):
+    student, teacher = vit_pair(tiny_cfg(**teacher_head))
+    s, t = student.state_dict(), teacher.state_dict()
+    assert all(torch.equal(t[k], s[k]) for k in t)
+    left_out = {k for k in s if k.startswith("head.last_layer2.")} if teacher_head else set()
+    assert set(s) - set(t) == left_out
+
+
+def test_a_teacher_entry_the_student_lacks_is_an_error():
+    student = ti.build_model(tiny_cfg(**SHARED_TEACHER, shared_head=True), 0.0)  # no last_layer2
+    teacher = ti.build_model(tiny_cfg(**SHARED_TEACHER), 0.0)                   # has one
+    with pytest.raises(RuntimeError, match="last_layer2"):
+        ti.copy_student_into(teacher, student)
+    with pytest.raises(ValueError, match="missing in the student"):
+        hvp.ema_update(teacher, student, 0.9)
+
+
+def test_teacher_ema_averages_the_parameters_both_have_by_name():
+    student, teacher = vit_pair(tiny_cfg(**SHARED_TEACHER))
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p))
+    before_teacher = {k: v.clone() for k, v in teacher.named_parameters()}
+    before_student = {k: v.clone() for k, v in student.named_parameters()}
+    hvp.ema_update(teacher, student, 0.75)
+    for name, t in teacher.named_parameters():
+        torch.testing.assert_close(t, 0.75 * before_teacher[name] + 0.25 * before_student[name])
+    # the teacher's one last layer follows the student's [CLS] last layer; the student's patch last
+    # layer has no teacher counterpart and the student is untouched
+    assert "head.last_layer.parametrizations.weight.original1" in before_teacher
+    assert not any(k.startswith("head.last_layer2.") for k in before_teacher)
+    assert all(torch.equal(p, before_student[k]) for k, p in student.named_parameters())
+
+
+# ----------------------------------------------------------------------------------- selection
 
 def exhaustive_selection(student_out, teacher_out, masks, centers, temps, cfg):
     """Every (even global, odd global, L-subset of locals) tuple in the reference's order, scored with
@@ -192,8 +406,9 @@ def test_the_patch_term_can_decide_the_global_pair():
                                 replace(cfg, lambda2=0.0), NoAccelerator())["globals"][0, 0] == 0
 
 
-def test_masks_are_gathered_with_their_views_and_teacher_outputs_reused():
-    cfg = tiny_cfg()
+@pytest.mark.parametrize("teacher_head", [{}, SHARED_TEACHER])
+def test_masks_are_gathered_with_their_views_and_teacher_outputs_reused(teacher_head):
+    cfg = tiny_cfg(**teacher_head)
     student, teacher = vit_pair(cfg)
     gen = torch.Generator().manual_seed(1)
     B = 6

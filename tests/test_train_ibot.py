@@ -12,9 +12,10 @@ from safetensors.torch import load_file
 import hvp_utils as hvp
 from conftest import REPO, run_script, script_env
 
-# a ViT small enough for tests: 16 px globals (4 x 4 patches of 4 px), 8 px locals, 64/48-prototype heads
+# a ViT small enough for tests: 16 px globals (4 x 4 patches of 4 px), 8 px locals, 64-prototype heads
+# (equal sizes: the teacher's patch tokens use its [CLS] last layer, the official default)
 TINY_IBOT = ["--arch", "vit_tiny", "--small_stem", "--image_size", "16", "--local_size", "8", "--batch_size", "8",
-             "--out_dim", "64", "--patch_out_dim", "48", "--hidden_dim", "64", "--bottleneck_dim", "32",
+             "--out_dim", "64", "--patch_out_dim", "64", "--hidden_dim", "64", "--bottleneck_dim", "32",
              "--global_views", "4", "--local_views", "4", "--local_crops_number", "2", "--pred_ratio", "0.4",
              "--num_workers", "0", "--log_every", "1", "--report_to", "none", "--mixed_precision", "no"]
 
@@ -60,6 +61,8 @@ def test_smoke_run_selects_tuples_with_masks_logs_both_losses_exports_the_teache
     (["--arch", "resnet18"], "error: --arch 'resnet18' is not a timm VisionTransformer"),
     (["--global_views", "3"], "error: --global_views must be an even number >= 2"),
     (["--pred_ratio", "1.0"], "error: --pred_ratio must be in [0, 1)"),
+    (["--pred_ratio", "0", "0.3", "--pred_ratio_var", "0", "0.4"], "error: --pred_ratio_var must be in [0, pred_ratio]"),
+    (["--patch_out_dim", "48"], "error: --shared_head_teacher (the default) needs --patch_out_dim = --out_dim"),
 ])
 def test_bad_input_is_a_one_line_error_and_writes_nothing(tiny_dataset, tmp_path, extra, message):
     result = run_script(train_args(tmp_path / "out", tiny_dataset, "--max_steps", 1, *extra), check=False)
@@ -71,9 +74,11 @@ def test_bad_input_is_a_one_line_error_and_writes_nothing(tiny_dataset, tmp_path
 
 def test_resume_from_a_checkpoint_gives_the_same_student_teacher_and_centres(tiny_dataset, tmp_path):
     # half-resolution selection every other step, so both step kinds are resumed; with data workers
-    # (their round-robin order must be resumed too); no label column, so no k-NN
+    # (their round-robin order must be resumed too); mask ratios drawn per view (iBOT's ViT-S recipe);
+    # no label column, so no k-NN
     extra = ("--max_steps", 4, "--save_every", 2, "--warmup_epochs", 0.2, "--freeze_last_layer", 0.2,
-             "--hvp_select_res", 0.5, "--hvp_every", 2, "--num_workers", 2, "--label_column", "none")
+             "--hvp_select_res", 0.5, "--hvp_every", 2, "--num_workers", 2, "--label_column", "none",
+             "--pred_ratio", 0, 0.4, "--pred_ratio_var", 0, 0.1)
     full = tmp_path / "full"
     run_script(train_args(full, tiny_dataset, *extra))
     resumed = tmp_path / "resumed"

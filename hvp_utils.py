@@ -926,6 +926,13 @@ def _select_multicrop_limited(cost, num_locals, pairs, extra, limit, generator):
     return g[index], subsets[index], best
 
 
+def local_selection_stats(local_params, chosen_locals, num_locals):
+    """Mean crop area of the kept locals (B, L indices) vs the plain first L, params (B, L_loader, P) on CPU."""
+    kept = gather_views(local_params, chosen_locals.cpu())
+    return {"hard_local_area": float(crop_area(kept).mean()),
+            "random_local_area": float(crop_area(local_params[:, :num_locals]).mean())}
+
+
 STATS_BINS = 10  # histogram bins over [0, 1] of the IoU and area distributions in selection_stats
 
 
@@ -1332,11 +1339,20 @@ def make_accelerator(mixed_precision, grad_accum, report_to, output_dir):
 
 
 def cosine(step, total_steps, start, end=0.0, warmup_steps=0, warmup_start=0.0):
-    """Linear warmup from warmup_start to start, then cosine from start to end."""
+    """Linear warm-up from warmup_start that reaches `start` at its last step (step warmup_steps - 1,
+    as DINO's and iBOT's np.linspace warm-ups), then a cosine from start to end over the rest."""
     if step < warmup_steps:
-        return warmup_start + (start - warmup_start) * step / warmup_steps
+        return warmup_start + (start - warmup_start) * step / max(1, warmup_steps - 1)
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return end + 0.5 * (start - end) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def linear_warmup(epoch, start, end, epochs):
+    """A per-epoch linear warm-up from `start` that reaches `end` at epoch epochs - 1 (DINO's and
+    iBOT's teacher temperatures: np.linspace over the warm-up epochs), then stays there."""
+    if epoch >= epochs - 1:
+        return end
+    return start + (end - start) * epoch / (epochs - 1)
 
 
 def progress_bar(total, initial=0, desc="", enabled=True):
@@ -2007,6 +2023,35 @@ class DINOHead(nn.Module):
 
     def forward(self, x):
         return self.last_layer(F.normalize(self.mlp(x), dim=-1))
+
+
+def adamw_param_groups(model):
+    """DINO/iBOT's AdamW groups: weight decay (scheduled, group "decay") on weights, none on biases
+    and normalisation parameters."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim == 1 or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "decay": True}, {"params": no_decay, "decay": False, "weight_decay": 0.0}]
+
+
+def distillation_schedule(step, cfg, init_lr, steps_per_epoch, total_steps):
+    """DINO's (and iBOT's) per-step schedules: lr warm-up over --warmup_epochs (epochs of data) then
+    cosine to --min_lr; weight decay cosine from --weight_decay to --weight_decay_end; teacher EMA
+    momentum cosine to 1; the head's last layer frozen for --freeze_last_layer epochs."""
+    warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total_steps)
+    return {"lr": cosine(step, total_steps, init_lr, cfg.min_lr, warmup),
+            "weight_decay": cosine(step, total_steps, cfg.weight_decay, cfg.weight_decay_end),
+            "momentum": cosine(step, total_steps, cfg.momentum_teacher, 1.0),
+            "freeze_last_layer": step < round(cfg.freeze_last_layer * steps_per_epoch)}
+
+
+def apply_schedule(optimizer, schedule):
+    """Set the scheduled lr on every group and the scheduled weight decay on the "decay" group."""
+    for group in optimizer.param_groups:
+        group["lr"] = schedule["lr"]
+        if group.get("decay"):
+            group["weight_decay"] = schedule["weight_decay"]
 
 
 @torch.no_grad()

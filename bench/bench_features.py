@@ -4,7 +4,8 @@
     python bench/bench_features.py --models resnet18:32 --images 2048 --batch_size 256
     python bench/bench_features.py --mixed_precision bf16 --output bench_features.md
 
-harness: what eval/linear.py and eval/knn.py do for one split: stream the parquet split, decode and
+harness: what eval/linear.py and eval/knn.py do for one split: read the parquet split by row groups
+  (hvp.open_source + hvp.eval_loader: whole batches made by hvp.BatchStream), decode and
   resize + centre-crop every image in the loader workers, run the probe feature model
   (linear.FeatureModel: pooled output, or for ViTs the concatenated [CLS] of the last 4 blocks)
   through `hvp.extract_features`, which gathers features and labels.
@@ -45,13 +46,13 @@ def bench_model(arch, size, args, accelerator, dataset, workdir):
     export = hvp.export_backbone(backbone, workdir / f"{arch}-{size}", {"input_size": (3, size, size)}, "bench")
     model, _ = linear.load_backbone(export)  # the harness loads the backbone as the eval scripts do
     extractor = linear.FeatureModel(model, n_last_blocks=4).to(accelerator.device).eval()
-    loader = hvp.eval_loader(str(dataset), "test", "image", "label", size, accelerator, args.batch_size,
+    loader = hvp.eval_loader(hvp.open_source(str(dataset), "test"), size, accelerator, args.batch_size,
                              args.num_workers)
     batches = [b["image"] for b in loader]  # the same decoded batches, for the bare forward
     count = sum(len(b) for b in batches)
 
     def harness():
-        feats, _ = hvp.extract_features(extractor, loader, accelerator, desc=f"{arch} harness")
+        feats, _, _ = hvp.extract_features(extractor, loader, accelerator, desc=f"{arch} harness")
         assert len(feats) == count
 
     @torch.no_grad()

@@ -24,6 +24,13 @@ takes the DINO column:
     accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 eval/finetune.py \\
         --backbone hf-hub:<org>/<repo> --dataset flowers102 --batch_size 64
 
+Every epoch streams the train split shuffled, in full batches with fresh augmentations
+(hvp.BatchStream's training mode, a new stream per epoch); the test split is read whole, in order,
+after every epoch. Images that cannot be decoded are counted per split ("skipped_images" in the
+JSON, and on the result line): replaced in their training batch by another view of a decodable
+image (each epoch's count in its record, the most any epoch met at the top: an epoch reads every
+image at most once), left out of the test split.
+
 Writes a JSON result (--output, default <backbone folder>/finetune_<dataset>.json).
 """
 import json
@@ -35,7 +42,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import hvp_utils as hvp  # noqa: E402
@@ -90,23 +96,38 @@ def transfer_preset(name, protocol="simsiam"):
     return {}
 
 
-# The shipped Fashion-MNIST subset on 2 CPU cores: a few epochs with a larger lr.
-PRESETS = {hvp.DEFAULT_DATASET: dict(lr=1e-3, epochs=3, batch_size=64, crop_scale=(0.5, 1.0), num_workers=1)}
-PRESETS.update({name: transfer_preset(name) for name in TRANSFER})
-PRESETS.update({TRANSFER[name][0]: transfer_preset(name) for name in TRANSFER if TRANSFER[name][0]})
+def presets(protocol="simsiam"):
+    """Defaults by --dataset, for the flags not given: the shipped Fashion-MNIST subset on 2 CPU
+    cores (a few epochs with a larger lr), and every TRANSFER dataset, by name and by Hub id, with
+    the lr / epochs of the --protocol column."""
+    table = {hvp.DEFAULT_DATASET: dict(lr=1e-3, epochs=3, batch_size=64, crop_scale=(0.5, 1.0), num_workers=1)}
+    for name, (hub_id, *_) in TRANSFER.items():
+        for key in (name, hub_id) if hub_id else (name,):
+            table[key] = transfer_preset(name, protocol)
+    return table
 
 
-def resolve_config(cfg, preset_keys):
-    """Turn a preset name into its Hub id and apply the --protocol column to preset values."""
+PRESETS = presets()  # the SimSiam column
+
+
+def parse_args(argv=None):
+    """(config, start-up notes) from the command line. The preset table depends on --protocol, so
+    --protocol is read first (a parse without presets) and the command line is then parsed with that
+    protocol's table: hvp.parse_config fills in preset values only for the flags not given."""
+    description = __doc__.splitlines()[0]
+    protocol = hvp.parse_config(Config, argv, description=description)[0].protocol
+    return hvp.parse_config(Config, argv, presets=presets(protocol), description=description)
+
+
+def resolve_config(cfg):
+    """Turn a preset name into its Hub id (lr / epochs of the preset are already in cfg, see
+    parse_args) and check the flags."""
     preset = transfer_preset(cfg.dataset, cfg.protocol)
     if preset:
         if preset["dataset"] in TRANSFER:  # no public Hub copy known: the user must point at one
             raise hvp.HVPError(f"--dataset {cfg.dataset}: no public Hub copy known; give a local copy or Hub id with --dataset, and "
                                f"--lr {preset['lr']:g} --epochs {preset['epochs']} (preset table in --help)")
         cfg.dataset = preset["dataset"]
-        for key in ("lr", "epochs"):
-            if key in preset_keys:
-                setattr(cfg, key, preset[key])
     if cfg.protocol not in ("simsiam", "dino"):
         raise hvp.HVPError(f"--protocol must be simsiam or dino, got {cfg.protocol!r}")
     if cfg.mixed_precision not in ("", "no", "fp16", "bf16"):
@@ -120,17 +141,45 @@ def resolve_config(cfg, preset_keys):
 
 # ----------------------------------------------------------------------------------- data
 
-def count_classes(cfg):
-    """Number of classes: from the dataset's ClassLabel feature, else one pass over the labels."""
-    import datasets
-    ds = linear.require_labels(cfg, "fine-tuning")
-    feature = (ds.features or {}).get(cfg.label_column)
-    if isinstance(feature, datasets.ClassLabel):
-        return feature.num_classes
-    labels = [row[cfg.label_column] for row in ds.select_columns([cfg.label_column])]
-    if not labels or any(label is None or int(label) < 0 for label in labels):
-        raise hvp.HVPError(f"split {cfg.train_split!r} is empty or has examples without a label")
-    return max(int(label) for label in labels) + 1
+def _parquet(path):
+    import pyarrow.parquet as pq
+    if "://" in path:  # hf:// files of a Hub dataset
+        import fsspec
+        return pq.ParquetFile(fsspec.open(path, "rb").open())
+    return pq.ParquetFile(path)
+
+
+def split_labels(source):
+    """Every label of a split (-1 where missing): parquet files by their label column alone, other
+    formats by one pass over the rows."""
+    if source.kind == "parquet":
+        opened = {}
+        for file, group, _ in source.pieces:
+            if file not in opened:
+                opened = {file: _parquet(source.files[file])}
+            yield from opened[file].read_row_group(group, columns=[source.label_column]).column(0).to_pylist()
+    else:
+        for piece, (_, _, rows) in enumerate(source.pieces):
+            yield from (label for _, label in source.read(piece, 0, rows))
+
+
+def count_classes(source):
+    """Number of classes of a labelled split (an hvp.Source): its image folder's classes, the
+    ClassLabel feature a Hugging Face parquet file records, else the largest label + 1."""
+    if source.class_names:
+        return len(source.class_names)
+    if source.kind == "parquet":
+        import datasets
+        try:
+            feature = datasets.Features.from_arrow_schema(_parquet(source.files[0]).schema_arrow).get(source.label_column)
+        except Exception:  # no or foreign feature metadata
+            feature = None
+        if isinstance(feature, datasets.ClassLabel):
+            return feature.num_classes
+    labels = [-1 if label is None else int(label) for label in split_labels(source)]
+    if not labels or min(labels) < 0:
+        raise hvp.HVPError(f"split {source.split!r} is empty or has examples without a label")
+    return max(labels) + 1
 
 
 # ----------------------------------------------------------------------------------- model and optimizer
@@ -164,17 +213,23 @@ def run(cfg, accelerator=None):
     accelerator = accelerator or hvp.make_accelerator(cfg.mixed_precision, 1, "none", ".")
     is_main, device, world = accelerator.is_main_process, accelerator.device, accelerator.num_processes
     start_time = time.perf_counter()
-    num_classes = count_classes(cfg)  # fails fast on a dataset without labels, before the model
+    # fails fast on a dataset without labels or too small for one batch, before the model
+    train_source = linear.open_split(cfg.dataset, cfg.train_split, cfg.image_column, cfg.label_column, accelerator,
+                                     "fine-tuning")
+    test_source = linear.open_split(cfg.dataset, cfg.test_split, cfg.image_column, cfg.label_column, accelerator,
+                                    "fine-tuning")
+    global_batch = cfg.batch_size * world
+    steps_per_epoch = linear.steps_per_epoch(train_source, global_batch)
+    num_classes = linear.on_main(accelerator, lambda: count_classes(train_source))
     model, config = build_model(cfg, num_classes)
     pretrained = config.get("pretrained_cfg", {})
     size = cfg.image_size or pretrained.get("input_size", (3, 224, 224))[-1]
     mean, std = tuple(pretrained.get("mean", hvp.IMAGENET_MEAN)), tuple(pretrained.get("std", hvp.IMAGENET_STD))
 
-    loader, count = linear.train_stream(cfg, size, mean, std, accelerator, cycle=True)
-    test_loader = hvp.eval_loader(cfg.dataset, cfg.test_split, cfg.image_column, cfg.label_column, size,
-                                  accelerator, cfg.batch_size, cfg.num_workers, mean, std)
-    global_batch = cfg.batch_size * world
-    steps_per_epoch = max(1, count // global_batch)
+    # a new shuffled stream of full batches every epoch (hvp.training_batches starts the next one early)
+    epoch_loader = linear.augmented_loaders(train_source, cfg, size, mean, std, accelerator, batches=steps_per_epoch)
+    test_loader = hvp.eval_loader(test_source, size, accelerator, cfg.batch_size, cfg.num_workers, mean, std)
+    count = train_source.num_rows
     total_steps, warmup_steps = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
     peak_lr = cfg.lr * global_batch / 256
     optimizer = make_optimizer(cfg, model, peak_lr)
@@ -187,16 +242,17 @@ def run(cfg, accelerator=None):
               f"precision {accelerator.mixed_precision}", flush=True)
 
     history, step = [], 0
-    batches = hvp.training_batches(loader, steps_per_epoch)
-    bar = tqdm(total=total_steps, disable=not is_main, desc="fine-tune", dynamic_ncols=True)
+    batches = hvp.training_batches(epoch_loader, steps_per_epoch)
+    bar = hvp.progress_bar(total_steps, 0, "fine-tune", is_main)
     for epoch in range(cfg.epochs):
         model.train()
-        losses = []
+        losses, skipped = [], 0
         for _ in range(steps_per_epoch):
             lr = hvp.cosine(step, total_steps, peak_lr, warmup_steps=warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             _, batch = next(batches)
+            skipped += int(batch["skipped"])
             labels = batch["label"].to(device)
             if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
                 raise hvp.HVPError(f"split {cfg.train_split!r} has a label outside 0..{num_classes - 1}")
@@ -210,20 +266,24 @@ def run(cfg, accelerator=None):
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1].item():.3f}")
         model.eval()
-        logits, test_labels = hvp.extract_features(model, test_loader, accelerator, f"eval {cfg.test_split}")
+        logits, test_labels, test_skipped = hvp.extract_features(model, test_loader, accelerator, f"eval {cfg.test_split}")
         linear.check_labels(test_labels, cfg.test_split)
         top1, top5 = (v.item() for v in linear.accuracy(logits[None], test_labels))
         train_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
-        history.append({"epoch": epoch + 1, "top1": top1, "top5": top5, "train_loss": train_loss})
+        skipped = int(accelerator.reduce(torch.tensor([skipped], device=device), reduction="sum").item())
+        history.append({"epoch": epoch + 1, "top1": top1, "top5": top5, "train_loss": train_loss,
+                        "skipped_images": skipped})
         if is_main:
-            bar.write(f"epoch {epoch + 1}: train loss {train_loss:.4f}, top-1 {top1:.2f} %, top-5 {top5:.2f} %")
+            bar.write(f"epoch {epoch + 1}: train loss {train_loss:.4f}, top-1 {top1:.2f} %, top-5 {top5:.2f} %"
+                      + (f" ({skipped} undecodable train images replaced)" if skipped else ""))
     bar.close()
-    del batches
+    batches.close()  # ends its loader workers
 
     best = max(history, key=lambda h: h["top1"])
     result = {
         "backbone": cfg.backbone, "random_init": cfg.random_init, "dataset": cfg.dataset, "image_size": size,
         "num_classes": num_classes, "train_samples": count, "test_samples": len(test_labels),
+        "skipped_images": {"train": max(h["skipped_images"] for h in history), "test": test_skipped},
         "best_top1": best["top1"], "best_top5": best["top5"], "best_epoch": best["epoch"],
         "final_top1": history[-1]["top1"], "final_top5": history[-1]["top5"], "epochs": history,
         "seconds": time.perf_counter() - start_time, "processes": world, "config": asdict(cfg),
@@ -231,18 +291,23 @@ def run(cfg, accelerator=None):
     if is_main:
         print(f"fine-tune {cfg.backbone} on {Path(cfg.dataset).name or cfg.dataset} [{cfg.test_split}]: best top-1 "
               f"{best['top1']:.2f} % (epoch {best['epoch']}), last epoch top-1 {history[-1]['top1']:.2f} %, "
-              f"top-5 {history[-1]['top5']:.2f} % | {result['seconds']:.0f} s", flush=True)
+              f"top-5 {history[-1]['top5']:.2f} % | {linear.skipped_text(result['skipped_images'])} | "
+              f"{result['seconds']:.0f} s", flush=True)
     return result
 
 
 def main():
-    cfg, preset_keys = hvp.parse_config(Config, presets=PRESETS, description=__doc__.splitlines()[0])
-    cfg = resolve_config(cfg, preset_keys)
+    cfg, notes = parse_args()
+    given_dataset = cfg.dataset
+    cfg = resolve_config(cfg)
     if not cfg.backbone:
         raise hvp.HVPError("give --backbone <training output | checkpoint | export folder | hf-hub:id>")
     accelerator = hvp.make_accelerator(cfg.mixed_precision, 1, "none", ".")
-    if preset_keys and accelerator.is_main_process:
-        print(f"preset for {cfg.dataset}: {', '.join(f'{k}={getattr(cfg, k)}' for k in preset_keys)}", flush=True)
+    if accelerator.is_main_process:
+        for note in notes:  # hvp.parse_config words its preset note for the shipped dataset, its only use there
+            if given_dataset != hvp.DEFAULT_DATASET:
+                note = note.replace("preset for the shipped dataset", f"preset for {given_dataset}")
+            print(note, flush=True)
     result = run(cfg, accelerator)
     if accelerator.is_main_process:
         name = Path(cfg.dataset).name or cfg.dataset.replace("/", "_")

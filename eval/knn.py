@@ -11,6 +11,9 @@ neighbours (cosine similarity on L2-normalised features), each voting with weigh
     accelerate launch --multi_gpu --num_processes 8 eval/knn.py --backbone ... --dataset ILSVRC/imagenet-1k \\
         --test_split validation
 
+Both splits are read whole, in order (hvp.eval_loader). Images that cannot be decoded are left out
+and counted per split ("skipped_images" in the JSON and on every result line).
+
 Writes a JSON result (--output, default <backbone>/knn.json) and prints one line per k.
 """
 import json
@@ -22,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import hvp_utils as hvp  # noqa: E402
+import linear  # noqa: E402  (eval/linear.py: opening a labelled split once for every process)
 
 
 @dataclass
@@ -48,6 +52,8 @@ def main():
         raise hvp.HVPError("give --backbone <folder | checkpoint | hf-hub:id> or --raw_pixels")
     ks = [int(k) for k in cfg.k.split(",")]
     accelerator = hvp.make_accelerator(cfg.mixed_precision, 1, "none", ".")
+    sources = [linear.open_split(cfg.dataset, split, cfg.image_column, cfg.label_column, accelerator, "k-NN")
+               for split in (cfg.train_split, cfg.test_split)]
     if cfg.raw_pixels:
         size = cfg.image_size or 28
         forward, mean, std, name = (lambda x: x.flatten(1)), hvp.IMAGENET_MEAN, hvp.IMAGENET_STD, "raw pixels"
@@ -63,19 +69,22 @@ def main():
         default_output = (source if source.is_dir() else Path(".")) / "knn.json"
 
     # One feature pass; every k is then a cheap vote over the same features.
-    loaders = [hvp.eval_loader(cfg.dataset, split, cfg.image_column, cfg.label_column, size, accelerator,
-                               cfg.batch_size, cfg.num_workers, mean, std)
-               for split in (cfg.train_split, cfg.test_split)]
-    train_feats, train_labels = hvp.extract_features(forward, loaders[0], accelerator, cfg.train_split)
-    test_feats, test_labels = hvp.extract_features(forward, loaders[1], accelerator, cfg.test_split)
+    loaders = [hvp.eval_loader(source, size, accelerator, cfg.batch_size, cfg.num_workers, mean, std)
+               for source in sources]
+    train_feats, train_labels, train_skipped = hvp.extract_features(forward, loaders[0], accelerator, cfg.train_split)
+    test_feats, test_labels, test_skipped = hvp.extract_features(forward, loaders[1], accelerator, cfg.test_split)
+    for labels, split in ((train_labels, cfg.train_split), (test_labels, cfg.test_split)):
+        linear.check_labels(labels, split)
+    skipped = {"train": train_skipped, "test": test_skipped}
     results = {"backbone": name, "dataset": cfg.dataset, "image_size": size, "temperature": cfg.temperature,
-               "train_samples": len(train_labels), "test_samples": len(test_labels), "knn": {}}
+               "train_samples": len(train_labels), "test_samples": len(test_labels), "skipped_images": skipped,
+               "knn": {}}
     for k in ks:
         top1, top5 = hvp.knn_accuracy(train_feats, train_labels, test_feats, test_labels, k, cfg.temperature)
         results["knn"][str(k)] = {"top1": top1, "top5": top5}
         if accelerator.is_main_process:
             print(f"k-NN {name} on {Path(cfg.dataset).name or cfg.dataset} [{cfg.test_split}] k={k}: "
-                  f"top-1 {top1:.2f} %, top-5 {top5:.2f} %", flush=True)
+                  f"top-1 {top1:.2f} %, top-5 {top5:.2f} % | {linear.skipped_text(skipped)}", flush=True)
     if accelerator.is_main_process:
         output = Path(cfg.output) if cfg.output else default_output
         output.write_text(json.dumps(results, indent=2))

@@ -12,10 +12,17 @@ Defaults are the SimSiam ImageNet protocol (LARS, lr 0.1 x batch/256, momentum 0
 epochs). The DINO protocol: --optimizer sgd --lr 0.001 --epochs 100. Several comma-separated
 --lr values train one head each on the same features and report the best (iBOT eval_linear_multi).
 
---cache_views K > 0 extracts the training features once, for K augmented copies of every image,
-and the epochs cycle through the copies: the backbone runs K times over the train split instead
-of once per epoch. On the shipped Fashion-MNIST subset a preset (see PRESETS) does this and the
-whole probe takes a few minutes on 2 CPU cores.
+--cache_views K > 0 extracts the training features once, for K augmented copies of every image
+("view epochs" 0..K-1: every image once, in order, with that view's augmentation), and the epochs
+cycle through the copies: the backbone runs K times over the train split instead of once per
+epoch. On the shipped Fashion-MNIST subset a preset (see PRESETS) does this and the whole probe
+takes a few minutes on 2 CPU cores. Without a cache every epoch streams the train split shuffled,
+in full batches (hvp.BatchStream's training mode).
+
+Images that cannot be decoded are skipped and counted, per split ("skipped_images" in the JSON, and
+on the result line): left out of the test split and of cached views; without a cache, replaced in
+their batch by another view of a decodable image, each epoch's count in its record and the most
+any epoch met at the top (an epoch reads every image at most once).
 
     python eval/linear.py --backbone outputs/simsiam                    # training output folder
     python eval/linear.py --backbone outputs/simsiam --random_init      # same architecture, random weights
@@ -27,6 +34,7 @@ whole probe takes a few minutes on 2 CPU cores.
 Writes a JSON result (--output, default <backbone folder>/linear.json) with every epoch's accuracy.
 """
 import copy
+import dataclasses
 import json
 import sys
 import time
@@ -36,7 +44,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import hvp_utils as hvp  # noqa: E402
@@ -182,7 +189,7 @@ class FeatureModel(nn.Module):
 
 class TrainTransform:
     """Random-resized-crop (area 0.08-1) + horizontal flip, normalised: the linear-probe training
-    augmentation. Its randomness comes from the per-sample generator ViewStream passes in."""
+    augmentation. Its randomness comes from the per-sample generator hvp.BatchStream passes in."""
 
     def __init__(self, size, mean, std, scale=(0.08, 1.0)):
         self.aug = hvp.ViewAug(size=size, scale=scale, flip_p=0.5, jitter_p=0.0, gray_p=0.0, blur_p=0.0)
@@ -196,26 +203,66 @@ class TrainTransform:
         return {"image": TF.normalize(view, self.mean, self.std)}
 
 
-def require_labels(cfg, what):
-    """The streamed train split, or a one-line error if it has no label column."""
-    ds, has_labels = hvp.open_dataset(cfg.dataset, cfg.train_split, cfg.image_column, cfg.label_column)
-    if not has_labels:
-        raise hvp.HVPError(f"dataset {cfg.dataset!r} split {cfg.train_split!r} has no label column "
-                           f"{cfg.label_column!r}: {what} needs labels (pass --label_column)")
-    return ds
+def on_main(accelerator, fn):
+    """fn() on the main process only, its (picklable) result handed to every process; an HVPError
+    there stops every process with the same line."""
+    result, error = None, None
+    if accelerator.is_main_process:
+        try:
+            result = fn()
+        except hvp.HVPError as e:
+            error = str(e)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+        box = [(result, error)]
+        broadcast_object_list(box, from_process=0)
+        result, error = box[0]
+    if error is not None:
+        raise hvp.HVPError(error)
+    return result
 
 
-def train_stream(cfg, size, mean, std, accelerator, cycle):
-    """This process's loader of augmented, labelled train images (shuffled when cycling)."""
-    ds = require_labels(cfg, "a linear probe")
-    count = hvp.num_examples(ds, cfg.train_split)
-    ds = hvp.shard_for_rank(ds, accelerator.process_index, accelerator.num_processes, cfg.num_workers)
-    num_shards = ds.num_shards
-    if cycle:
-        ds = ds.shuffle(seed=cfg.seed, buffer_size=5000)
-    stream = hvp.ViewStream(ds, TrainTransform(size, mean, std, cfg.crop_scale), cfg.image_column, cfg.label_column,
-                            cfg.seed, accelerator.process_index, cfg.batch_size, cycle=cycle)
-    return hvp.make_loader(stream, cfg.batch_size, cfg.num_workers, num_shards, accelerator.device.type == "cuda"), count
+def open_split(dataset, split, image_column, label_column, accelerator, what):
+    """A labelled split as an hvp.Source: resolved once, by the main process (a format without row
+    counts is counted once), and shared; a one-line error if it cannot be opened or has no integer
+    label column (`what` needs labels)."""
+    source = hvp.Source(**on_main(accelerator, lambda: dataclasses.asdict(
+        hvp.open_source(dataset, split, image_column, label_column))))
+    if source.label_column is None:
+        raise hvp.HVPError(f"dataset {dataset!r} split {split!r} has no label column {label_column!r}: {what} needs "
+                           f"labels (an integer column; pass --label_column)")
+    return source
+
+
+def augmented_loaders(source, cfg, size, mean, std, accelerator, batches=None):
+    """make_epoch_loader(epoch, skip=0) -> this process's loader of augmented (TrainTransform),
+    labelled images of `source` for that epoch; the augmentation of every image is drawn from
+    (--seed, epoch, row). batches None: every image once, in order (the views of a feature cache,
+    one per epoch); batches N: N full, shuffled batches per epoch (hvp.training_batches)."""
+    transform = TrainTransform(size, mean, std, cfg.crop_scale)
+    pin = accelerator.device.type == "cuda"
+
+    def make_epoch_loader(epoch, skip=0):
+        stream = hvp.BatchStream(source, transform, cfg.batch_size, epoch, cfg.seed, accelerator.process_index,
+                                 accelerator.num_processes, batches, skip)
+        return hvp.make_loader(stream, cfg.num_workers, pin_memory=pin)
+
+    return make_epoch_loader
+
+
+def steps_per_epoch(source, global_batch):
+    """Full global batches per epoch of a split streamed in training mode; a one-line error if the
+    split has fewer images than one."""
+    steps = source.num_rows // global_batch
+    if steps == 0:
+        raise hvp.HVPError(f"split {source.split!r} has {source.num_rows} images, fewer than one global batch "
+                           f"({global_batch}): lower --batch_size")
+    return steps
+
+
+def skipped_text(skipped):
+    """The result-line part for {"train": n, "test": m}: images that could not be decoded."""
+    return "undecodable images skipped: " + ", ".join(f"{split} {n}" for split, n in skipped.items())
 
 
 def check_labels(labels, name):
@@ -292,7 +339,13 @@ def run(cfg, accelerator=None):
     accelerator = accelerator or hvp.make_accelerator(cfg.mixed_precision, 1, "none", ".")
     is_main, device, world = accelerator.is_main_process, accelerator.device, accelerator.num_processes
     start_time = time.perf_counter()
-    require_labels(cfg, "a linear probe")  # fail fast, before the model is built
+    # fail fast, before the model is built
+    train_source = open_split(cfg.dataset, cfg.train_split, cfg.image_column, cfg.label_column, accelerator,
+                              "a linear probe")
+    test_source = open_split(cfg.dataset, cfg.test_split, cfg.image_column, cfg.label_column, accelerator,
+                             "a linear probe")
+    global_batch = cfg.batch_size * world
+    steps = None if cfg.cache_views else steps_per_epoch(train_source, global_batch)  # cached: once extracted
     backbone, config = load_backbone(cfg.backbone, cfg.checkpoint_key, cfg.random_init, cfg.seed)
     pretrained = config.get("pretrained_cfg", {})
     size = cfg.image_size or pretrained.get("input_size", (3, 224, 224))[-1]
@@ -306,29 +359,29 @@ def run(cfg, accelerator=None):
               flush=True)
 
     # Test features once: the backbone is frozen and the eval transform is deterministic.
-    test_loader = hvp.eval_loader(cfg.dataset, cfg.test_split, cfg.image_column, cfg.label_column, size,
-                                  accelerator, cfg.batch_size, cfg.num_workers, mean, std)
-    test_feats, test_labels = hvp.extract_features(extractor, test_loader, accelerator, f"features {cfg.test_split}")
+    test_loader = hvp.eval_loader(test_source, size, accelerator, cfg.batch_size, cfg.num_workers, mean, std)
+    test_feats, test_labels, test_skipped = hvp.extract_features(extractor, test_loader, accelerator,
+                                                                 f"features {cfg.test_split}")
     check_labels(test_labels, cfg.test_split)
 
+    loaders = augmented_loaders(train_source, cfg, size, mean, std, accelerator, batches=steps)
     if cfg.cache_views:
-        loader, _ = train_stream(cfg, size, mean, std, accelerator, cycle=False)
-        cached = [hvp.extract_features(extractor, hvp.epoch_batches(loader, view), accelerator,
-                                       f"features {cfg.train_split} view {view + 1}/{cfg.cache_views}")
-                  for view in range(cfg.cache_views)]
+        # view epoch v: every train image once, in order, with its view-v augmentation; the same
+        # images decode every time, so row i of every view is the same image
+        cached = []
+        for view in range(cfg.cache_views):
+            feats, labels, train_skipped = hvp.extract_features(
+                extractor, loaders(view), accelerator, f"features {cfg.train_split} view {view + 1}/{cfg.cache_views}")
+            cached.append((feats, labels))
         train_labels = cached[0][1]
         count = len(train_labels)
-    else:
-        loader, count = train_stream(cfg, size, mean, std, accelerator, cycle=True)
-        train_labels = None
-    global_batch = cfg.batch_size * world
-    steps_per_epoch = max(1, count // global_batch)
-    total_steps = cfg.epochs * steps_per_epoch
-    if train_labels is not None:
+        steps = max(1, count // global_batch)
         check_labels(train_labels, cfg.train_split)
         num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     else:
+        count = train_source.num_rows
         num_classes = int(test_labels.max()) + 1  # labels above it would be out of range: checked per batch
+    total_steps = cfg.epochs * steps
 
     torch.manual_seed(cfg.seed)
     heads = LinearHeads(extractor.dim, num_classes, len(lrs), cfg.head_batchnorm).to(device)
@@ -348,29 +401,35 @@ def run(cfg, accelerator=None):
         optimizer.zero_grad(set_to_none=True)
         return loss.detach().mean(1)
 
+    skipped_now = 0  # images replaced in this process's batches of the current epoch (no cache)
     if cfg.cache_views:
+        stream = None
+
         def epoch_batches(epoch):
             """Global batches of one cached view in a seeded order; this process takes its slice."""
             feats, labels = cached[epoch % cfg.cache_views]
             order = torch.randperm(count, generator=torch.Generator().manual_seed(hvp.mix_seed(cfg.seed, epoch)))
-            for i in range(steps_per_epoch):
+            for i in range(steps):
                 rows = order[i * global_batch:(i + 1) * global_batch][accelerator.process_index::world].to(device)
                 yield feats[rows], labels[rows]
     else:
-        stream = hvp.training_batches(loader, steps_per_epoch)
+        stream = hvp.training_batches(loaders, steps)
 
         def epoch_batches(epoch):
-            for _ in range(steps_per_epoch):
+            nonlocal skipped_now
+            for _ in range(steps):
                 _, batch = next(stream)
+                skipped_now += int(batch["skipped"])
                 with torch.no_grad(), accelerator.autocast():
                     features = extractor(batch["image"].to(device, non_blocking=True))
                 yield features, batch["label"].to(device)
 
     history, step = [], 0
-    bar = tqdm(total=total_steps, disable=not is_main, desc="linear probe", dynamic_ncols=True)
+    bar = hvp.progress_bar(total_steps, 0, "linear probe", is_main)
     for epoch in range(cfg.epochs):
         heads.train()
         losses = []
+        skipped_now = 0
         for features, labels in epoch_batches(epoch):
             losses.append(train_step(features, labels, step))
             step += 1
@@ -380,9 +439,16 @@ def run(cfg, accelerator=None):
             top1, top5 = accuracy(accelerator.unwrap_model(heads)(test_feats), test_labels)
         train_loss = accelerator.reduce(torch.stack(losses).mean(0), reduction="mean")
         best = int(top1.argmax())
-        history.append({"epoch": epoch + 1, "top1": top1.tolist(), "top5": top5.tolist(), "train_loss": train_loss.tolist()})
+        record = {"epoch": epoch + 1, "top1": top1.tolist(), "top5": top5.tolist(), "train_loss": train_loss.tolist()}
+        if stream is not None:  # this epoch's train images that could not be decoded, over all processes
+            record["skipped_images"] = int(accelerator.reduce(torch.tensor([skipped_now], device=device),
+                                                              reduction="sum").item())
+        history.append(record)
         bar.set_postfix(top1=f"{top1[best]:.2f}", lr=lrs[best])
     bar.close()
+    if stream is not None:
+        stream.close()  # ends its loader workers
+        train_skipped = max(h["skipped_images"] for h in history)
 
     top1_all = torch.tensor([h["top1"] for h in history])  # (epochs, heads)
     best_epoch, best_head = divmod(int(top1_all.argmax()), len(lrs))
@@ -391,6 +457,7 @@ def run(cfg, accelerator=None):
         "backbone": cfg.backbone, "random_init": cfg.random_init, "dataset": cfg.dataset,
         "features": ("vit_cls" if extractor.vit else "pooled"), "feature_dim": extractor.dim, "image_size": size,
         "train_samples": count, "test_samples": len(test_labels), "num_classes": num_classes,
+        "skipped_images": {"train": train_skipped, "test": test_skipped},
         "best_top1": history[best_epoch]["top1"][best_head], "best_top5": history[best_epoch]["top5"][best_head],
         "best_epoch": best_epoch + 1, "best_lr": lrs[best_head],
         "final_top1": history[-1]["top1"][last_head], "final_top5": history[-1]["top5"][last_head],
@@ -401,7 +468,8 @@ def run(cfg, accelerator=None):
         print(f"linear probe {cfg.backbone}{' (random init)' if cfg.random_init else ''} on "
               f"{Path(cfg.dataset).name or cfg.dataset} [{cfg.test_split}]: best top-1 {result['best_top1']:.2f} % "
               f"(epoch {result['best_epoch']}, lr {result['best_lr']:g}), last epoch top-1 {result['final_top1']:.2f} %, "
-              f"top-5 {result['final_top5']:.2f} % | {result['seconds']:.0f} s", flush=True)
+              f"top-5 {result['final_top5']:.2f} % | {skipped_text(result['skipped_images'])} | "
+              f"{result['seconds']:.0f} s", flush=True)
     return result
 
 
@@ -412,10 +480,11 @@ def default_output(cfg, name):
 
 
 def main():
-    cfg, preset_keys = hvp.parse_config(Config, presets=PRESETS, description=__doc__.splitlines()[0])
+    cfg, notes = hvp.parse_config(Config, presets=PRESETS, description=__doc__.splitlines()[0])
     accelerator = hvp.make_accelerator(cfg.mixed_precision, 1, "none", ".")
-    if preset_keys and accelerator.is_main_process:
-        print(f"preset for {cfg.dataset}: {', '.join(f'{k}={getattr(cfg, k)}' for k in preset_keys)}", flush=True)
+    if accelerator.is_main_process:
+        for note in notes:  # "preset for the shipped dataset: ..."
+            print(note, flush=True)
     result = run(cfg, accelerator)
     if accelerator.is_main_process:
         output = Path(cfg.output) if cfg.output else default_output(cfg, "linear")

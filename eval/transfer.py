@@ -13,6 +13,8 @@ is reported in the table with its one-line error and the others still run.
 
 A dataset outside the table (local folder, parquet, other Hub id) uses --train_split/--test_split
 and the column flags, and the linear / fine-tuning defaults (or --epochs, --finetune_lr).
+Images that cannot be decoded are counted per split in each evaluation's result (JSON), and named
+in the table's cell when there are any.
 """
 import dataclasses
 import json
@@ -66,16 +68,22 @@ def dataset_flags(cfg, name):
     return common, data, tuned
 
 
+def preset_for(presets, dataset):
+    """The entry of a script's preset table for `dataset`, looked up as hvp.parse_config does (local
+    paths by their resolved form)."""
+    return {hvp.dataset_key(k): v for k, v in presets.items()}.get(hvp.dataset_key(dataset), {})
+
+
 def run_one(cfg, kind, name, accelerator):
     common, data, tuned = dataset_flags(cfg, name)
     epochs = dict(epochs=cfg.epochs) if cfg.epochs else {}
     cache = dict(cache_views=cfg.cache_views) if cfg.cache_views else {}
     if kind == "linear":  # the shipped dataset's CPU preset applies here too
-        run_cfg = linear.Config(**{**common, **data, **linear.PRESETS.get(data["dataset"], {}), **cache, **epochs})
+        run_cfg = linear.Config(**{**common, **data, **preset_for(linear.PRESETS, data["dataset"]), **cache, **epochs})
         return linear.run(run_cfg, accelerator)
-    flags = {**common, **data, **finetune.PRESETS.get(data["dataset"], {}), **tuned, **epochs}
+    flags = {**common, **data, **preset_for(finetune.presets(cfg.protocol), data["dataset"]), **tuned, **epochs}
     run_cfg = finetune.Config(**flags, protocol=cfg.protocol)
-    return finetune.run(finetune.resolve_config(run_cfg, []), accelerator)
+    return finetune.run(finetune.resolve_config(run_cfg), accelerator)
 
 
 def markdown(cfg, rows):
@@ -88,7 +96,12 @@ def markdown(cfg, rows):
         cells = []
         for kind in kinds:
             r = results[kind]
-            cells.append(f"error: {r['error']}" if "error" in r else f"{r['best_top1']:.2f} ({r['final_top1']:.2f})")
+            if "error" in r:
+                cells.append(f"error: {r['error']}")
+                continue
+            skipped = {split: n for split, n in r.get("skipped_images", {}).items() if n}
+            cells.append(f"{r['best_top1']:.2f} ({r['final_top1']:.2f})"
+                         + (f"; {linear.skipped_text(skipped)}" if skipped else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -53,10 +53,20 @@ def enlarge(views, factor):
 
 
 def first_batch(cfg, transform, num_images, dataset, split):
-    ds, _ = hvp.open_dataset(dataset or cfg.dataset, split or cfg.split, cfg.image_column, cfg.label_column)
-    stream = hvp.ViewStream(ds, transform, cfg.image_column, None, cfg.seed, 0, num_images, cycle=False)
-    loader = hvp.make_loader(stream, num_images, 0, ds.num_shards)
-    return next(iter(loader))
+    """The run's views of the first `num_images` decodable images of the split, in order, as one
+    batch (epoch 0 of the run's seed; images that cannot be decoded are passed over)."""
+    source = hvp.open_source(dataset or cfg.dataset, split or cfg.split, cfg.image_column, cfg.label_column)
+    stream = hvp.BatchStream(source, transform, num_images, seed=cfg.seed)  # evaluation mode: every row once, in order
+    parts, count = [], 0
+    for batch in hvp.make_loader(stream, 0):
+        parts.append(batch)
+        count += len(batch["label"])
+        if count >= num_images:
+            break
+    if not count:
+        raise hvp.HVPError(f"none of the images of {source.name!r} [{source.split}] can be decoded")
+    return {key: (sum(p[key] for p in parts) if parts[0][key].dim() == 0 else
+                  torch.cat([p[key] for p in parts])[:num_images]) for key in parts[0]}
 
 
 def main():

@@ -1,8 +1,11 @@
-"""eval/linear.py, eval/finetune.py, eval/transfer.py: features, backbone sources, probes, bad inputs."""
+"""eval/knn.py, eval/linear.py, eval/finetune.py, eval/transfer.py: features, backbone sources, probes,
+undecodable images, presets, bad inputs."""
 import json
 import sys
 
 import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -12,6 +15,7 @@ from conftest import REPO, run_script
 
 sys.path.insert(0, str(REPO / "eval"))
 import finetune  # noqa: E402
+import knn  # noqa: E402
 import linear  # noqa: E402
 import transfer  # noqa: E402
 
@@ -30,17 +34,33 @@ def colour_images(count, seed):
     return images, labels
 
 
-@pytest.fixture(scope="module")
-def colour_dataset(tmp_path_factory):
-    """4 colour classes, 64 train / 32 test images, as Hub-layout parquet."""
-    folder = tmp_path_factory.mktemp("colours")
+def write_colour_dataset(folder, corrupt=None):
+    """4 colour classes, 64 train / 32 test images, as Hub-layout parquet (row groups of 8);
+    corrupt = {split: row}: that row's image cell is a truncated PNG."""
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=4)})
+    (folder / "data").mkdir(parents=True, exist_ok=True)
     for split, count, seed in (("train", 64, 0), ("test", 32, 1)):
         images, labels = colour_images(count, seed)
-        (folder / "data").mkdir(exist_ok=True)
-        datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).to_parquet(
-            folder / "data" / f"{split}-00000-of-00001.parquet")
+        path = folder / "data" / f"{split}-00000-of-00001.parquet"
+        datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).to_parquet(path)
+        table = pq.read_table(path)
+        if split in (corrupt or {}):
+            cells = table.column("image").to_pylist()
+            cells[corrupt[split]] = {"bytes": b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "path": None}
+            table = table.set_column(0, "image", pa.array(cells, type=table.schema.field("image").type))
+        pq.write_table(table, path, row_group_size=8)  # the schema keeps the Hugging Face feature metadata
     return folder
+
+
+@pytest.fixture(scope="module")
+def colour_dataset(tmp_path_factory):
+    return write_colour_dataset(tmp_path_factory.mktemp("colours"))
+
+
+@pytest.fixture(scope="module")
+def corrupt_dataset(tmp_path_factory):
+    """The colour dataset with one image cell that cannot be decoded in each split."""
+    return write_colour_dataset(tmp_path_factory.mktemp("corrupt_colours"), corrupt={"train": 5, "test": 3})
 
 
 def tiny_resnet(seed=0):
@@ -142,6 +162,7 @@ def probe_config(backbone, dataset, tmp_path, **kw):
 def test_linear_probe_separates_colour_classes(colour_dataset, tmp_path):
     result = linear.run(probe_config(export(tiny_resnet(), tmp_path / "b"), colour_dataset, tmp_path))
     assert result["best_top1"] == 100.0 and result["train_samples"] == 64 and result["test_samples"] == 32
+    assert result["skipped_images"] == {"train": 0, "test": 0}
     assert len(result["epochs"]) == 15 and len(result["epochs"][0]["top1"]) == 2  # every epoch, one value per lr
     assert result["num_classes"] == 4 and result["features"] == "pooled" and result["feature_dim"] == 512
 
@@ -151,6 +172,39 @@ def test_linear_probe_without_cache_runs_the_backbone_on_fresh_augmentations(col
                                      cache_views=0, lr="3", epochs=3, n_last_blocks=2))
     assert result["features"] == "vit_cls" and result["feature_dim"] == 64
     assert [e["epoch"] for e in result["epochs"]] == [1, 2, 3] and result["best_top1"] > 25
+    assert [e["skipped_images"] for e in result["epochs"]] == [0, 0, 0]
+
+
+def test_cached_views_are_the_train_split_in_order_augmented_differently_per_view(colour_dataset):
+    accelerator = hvp.make_accelerator("no", 1, "none", ".")
+    cfg = linear.Config(backbone="x", batch_size=10, num_workers=0, crop_scale=(0.3, 1.0))
+    source = linear.open_split(str(colour_dataset), "train", "image", "label", accelerator, "a linear probe")
+    loaders = linear.augmented_loaders(source, cfg, 12, hvp.IMAGENET_MEAN, hvp.IMAGENET_STD, accelerator)
+
+    def view(epoch):
+        batches = list(loaders(epoch))
+        return torch.cat([b["image"] for b in batches]), torch.cat([b["label"] for b in batches])
+
+    (first, labels), (again, _), (second, second_labels) = view(0), view(0), view(1)
+    assert len(labels) == 64 and labels.tolist() == [i % 4 for i in range(64)]  # every image once, in order
+    assert torch.equal(second_labels, labels) and torch.equal(first, again)  # a view is reproducible
+    assert not torch.allclose(first, second)  # and another view epoch is another augmentation
+
+
+def test_finetuning_epochs_are_full_shuffled_batches_of_a_new_stream_each(colour_dataset):
+    accelerator = hvp.make_accelerator("no", 1, "none", ".")
+    cfg = finetune.Config(backbone="x", batch_size=16, num_workers=0)
+    source = linear.open_split(str(colour_dataset), "train", "image", "label", accelerator, "fine-tuning")
+    steps = linear.steps_per_epoch(source, 16)
+    loaders = linear.augmented_loaders(source, cfg, 12, hvp.IMAGENET_MEAN, hvp.IMAGENET_STD, accelerator, steps)
+    batches = hvp.training_batches(loaders, steps)
+    epochs = [[next(batches) for _ in range(steps)] for _ in range(2)]
+    batches.close()
+    assert steps == 4 and [[e for e, _ in epoch] for epoch in epochs] == [[0] * 4, [1] * 4]
+    assert all(len(b["label"]) == 16 for epoch in epochs for _, b in epoch)
+    orders = [torch.cat([b["label"] for _, b in epoch]) for epoch in epochs]
+    assert all(sorted(order.tolist()) == sorted(i % 4 for i in range(64)) for order in orders)  # every image once
+    assert orders[0].tolist() != [i % 4 for i in range(64)] and not torch.equal(orders[0], orders[1])  # shuffled anew
 
 
 def test_lars_scales_weight_steps_by_the_trust_ratio_and_leaves_biases_plain():
@@ -172,6 +226,43 @@ def test_linear_cli_writes_json_and_reads_an_image_folder(tmp_path):
                       "--epochs", 2, "--cache_views", 1, "--num_workers", 0, "--optimizer", "sgd", "--lr", 1])
     result = json.loads((tmp_path / "b" / "linear.json").read_text())
     assert "linear probe" in out.stdout and result["train_samples"] == 24 and len(result["epochs"]) == 2
+
+
+# ----------------------------------------------------------------------------------- undecodable images
+
+def test_knn_cli_counts_an_undecodable_image_of_each_split(corrupt_dataset, tmp_path, monkeypatch, capsys):
+    backbone = export(tiny_resnet(), tmp_path / "b")
+    monkeypatch.setattr(sys, "argv", ["knn.py", "--backbone", str(backbone), "--dataset", str(corrupt_dataset),
+                                      "--k", "5,10", "--num_workers", "0", "--batch_size", "16"])
+    knn.main()
+    result = json.loads((backbone / "knn.json").read_text())
+    assert result["skipped_images"] == {"train": 1, "test": 1}
+    assert result["train_samples"] == 63 and result["test_samples"] == 31
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("k-NN")]
+    assert len(lines) == 2 and all(line.endswith("| undecodable images skipped: train 1, test 1") for line in lines)
+
+
+@pytest.mark.parametrize("cache_views", [1, 0])
+def test_linear_probe_counts_undecodable_images_per_split(corrupt_dataset, tmp_path, capsys, cache_views):
+    result = linear.run(probe_config(export(tiny_resnet(), tmp_path / "b"), corrupt_dataset, tmp_path, epochs=2,
+                                     cache_views=cache_views))
+    assert result["skipped_images"] == {"train": 1, "test": 1} and result["test_samples"] == 31
+    if cache_views:  # the cached features leave the image out
+        assert result["train_samples"] == 63 and "skipped_images" not in result["epochs"][0]
+    else:  # every epoch reads all 64 rows (4 full batches of 16): the image is met, and replaced, once per epoch
+        assert [e["skipped_images"] for e in result["epochs"]] == [1, 1]
+    assert "undecodable images skipped: train 1, test 1" in capsys.readouterr().out
+
+
+def test_finetuning_counts_undecodable_images_per_split_and_epoch(corrupt_dataset, tmp_path, capsys):
+    cfg = finetune.Config(backbone=str(export(tiny_resnet(), tmp_path / "b")), dataset=str(corrupt_dataset),
+                          epochs=2, batch_size=16, lr=1e-3, num_workers=0)
+    result = finetune.run(cfg)
+    assert result["skipped_images"] == {"train": 1, "test": 1} and result["test_samples"] == 31
+    assert [e["skipped_images"] for e in result["epochs"]] == [1, 1]
+    out = capsys.readouterr().out
+    assert "epoch 1: " in out and "(1 undecodable train images replaced)" in out
+    assert "undecodable images skipped: train 1, test 1" in out
 
 
 # ----------------------------------------------------------------------------------- fine-tuning, transfer
@@ -207,6 +298,28 @@ def test_transfer_writes_a_markdown_table_and_keeps_going_after_a_bad_dataset(co
     assert json.loads((backbone / "transfer.json").read_text())["results"][str(colour_dataset)]["linear"]["best_top1"] >= 0
 
 
+def test_finetune_presets_follow_protocol_and_never_override_a_given_flag():
+    cfg, _ = finetune.parse_args(["--dataset", "flowers102"])
+    assert (cfg.lr, cfg.epochs, cfg.image_column) == (5e-4, 300, "image")
+    cfg, _ = finetune.parse_args(["--dataset", "flowers102", "--protocol", "dino"])
+    assert (cfg.lr, cfg.epochs) == (5e-5, 300)
+    cfg, _ = finetune.parse_args(["--dataset", "uoft-cs/cifar100", "--protocol", "dino", "--lr", "1e-4"])
+    assert (cfg.lr, cfg.epochs, cfg.label_column) == (1e-4, 300, "fine_label")
+    cfg, _ = finetune.parse_args(["--dataset", "cifar10", "--epochs", "100", "--protocol", "dino"])
+    assert (cfg.lr, cfg.epochs, cfg.image_column) == (7.5e-6, 100, "img")
+    assert finetune.resolve_config(cfg).dataset == "uoft-cs/cifar10"
+    cfg, notes = finetune.parse_args(["--batch_size", "32"])  # the shipped dataset: its CPU preset
+    assert (cfg.lr, cfg.epochs, cfg.batch_size, cfg.dataset) == (1e-3, 3, 32, hvp.DEFAULT_DATASET)
+    assert len(notes) == 1 and "batch_size" not in notes[0] and "lr=0.001" in notes[0]
+    cfg, notes = finetune.parse_args(["--dataset", "some/other"])
+    assert (cfg.lr, cfg.epochs, notes) == (5e-5, 100, [])
+
+
+def test_finetuning_a_split_smaller_than_one_global_batch_is_a_one_line_error(colour_dataset):
+    with pytest.raises(hvp.HVPError, match="has 64 images, fewer than one global batch"):
+        finetune.run(finetune.Config(backbone="x", dataset=str(colour_dataset), batch_size=128, num_workers=0))
+
+
 def test_transfer_presets_follow_the_table_in_design_md():
     assert finetune.transfer_preset("cifar10")["lr"] == 7.5e-6 and finetune.transfer_preset("cifar10")["epochs"] == 300
     assert finetune.transfer_preset("uoft-cs/cifar100")["label_column"] == "fine_label"
@@ -234,7 +347,7 @@ def test_a_dataset_without_labels_is_a_one_line_error(tmp_path):
 
 @pytest.mark.parametrize("script", ["eval/linear.py", "eval/finetune.py"])
 def test_a_backbone_that_cannot_be_loaded_is_a_one_line_error(script, tmp_path, tiny_dataset):
-    out = run_script([script, "--backbone", tmp_path, "--dataset", tiny_dataset], check=False)
+    out = run_script([script, "--backbone", tmp_path, "--dataset", tiny_dataset, "--batch_size", 32], check=False)
     assert out.returncode == 2 and out.stderr.strip().startswith("error: no backbone found")
     assert len(out.stderr.strip().splitlines()) == 1
 
@@ -245,6 +358,6 @@ def test_bad_flags_are_errors():
     with pytest.raises(hvp.HVPError, match="--lr must be comma-separated numbers"):
         linear.check_config(linear.Config(backbone="x", lr="0.1,fast"))
     with pytest.raises(hvp.HVPError, match="no public Hub copy known"):
-        finetune.resolve_config(finetune.Config(backbone="x", dataset="inat21"), [])
+        finetune.resolve_config(finetune.Config(backbone="x", dataset="inat21"))
     with pytest.raises(hvp.HVPError, match="--checkpoint_key needs a checkpoint"):
         linear.checkpoint_backbone_weights("hf-hub:org/name", "teacher")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, TINY_TRAIN, run_script
+from conftest import REPO, TINY_TRAIN, run_script, write_parquet_split
 from test_train_ibot import TINY_IBOT
 
 sys.path.insert(0, str(REPO))
@@ -267,6 +267,26 @@ def test_view_grid_draws_every_candidate_view_from_a_checkpoint(tiny_dataset, tm
         assert image.size == (views * (size + 6) + 2, 5 * (size + 6) + 2)
     if script == "train_ibot.py":
         assert (tmp_path / "grid-locals.png").exists()
+
+
+def test_view_grid_shows_the_first_decodable_images_of_the_split_in_order(tmp_path):
+    import types
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import hvp_utils as hvp
+    data = tmp_path / "data"
+    write_parquet_split(data, "train", 12, 4)
+    path = data / "data" / "train-00000-of-00001.parquet"
+    table = pq.read_table(path)
+    images = table.column("image").to_pylist()
+    images[2] = {"bytes": b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "path": None}
+    pq.write_table(table.set_column(0, "image", pa.array(images, type=table.schema.field("image").type)), path)
+    labels = table.column("label").to_pylist()
+    view_grid = load_module("experiments/view_grid.py", "view_grid_under_test")
+    cfg = types.SimpleNamespace(dataset=str(data), split="train", image_column="image", label_column="label", seed=0)
+    batch = view_grid.first_batch(cfg, hvp.EvalTransform(28), 5, "", "")
+    assert batch["image"].shape == (5, 3, 28, 28) and int(batch["skipped"]) == 1
+    assert batch["label"].tolist() == [labels[i] for i in (0, 1, 3, 4, 5)]
 
 
 def test_view_grid_without_a_checkpoint_is_a_one_line_error(tmp_path):

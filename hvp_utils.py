@@ -1871,8 +1871,9 @@ class Run:
 
     def _micro_batches(self):
         for micro in range(self.cfg.grad_accum):
-            torch.manual_seed(mix_seed(self.cfg.seed, self.rank, self.step, micro))
             _, batch = next(self._batches)
+            # seeded after the fetch: starting a loader draws from torch's generator too
+            torch.manual_seed(mix_seed(self.cfg.seed, self.rank, self.step, micro))
             self.skipped += int(batch["skipped"])
             self._used += 1
             yield batch

@@ -36,7 +36,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import hvp_utils as hvp
 

@@ -20,7 +20,7 @@ shipped dataset a CPU preset (see PRESETS) replaces the flags you do not give; t
 the k-NN accuracy it reaches and the time it takes on 2 CPU cores.
 """
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn

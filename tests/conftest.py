@@ -62,3 +62,37 @@ def run_script(args, timeout=300, check=True, **popen):
 TINY_TRAIN = ["--arch", "resnet18", "--small_stem", "--image_size", "28", "--batch_size", "8",
               "--proj_dim", "64", "--pred_dim", "16", "--num_workers", "0", "--log_every", "1",
               "--report_to", "none", "--mixed_precision", "no"]
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_process_command(script_args):
+    """`accelerate launch` of 2 CPU processes (DDP over gloo) running a training script through
+    tests/rank_params_probe.py, which records each process's state and trained labels."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port()), "tests/rank_params_probe.py", *map(str, script_args)]
+
+
+def run_two_processes(script_args, timeout=400, check=True, **env):
+    result = subprocess.run(two_process_command(script_args), cwd=REPO, env=script_env(**env), capture_output=True,
+                            text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"2-process run failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+def probe_records(output_dir, when="end"):
+    """What rank_params_probe.py recorded: ({rank: {tensor name: tensor}}, {rank: [label lists]})."""
+    import json
+    from safetensors.torch import load_file
+    folder = Path(output_dir).parent / (Path(output_dir).name + "-probe")
+    states = {r: load_file(folder / f"state-{when}-rank{r}.safetensors") for r in (0, 1)}
+    labels = {r: json.loads((folder / f"labels-rank{r}.json").read_text()) for r in (0, 1)
+              if (folder / f"labels-rank{r}.json").exists()}
+    return states, labels

@@ -1,12 +1,22 @@
-"""Run a training script and, at its end, write every process's own model parameters to
-<output_dir>/params-rank<r>.safetensors, so a test can compare the ranks of a DDP run.
+"""Run a training script and record, on every process, what a test needs to compare the ranks of a
+multi-process run:
+
+- <output_dir>/state-start-rank<r>.safetensors and state-end-rank<r>.safetensors: every tensor of
+  the run's state (student, teacher, centres, ...) right after start and at the end;
+- <output_dir>/labels-rank<r>.json: the labels of every batch the process trained on, in order.
+
+With HVP_PROBE_PER_RANK_DIR=1, processes other than rank 0 use <output_dir>-rank<r> as their
+output folder, as nodes without a shared file system would.
 
     accelerate launch ... tests/rank_params_probe.py train_simsiam.py --output_dir X ...
 """
 import importlib
+import json
+import os
 import sys
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -14,24 +24,50 @@ import hvp_utils as hvp  # noqa: E402
 
 script, args = sys.argv[1], sys.argv[2:]
 output_dir = Path(args[args.index("--output_dir") + 1])
-make_accelerator = hvp.make_accelerator
+record_dir = output_dir.parent / (output_dir.name + "-probe")
+rank = int(os.environ.get("RANK", 0))
+labels = []
 
 
-def probed_accelerator(*a, **kw):
-    accelerator = make_accelerator(*a, **kw)
-    end_training = accelerator.end_training
-
-    def dump_then_end():
-        model = accelerator.unwrap_model(accelerator._models[0])
-        params = {name: p.detach().contiguous().clone() for name, p in model.named_parameters()}
-        save_file(params, output_dir / f"params-rank{accelerator.process_index}.safetensors")
-        end_training()
-
-    accelerator.end_training = dump_then_end
-    return accelerator
+def dump(run, when):
+    tensors = {}
+    for name, obj in run.state.items():
+        state = obj if torch.is_tensor(obj) else obj.state_dict()
+        for key, value in (state.items() if isinstance(state, dict) else [("", state)]):
+            if torch.is_tensor(value) and name != "optimizer":
+                tensors[f"{name}.{key}"] = value.detach().cpu().contiguous().clone()
+    record_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, record_dir / f"state-{when}-rank{rank}.safetensors")
 
 
-hvp.make_accelerator = probed_accelerator
+original_init, original_start, original_finish = hvp.Run.__init__, hvp.Run.start, hvp.Run.finish
+original_micro = hvp.Run._micro_batches
+
+
+def init(self, cfg, *a, **kw):
+    if os.environ.get("HVP_PROBE_PER_RANK_DIR") and rank > 0:
+        cfg.output_dir = f"{cfg.output_dir}-rank{rank}"
+    original_init(self, cfg, *a, **kw)
+
+
+def start(self, *a, **kw):
+    original_start(self, *a, **kw)
+    dump(self, "start")
+
+
+def micro_batches(self):
+    for batch in original_micro(self):
+        labels.append(batch["label"].tolist())
+        yield batch
+
+
+def finish(self):
+    dump(self, "end")
+    (record_dir / f"labels-rank{rank}.json").write_text(json.dumps(labels))
+    return original_finish(self)
+
+
+hvp.Run.__init__, hvp.Run.start, hvp.Run.finish, hvp.Run._micro_batches = init, start, finish, micro_batches
 sys.argv = [script, *args]
 module = importlib.import_module(Path(script).stem)
 hvp.run_main(module.main)

@@ -36,7 +36,7 @@ def test_checkpoint_round_trip_keeps_every_value_and_type(tmp_path):
     state = nested_state()
     path = hvp.save_checkpoint(tmp_path, 7, state)
     assert path.name == "checkpoint-00000007"
-    assert sorted(p.name for p in path.iterdir()) == ["state.json", "state.safetensors"]  # nothing pickled
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "state.json", "state.safetensors"]  # no pickle
     assert_same(state, hvp.load_checkpoint(path))
     opt = torch.optim.AdamW(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3)).parameters())
     opt.load_state_dict(hvp.load_checkpoint(path)["optimizer"])  # int keys survive JSON
@@ -71,6 +71,19 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_as_latest(tmp_path,
     assert torch.equal(hvp.load_checkpoint(latest)["w"], torch.ones(3))
     hvp.cleanup_partial_checkpoints(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-00000001"]
+
+
+def test_a_checkpoint_changed_after_saving_is_found_by_its_checksums(tmp_path):
+    path = hvp.save_checkpoint(tmp_path, 3, {"w": torch.arange(64.0)})
+    assert hvp.checkpoint_problem(path) is None
+    data = bytearray((path / "state.safetensors").read_bytes())
+    data[-8:] = bytes(8)  # the same size, other values: damaged in place
+    (path / "state.safetensors").write_bytes(bytes(data))
+    assert "does not match its checksum" in hvp.checkpoint_problem(path)
+    (path / "state.json").write_text((path / "state.json").read_text() + " ")
+    assert "state.json has" in hvp.checkpoint_problem(path) or "checksum" in hvp.checkpoint_problem(path)
+    (path / "state.safetensors").unlink()
+    assert "missing" in hvp.checkpoint_problem(path)
 
 
 def test_a_corrupt_checkpoint_is_a_clear_error(tmp_path):

@@ -1,113 +1,110 @@
-"""Step time of SimSiam with hard views (N = 4) vs plain SimSiam (N = 2), same batch, one process.
+"""Step time of SimSiam with hard views (N = 4) vs plain SimSiam (N = 2), same images, one process.
 
-    python bench/bench_simsiam.py                                   # the CPU preset model
-    python bench/bench_simsiam.py --arch resnet50 --image_size 224 --batch_size 64 --mixed_precision bf16
+    python bench/bench_simsiam.py                                   # ResNet-18, 32 px, batch 128 (2 CPU cores)
+    python bench/bench_simsiam.py --arch resnet50 --image_size 224 --batch_size 64 --gpu
 
-A plain step is forward + backward + SGD on views 0 and 1. An HVP step is the same, preceded by
-the selection forward of all N views (no grad, train mode), candidate scoring and the gather. Plain
-and HVP steps are interleaved (ABAB...) after warm-up, so slow drifts of a shared machine hit both
-alike; the table reports medians and the ratio HVP / plain, with the HVP step split into its parts
-(the GPU is synchronised around each part). Inputs are random tensors: the data pipeline is not
-part of the step (bench it separately).
+Both kinds are one call of train_simsiam.train_step, the function the training script runs each
+step, set up as its main() sets it up (SimSiam model, SGD groups, accelerator.prepare): plain is
+the call with --num_views 2, HVP the call with N views, once per --hvp_select_res. The batch is
+made once by the script's own transform (hvp.MultiViewTransform of simsiam_aug) from random images
+and reused every step, uint8 views plus their parameters as the loader delivers them; the plain
+batch holds the first 2 views of the same images. So a step includes what the training loop does
+with a batch: the copy to the device, the photometric augmentation of every view, the selection
+(train_simsiam.select_hard_pair, HVP only), the SimSiam forward/backward and SGD.
+
+Plain and HVP steps are interleaved (ABC ABC ...) after warm-up, so slow drifts of a shared
+machine hit all alike; the tables report medians, in wall clock and in this process's CPU time,
+and the ratio HVP / plain. The HVP step is split by train_step's own timing (select_s, train_s);
+the scoring + gather part is train_simsiam.select_hard_pair (hvp.select_hard_pairs with pair_loss)
+run again on the selection forward's cached outputs, plus the gathers of the chosen views.
 """
 import argparse
-import statistics
 import sys
-import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import hvp_utils as hvp  # noqa: E402
+import train_simsiam as ts  # noqa: E402
 from bench import common  # noqa: E402
-from train_simsiam import SimSiam, pair_loss, simsiam_loss  # noqa: E402
 
 
-def main():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--image_size", type=int, default=32)
     parser.add_argument("--small_stem", action="store_true")
     parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--num_views", type=int, default=4)
-    parser.add_argument("--select_res", type=float, nargs="+", default=[1.0, 0.5])
-    parser.add_argument("--mixed_precision", default="bf16", choices=["no", "bf16", "fp16"])
-    parser.add_argument("--steps", type=int, default=10, help="measured steps of each kind")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--output", default="", help="also write the Markdown table to this file")
-    args = parser.parse_args()
+    parser.add_argument("--num_views", type=int, default=4, help="N of the HVP steps (plain: 2)")
+    parser.add_argument("--proj_dim", type=int, default=2048)
+    parser.add_argument("--pred_dim", type=int, default=512)
+    parser.add_argument("--hvp_select_res", "--select_res", dest="select_res", type=float, nargs="+", default=[1.0, 0.5],
+                        help="one HVP kind per value")
+    parser.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--steps", type=common.positive_int, default=10, help="measured steps of each kind")
+    parser.add_argument("--warmup", type=common.non_negative_int, default=3)
+    parser.add_argument("--output", default="", help="also write the Markdown table (and a .json summary) here")
+    common.add_device_flags(parser)
+    return parser.parse_args(argv)
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
-    model = SimSiam(hvp.create_backbone(args.arch, args.image_size, args.small_stem), 2048, 512).to(device).train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    scaler = torch.amp.GradScaler(enabled=args.mixed_precision == "fp16")
-    views = torch.randn(args.batch_size, args.num_views, 3, args.image_size, args.image_size, device=device)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter()
+def main(argv=None):
+    """Run the bench (argv: its command-line flags; None = sys.argv) and return the summary dict."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = common.pick_device(args.device)
+    accelerator = common.make_accelerator(device, args.mixed_precision)
+    cfg = replace(ts.Config(), arch=args.arch, image_size=args.image_size, small_stem=args.small_stem,
+                  batch_size=args.batch_size, num_views=args.num_views, proj_dim=args.proj_dim, pred_dim=args.pred_dim,
+                  channels_last=args.channels_last, mixed_precision=args.mixed_precision, seed=args.seed)
+    ts.check_config(cfg)
 
-    def train_step(x1, x2):
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = simsiam_loss(*model(x1, x2))
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
+    # as train_simsiam.main: model, memory format, SGD groups (lr scaled by batch / 256), prepare
+    torch.manual_seed(args.seed)
+    model = ts.SimSiam(hvp.create_backbone(cfg.arch, cfg.image_size, cfg.small_stem), cfg.proj_dim, cfg.pred_dim,
+                       cfg.proj_layers)
+    model = model.to(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    init_lr = cfg.lr * cfg.batch_size / 256
+    optimizer = torch.optim.SGD(
+        [{"params": [*model.backbone.parameters(), *model.projector.parameters()], "fix_lr": False},
+         {"params": model.predictor.parameters(), "fix_lr": cfg.fix_pred_lr}],
+        lr=init_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    unwrapped = accelerator.unwrap_model(model)
 
-    def plain():
-        t0 = sync()
-        train_step(views[:, 0], views[:, 1])
-        return {"step": sync() - t0}
+    transform = hvp.MultiViewTransform({"views": [ts.simsiam_aug(cfg)] * cfg.num_views})
+    batch = common.make_batch(transform, common.random_images(cfg.batch_size, cfg.image_size, args.seed), args.seed, device)
+    plain_batch = common.first_views(batch, {"views": 2})
+    views = hvp.photometric(batch["views"].to(device), batch["views_params"])  # the views a selection sees
 
-    def hard(select_res):
-        # the calls of train_simsiam.select_hard_pair and its training loop, timed part by part
-        t0 = sync()
-        B, N = views.shape[:2]
-        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            p, z = model.embed(hvp.resize_views(views, select_res).flatten(0, 1))
-        t1 = sync()
-        with torch.no_grad():
-            pair, _, _ = hvp.select_hard_pairs((p.float().unflatten(0, (B, N)), z.float().unflatten(0, (B, N))), pair_loss)
-            x1, x2 = hvp.gather_views(views, pair[:, 0]), hvp.gather_views(views, pair[:, 1])
-        t2 = sync()
-        train_step(x1, x2)
-        t3 = sync()
-        return {"step": t3 - t0, "select_forward": t1 - t0, "score_gather": t2 - t1, "train": t3 - t2}
+    def step(kind_cfg, micro_batch):
+        return lambda: ts.train_step(model, optimizer, [micro_batch], kind_cfg, accelerator, 0, 0, log_now=True)[0]
 
-    kinds = {"plain": plain, **{f"hvp@{r:g}": (lambda r=r: hard(r)) for r in args.select_res}}
-    times = {k: [] for k in kinds}
-    for i in range(args.warmup + args.steps):
-        for name, fn in kinds.items():
-            result = fn()
-            if i >= args.warmup:
-                times[name].append(result)
+    def scorer(kind_cfg):
+        """train_simsiam.select_hard_pair on replayed outputs of its forward, plus train_step's gathers."""
+        recorded = common.Replay(unwrapped)
+        ts.select_hard_pair(recorded, views, kind_cfg, accelerator)
+        replay, stand_in = recorded.replay(), common.placeholder(views)
 
-    med = {k: {part: statistics.median(r[part] for r in v) for part in v[0]} for k, v in times.items()}
-    base = med["plain"]["step"]
-    where = common.machine(device)
-    lines = [f"SimSiam step time, {args.arch} {args.image_size}px{' small stem' if args.small_stem else ''}, batch "
-             f"{args.batch_size}, N={args.num_views} vs 2, {args.mixed_precision}, {where}, "
-             f"median of {args.steps} interleaved steps",
-             "", "| step | total (s) | / plain | selection forward (s) | scoring + gather (s) | scoring + gather % of step | train step (s) |",
-             "|---|---|---|---|---|---|---|",
-             f"| plain SimSiam (N=2) | {base:.4f} | 1.00 | - | - | - | {base:.4f} |"]
-    labels = {"plain": "plain SimSiam (N=2)"}
-    for name in kinds:
-        if name == "plain":
-            continue
-        m = med[name]
-        labels[name] = f"HVP N={args.num_views}, selection at {name.split('@')[1]}x resolution"
-        lines.append(f"| {labels[name]} | {m['step']:.4f} | "
-                     f"{m['step'] / base:.2f} | {m['select_forward']:.4f} | {m['score_gather']:.5f} | "
-                     f"{100 * m['score_gather'] / m['step']:.2f} % | {m['train']:.4f} |")
-    memory_lines, peaks = common.memory_table(kinds, device, labels)
-    summary = {"bench": "simsiam", "machine": where, "args": vars(args),
-               "step_ratio": {k: med[k]["step"] / base for k in kinds}, "peak_memory_mib": peaks}
-    common.write(args.output, "\n".join(lines + memory_lines), summary)
+        def score():
+            pair, _, _ = ts.select_hard_pair(replay, stand_in, kind_cfg, accelerator)
+            return hvp.gather_views(views, pair[:, 0]), hvp.gather_views(views, pair[:, 1])
+        return score
+
+    kinds = {"plain": common.Kind("plain SimSiam (N=2)", step(replace(cfg, num_views=2), plain_batch))}
+    for r in args.select_res:
+        kind_cfg = replace(cfg, hvp_select_res=r)
+        kinds[f"hvp@{r:g}"] = common.Kind(f"HVP N={cfg.num_views}, selection at {r:g}x resolution",
+                                          step(kind_cfg, batch), scorer(kind_cfg))
+    med = common.measure(kinds, device, args.warmup, args.steps)
+    title = (f"SimSiam step time (train_simsiam.train_step), {cfg.arch} {cfg.image_size}px"
+             f"{' small stem' if cfg.small_stem else ''}, batch {cfg.batch_size}, N={cfg.num_views} vs 2, "
+             f"{accelerator.mixed_precision}{', channels_last' if cfg.channels_last else ''}")
+    return common.finish("simsiam", title, med, kinds, device, args)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@
 
 Nothing else should run on the machine meanwhile: each script compares HVP with plain steps
 interleaved in one process, which protects the ratios from slow drifts but not from a busy machine.
+Each benchmark runs in a process of its own, so that one benchmark's allocations and caches do not
+enter the next one's peak-memory figures (the step benches can also be called in-process:
+bench_<name>.main(argv) returns the summary that --output writes as JSON).
 """
 import argparse
 import json
@@ -25,6 +28,29 @@ SETTINGS = {  # bench: (flags on 2 CPU cores, flags with --gpu)
     "ibot": (CPU_VIT, GPU_VIT),
     "data": ([], ["--image_size", "224", "--workers", "0", "4", "8", "--views", "2", "4"]),
 }
+STEP_BENCHES = ("simsiam", "simclr", "dino", "ibot")
+
+
+def _ratio(summary, kind):
+    """'wall (CPU time cpu)' of one HVP kind, or '-' where the bench did not run it."""
+    if kind not in summary["step_ratio"]:
+        return "-"
+    return f"{summary['step_ratio'][kind]:.2f} (CPU time {summary['step_ratio_cpu'][kind]:.2f})"
+
+
+def summary_lines(summaries):
+    """The Markdown summary table of the step benches' summaries (name -> bench_<name>.main's dict)."""
+    lines = ["| method | machine | HVP / plain step time, selection at full res | at 0.5x res | scoring + gather, "
+             "% of the full-res step | HVP / plain peak step memory (full res) |", "|---|---|---|---|---|---|"]
+    for name, s in summaries.items():
+        if name not in STEP_BENCHES:
+            continue
+        full = s["median_s"]["wall clock"].get("hvp@1", {})
+        share = f"{100 * full['score'] / full['total']:.1f} %" if full.get("score") is not None else "-"
+        peaks = s["peak_memory_mib"]
+        memory = f"{peaks['hvp@1'] / peaks['plain']:.2f}" if peaks.get("plain") and peaks.get("hvp@1") else "n/a"
+        lines.append(f"| {name} | {s['machine']} | {_ratio(s, 'hvp@1')} | {_ratio(s, 'hvp@0.5')} | {share} | {memory} |")
+    return lines
 
 
 def main():
@@ -49,21 +75,10 @@ def main():
 
     lines = ["# Benchmarks", "", f"Written by `python bench/run_all.py{' --gpu' if args.gpu else ''}` on "
              f"{time.strftime('%Y-%m-%d')}. Ratios are taken within one run of one script (steps interleaved), "
-             "so they compare like with like; absolute times depend on the machine and its load.", "",
-             "| method | machine | HVP / plain step time, selection at full res | at 0.5x res | HVP / plain peak step memory (full res) |",
-             "|---|---|---|---|---|"]
-    for name, s in summaries.items():
-        if name == "data":
-            continue
-        ratios = s["step_ratio"]
-        full = " / ".join(f"{v:.2f} ({k.split('(')[1].rstrip(')')})" if "(" in k else f"{v:.2f}"
-                          for k, v in ratios.items() if k.startswith("hvp@1"))
-        half = " / ".join(f"{v:.2f} ({k.split('(')[1].rstrip(')')})" if "(" in k else f"{v:.2f}"
-                          for k, v in ratios.items() if k.startswith("hvp@0.5"))
-        peaks = s["peak_memory_mib"]
-        memory = f"{peaks['hvp@1'] / peaks['plain']:.2f}" if peaks.get("plain") and peaks.get("hvp@1") else "n/a"
-        lines.append(f"| {name} | {s['machine']} | {full or '-'} | {half or '-'} | {memory} |")
-    lines += [""] + tables
+             "so they compare like with like; absolute times depend on the machine and its load. Step times are "
+             "of the training scripts' own train_step functions, in wall clock (CPU time of the process in "
+             "brackets).", ""]
+    lines += summary_lines(summaries) + [""] + tables
     output.write_text("\n".join(lines) + "\n")
     print(f"wrote {output}")
 

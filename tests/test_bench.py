@@ -1,0 +1,125 @@
+"""The step benchmarks keep working: bench/bench_{simsiam,simclr,dino,ibot}.py time the training
+scripts' own train_step functions, so a change there that a bench no longer fits fails here. Each
+bench runs in-process at a tiny size (1 warm-up + 1 measured step of each kind) and must write a
+table and a JSON summary with finite, positive ratios; the scoring replay must pick what the real
+selection picks."""
+import contextlib
+import json
+import math
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+from conftest import REPO, script_env
+
+sys.path.insert(0, str(REPO))
+import train_dino as td  # noqa: E402
+import train_ibot as ti  # noqa: E402
+from bench import bench_dino, bench_ibot, bench_simclr, bench_simsiam, common, run_all  # noqa: E402
+
+QUICK = ["--steps", "1", "--warmup", "1", "--mixed_precision", "no", "--threads", "1"]  # 1 thread: no spinning OpenMP
+# workers on a shared 2-core machine (the test process gets its thread count back afterwards)
+RESNET = ["--arch", "test_resnet", "--image_size", "16", "--batch_size", "8"]  # timm's 0.4M-parameter ResNet
+VIT = ["--arch", "test_vit", "--small_stem", "--image_size", "16", "--local_size", "8", "--batch_size", "4",
+       "--out_dim", "64", "--hidden_dim", "64", "--bottleneck_dim", "32", "--global_views", "4",
+       "--local_crops_number", "2"]  # timm's 6-block, 64-wide ViT with 4 px patches: 16 + 4 tokens
+BENCHES = {
+    "simsiam": (bench_simsiam, [*RESNET, "--proj_dim", "64", "--pred_dim", "16"]),
+    "simclr": (bench_simclr, [*RESNET, "--proj_hidden_dim", "64", "--proj_dim", "16"]),
+    "dino": (bench_dino, VIT),
+    "ibot": (bench_ibot, VIT),
+}
+_RUNS = {}
+
+
+def run_bench(name, tmp_path_factory):
+    """bench_<name>.main at the tiny size, once per test session -> (returned summary, --output path)."""
+    if name not in _RUNS:
+        module, flags = BENCHES[name]
+        output = tmp_path_factory.mktemp(f"bench_{name}") / f"{name}.md"
+        threads = torch.get_num_threads()
+        try:
+            _RUNS[name] = module.main([*flags, *QUICK, "--output", str(output)]), output
+        finally:
+            torch.set_num_threads(threads)
+    return _RUNS[name]
+
+
+@pytest.mark.parametrize("name", list(BENCHES))
+def test_bench_times_the_real_step_at_a_tiny_size_and_writes_its_summary(name, tmp_path_factory):
+    summary, output = run_bench(name, tmp_path_factory)
+    written = json.loads(output.with_suffix(".json").read_text())
+    assert written == json.loads(json.dumps(summary))
+    assert written["bench"] == name
+    for key in ("step_ratio", "step_ratio_cpu"):
+        assert set(written[key]) == {"plain", "hvp@1", "hvp@0.5"}
+        assert all(math.isfinite(v) and v > 0 for v in written[key].values()), written[key]
+    table = output.read_text()
+    assert "wall clock:" in table and "CPU time of this process:" in table and "peak memory of one step" in table
+    for clock in ("wall clock", "CPU time of this process"):
+        for kind in ("hvp@1", "hvp@0.5"):
+            parts = written["median_s"][clock][kind]
+            # train_step's own split was read (the CPU-time one through its hvp.clock marks) and the scoring timed
+            assert parts["select"] is not None and parts["train"] > 0 and parts["score"] > 0, (clock, kind, parts)
+
+
+def test_run_all_summarises_the_four_benches(tmp_path_factory):
+    summaries = {name: run_bench(name, tmp_path_factory)[0] for name in BENCHES}
+    lines = run_all.summary_lines(summaries)
+    assert len(lines) == 2 + len(BENCHES)
+    assert all("(CPU time " in line for line in lines[2:]), lines
+
+
+def test_a_bench_still_runs_as_a_script():
+    result = subprocess.run([sys.executable, "bench/bench_dino.py", "--help"], cwd=REPO, env=script_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--hvp_select_res" in result.stdout and "--gpu" in result.stdout
+
+
+class NoAccelerator:
+    def autocast(self):
+        return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("res", [1.0, 0.5])
+def test_replayed_outputs_give_the_selection_of_the_real_forward(res):
+    """The benches time the scoring by calling select_hard_views again with common.Replay standing in
+    for the models and placeholders for the views: it must choose exactly what the real call chose."""
+    torch.manual_seed(0)
+    B, G, L_loader, L = 3, 4, 4, 2
+    base = dict(arch="test_vit", small_stem=True, image_size=16, local_size=8, out_dim=64, patch_out_dim=64,
+                hidden_dim=64, bottleneck_dim=32, global_views=G, local_views=L_loader, local_crops_number=L,
+                hvp_select_res=res)
+    g, l = torch.randn(B, G, 3, 16, 16), torch.randn(B, L_loader, 3, 8, 8)
+
+    dino_cfg = replace(td.Config(), **{k: v for k, v in base.items() if k != "patch_out_dim"})
+    student, teacher = td.build_model(dino_cfg, 0.0), td.build_model(dino_cfg, 0.0)
+    center = 0.1 * torch.randn(64)
+    real = td.select_hard_views(student, teacher, g, l, center, 0.04, dino_cfg, NoAccelerator(), 4)
+    students, teachers = common.Replay(student), common.Replay(teacher)
+    td.select_hard_views(students, teachers, g, l, center, 0.04, dino_cfg, NoAccelerator(), 4)
+    students.replay(), teachers.replay()
+    again = td.select_hard_views(students, teachers, common.placeholder(g), common.placeholder(l), center, 0.04,
+                                 dino_cfg, NoAccelerator(), 4)
+    for key in ("globals", "locals", "score", "plain_score"):
+        assert torch.equal(real[key], again[key]), key
+
+    ibot_cfg = replace(ti.Config(), **base)
+    student, teacher = ti.build_model(ibot_cfg, 0.0), ti.build_teacher(ibot_cfg)
+    ti.copy_student_into(teacher, student)
+    masks = ti.block_masks([0.3] * B * G, 4, 4, ibot_cfg.pred_aspect, torch.Generator().manual_seed(0)).view(B, G, 4, 4)
+    centers, temps = (0.1 * torch.randn(64), 0.1 * torch.randn(64)), (0.04, 0.07)
+    real = ti.select_hard_views(student, teacher, g, masks, l, centers, temps, ibot_cfg, NoAccelerator(), 4)
+    students, teachers = common.Replay(student), common.Replay(teacher)
+    ti.select_hard_views(students, teachers, g, masks, l, centers, temps, ibot_cfg, NoAccelerator(), 4)
+    students.replay(), teachers.replay()
+    size = 16 if res == 1 else 8
+    small_masks = ti.resize_masks(masks, (size // 4, size // 4))
+    again = ti.select_hard_views(students, teachers, common.placeholder(g), small_masks, common.placeholder(l), centers,
+                                 temps, ibot_cfg, NoAccelerator(), 4)
+    for key in ("globals", "locals", "score", "plain_score"):
+        assert torch.equal(real[key], again[key]), key

@@ -162,7 +162,8 @@ def parse_config(cls, argv=None, presets=None, recipes=None, description=None):
             values.update(preset)
             used = [k for k in preset if k not in given]
             if used:
-                notes.append("preset for the shipped dataset: " + ", ".join(f"{k}={_show(preset[k])}" for k in used))
+                what = "the shipped dataset" if dataset == DEFAULT_DATASET else Path(given["dataset"]).name
+                notes.append(f"preset for {what}: " + ", ".join(f"{k}={_show(preset[k])}" for k in used))
     values.update(given)
     return cls(**values), notes
 
@@ -172,7 +173,7 @@ def _show(value):
 
 
 def seed_all(seed):
-    """Seed python `random`, numpy and torch (decision D8)."""
+    """Seed python `random`, numpy and torch (DESIGN.md, D8)."""
     import random
     import numpy as np
     random.seed(seed)
@@ -479,7 +480,8 @@ class BatchStream(torch.utils.data.IterableDataset):
       replaced by another view of a decodable image of the same batch, and counted in
       batch["skipped"]. `skip` batches are left out at the start (resuming mid-epoch; see
       `epoch_batches`).
-    - Evaluation (`batches` None): every row once, in order; undecodable images are left out and counted.
+    - Evaluation (`batches` None): every row once (each worker reads a consecutive block, the loader
+      takes batches from the workers in turn); undecodable images are left out and counted.
     """
 
     def __init__(self, source, transform, batch_size, epoch=0, seed=0, rank=0, world=1, batches=None, skip=0,
@@ -512,6 +514,9 @@ class BatchStream(torch.utils.data.IterableDataset):
                 chunk = []
                 if batch is not None:
                     yield batch
+        if chunk and self.batches is not None:  # the plan gives whole batches: the data changed under us
+            raise HVPError(f"dataset {self.source.name!r} has fewer rows than when the run started (a batch of "
+                           f"{len(chunk)} rows at the end of epoch {self.epoch}): restart the run")
         if chunk:
             batch, _ = self._batch(chunk, fallback)
             if batch is not None:
@@ -561,16 +566,20 @@ def epoch_batches(make_epoch_loader, epoch, skip=0):
     return batches
 
 
-def training_batches(make_epoch_loader, steps_per_epoch, start_step=0, grad_accum=1, lookahead=4):
-    """Yield (epoch, micro-batch) from optimizer step `start_step` on, epoch after epoch, forever.
-    The next epoch's loader starts `lookahead` micro-batches before the current one ends, so worker
-    start-up overlaps training (its workers and prefetched batches briefly exist beside the current ones)."""
+def training_batches(make_epoch_loader, steps_per_epoch, start_step=0, grad_accum=1, lookahead=4, total_steps=None):
+    """Yield (epoch, micro-batch) from optimizer step `start_step` on, epoch after epoch, until
+    `total_steps` (None: forever). The next epoch's loader starts `lookahead` micro-batches before
+    the current one ends, so worker start-up overlaps training (its workers and prefetched batches
+    briefly exist beside the current ones); not after the last epoch."""
     per_epoch = steps_per_epoch * grad_accum
+    end = None if total_steps is None else total_steps * grad_accum
     epoch, done = divmod(start_step * grad_accum, per_epoch)
     current, upcoming = epoch_batches(make_epoch_loader, epoch, done), None
     while True:
         for i in range(done, per_epoch):
-            if upcoming is None and per_epoch - i <= lookahead:
+            if end is not None and epoch * per_epoch + i >= end:
+                return
+            if upcoming is None and per_epoch - i <= lookahead and (end is None or (epoch + 1) * per_epoch < end):
                 upcoming = epoch_batches(make_epoch_loader, epoch + 1)
             yield epoch, next(current)
         current, upcoming, epoch, done = upcoming, None, epoch + 1, 0
@@ -793,7 +802,7 @@ class EvalTransform:
 
 
 def resize_views(x, factor):
-    """Downscale a (..., C, H, W) batch by `factor` for a cheaper selection forward (decision D6)."""
+    """Downscale a (..., C, H, W) batch by `factor` for a cheaper selection forward (DESIGN.md, D6)."""
     if factor == 1:
         return x
     size = [max(1, round(s * factor)) for s in x.shape[-2:]]
@@ -889,7 +898,7 @@ def select_multicrop(cost, num_locals, extra=None, limit=0, generator=None):
     Score of (g0, g1, S) = cost[g0,g1] + cost[g1,g0] + sum_{l in S} (cost[g0,l] + cost[g1,l])
       (+ extra[g0] + extra[g1]); for DINO this is the sum of the 2(L+1) cross-entropy terms.
     Because the score is additive and |S| is fixed, the best S for a global pair is the top-L locals
-    by cost[g0,l] + cost[g1,l]: exactly the exhaustive search over C(L_loader, L) subsets (D4).
+    by cost[g0,l] + cost[g1,l]: exactly the exhaustive search over C(L_loader, L) subsets (DESIGN.md, D4).
     Global pairs are compared in product(evens, odds) order, first wins ties.
     limit > 0: score only `limit` random tuples drawn with `generator`, shared by the batch.
     Returns (globals (B, 2), locals (B, L) ascending absolute indices, score (B,)).
@@ -937,7 +946,7 @@ STATS_BINS = 10  # histogram bins over [0, 1] of the IoU and area distributions 
 
 
 def selection_stats(params, hard_pair, hard_score, random_score):
-    """Decision D9 statistics for a batch: mean score, crop IoU and crop area of the selected pair
+    """The statistics of DESIGN.md, D9 for a batch: mean score, crop IoU and crop area of the selected pair
     vs the plain pair (0, 1), plus the batch's IoU and area histograms (STATS_BINS equal bins over
     [0, 1]; area counts both crops of a pair). params (B, N, P) on CPU; hard_pair (B, 2)."""
     hard_pair = hard_pair.cpu()
@@ -1564,6 +1573,31 @@ def broadcast_state(state, accelerator):
     return _unflatten(skeleton, received)
 
 
+def broadcast_object(accelerator, value):
+    """The main process's `value` (a picklable object), on every process."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def on_main(accelerator, fn):
+    """fn() on the main process only, its result handed to every process; an HVPError there stops
+    every process with the same line (instead of leaving the others waiting at the next collective)."""
+    result, error = None, None
+    if accelerator.is_main_process:
+        try:
+            result = fn()
+        except HVPError as e:
+            error = str(e)
+    result, error = broadcast_object(accelerator, (result, error))
+    if error is not None:
+        raise HVPError(error)
+    return result
+
+
 def _state_of(obj):
     return obj.detach() if torch.is_tensor(obj) else obj.state_dict()
 
@@ -1644,27 +1678,8 @@ class Run:
 
     # --- agreement between processes
 
-    def _broadcast(self, value):
-        if self.world == 1:
-            return value
-        from accelerate.utils import broadcast_object_list
-        box = [value]
-        broadcast_object_list(box, from_process=0)
-        return box[0]
-
     def _on_main(self, fn):
-        """fn() on the main process only, its result handed to every process; an HVPError there
-        stops every process with the same line."""
-        result, error = None, None
-        if self.is_main:
-            try:
-                result = fn()
-            except HVPError as e:
-                error = str(e)
-        result, error = self._broadcast((result, error))
-        if error is not None:
-            raise HVPError(error)
-        return result
+        return on_main(self.accelerator, fn)
 
     def _everywhere(self, fn):
         """fn() on every process; if it raises HVPError anywhere, every process stops."""
@@ -1797,7 +1812,8 @@ class Run:
                                  batches, skip, cfg.shuffle_buffer)
             return make_loader(stream, self.num_workers, pin_memory=pin)
 
-        self._batches = training_batches(epoch_loader, self.steps_per_epoch, self.step, cfg.grad_accum)
+        self._batches = training_batches(epoch_loader, self.steps_per_epoch, self.step, cfg.grad_accum,
+                                         total_steps=self.total_steps)
         self.bar = progress_bar(self.total_steps, self.step, self.method, self.is_main)
         self.skipped, self._last_log = 0, (time.perf_counter(), self.step)
 

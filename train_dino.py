@@ -4,9 +4,9 @@ Every step draws --global_views G candidate global crops (even ones with DINO's 
 odd ones with transform 2) and --local_views L_loader candidate local crops per image, runs the
 teacher on all globals and the student on all views once without gradients, and keeps per image the
 (even global, odd global, --local_crops_number L locals) tuple with the highest DINO loss: the best
-global pair over the (G/2)^2 (even, odd) pairs, each with its exact top-L locals (decision D4). Then
+global pair over the (G/2)^2 (even, odd) pairs, each with its exact top-L locals (DESIGN.md, D4). Then
 it trains one ordinary DINO step on that tuple, reusing the teacher outputs of the selection pass
-(D3). --global_views 2 --local_views L is plain DINO (no selection pass).
+(DESIGN.md, D3). --global_views 2 --local_views L is plain DINO (no selection pass).
 
     python train_dino.py --arch vit_small            # CPU: the shipped Fashion-MNIST subset, k-NN at the end
     accelerate launch train_dino.py --arch vit_small --dataset <hub id | image folder | parquet>
@@ -27,8 +27,8 @@ accuracy).
 
 Teacher outputs: the teacher has no gradients, no dropout and no drop-path, and its weights do not
 change between the selection pass and the training step, so its outputs for the selected globals
-are taken from the selection pass (D3). Only a selection at reduced resolution (--hvp_select_res
-< 1, D6) re-runs the teacher on the selected globals: the step trains on full-resolution views and
+are taken from the selection pass (DESIGN.md, D3). Only a selection at reduced resolution (--hvp_select_res
+< 1, DESIGN.md, D6) re-runs the teacher on the selected globals: the step trains on full-resolution views and
 needs full-resolution teacher outputs. A teacher with BatchNorm (ResNets; train mode, as in DINO)
 normalises the reused outputs with the statistics of all G candidate globals, not of the 2 selected.
 """
@@ -207,14 +207,14 @@ def teacher_temperature(epoch, cfg):
 @torch.no_grad()
 def select_hard_views(student, teacher, global_views, local_views, center, teacher_temp, cfg, accelerator,
                       patch=1, generator=None):
-    """One no-grad pass (train mode, same autocast as training; D1): the teacher on the G candidate
+    """One no-grad pass (train mode, same autocast as training; DESIGN.md, DESIGN.md, D1): the teacher on the G candidate
     globals, the student on all G + L_loader views. Every DINO loss term goes into a cross-entropy
-    table, and per sample the (even, odd, top-L locals) tuple with the highest summed loss wins (D4).
+    table, and per sample the (even, odd, top-L locals) tuple with the highest summed loss wins (DESIGN.md, D4).
 
     Returns a dict: globals (B, 2) and locals (B, L) view indices (locals counted from 0 within the
     local views), score and plain_score (B,) = the per-sample DINO loss of the chosen tuple and of
     the plain tuple (0, 1, first L locals), and teacher_logits (B, 2, K) of the chosen globals
-    (D3), or None when the selection ran at reduced resolution (D6)."""
+    (DESIGN.md, D3), or None when the selection ran at reduced resolution (DESIGN.md, D6)."""
     B, G = global_views.shape[:2]
     L = cfg.local_crops_number
     if cfg.hvp_select_res < 1:
@@ -239,7 +239,7 @@ def train_step(model, teacher, optimizer, center, micro_batches, schedule, cfg, 
     """One optimizer step of DINO + HVP over the step's micro-batches: views made on the device;
     the hardest (even, odd, top-L locals) tuple of each image (every --hvp_every steps from
     --hvp_start_epoch on; otherwise globals 0, 1 and the first L locals); the teacher's outputs of
-    the chosen globals (reused from the selection, DESIGN.md, D3); an ordinary DINO forward and
+    the chosen globals (reused from the selection, DESIGN.md, DESIGN.md, D3); an ordinary DINO forward and
     backward with per-parameter clipping and the frozen last layer; after the last micro-batch the
     optimizer step, the teacher EMA and the centre update. `schedule` is distillation_schedule's
     dict, applied here. Returns (record, views to show or None)."""

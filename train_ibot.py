@@ -1,14 +1,14 @@
 """iBOT (masked image modelling + self-distillation) with Hard View Pretraining (HVP), in one file.
 
 Every step draws --global_views G candidate global crops (even ones with global transform 1, odd
-ones with transform 2, as DINO; decision D5), each with its own block-wise mask, and --local_views
+ones with transform 2, as DINO; DESIGN.md, DESIGN.md, D5), each with its own block-wise mask, and --local_views
 L_loader candidate local crops per image. One pass without gradients runs the teacher on all
 unmasked globals and the student on all masked globals and all locals, and keeps per image the
 (even global, odd global, --local_crops_number L locals) tuple with the highest iBOT loss:
 lambda1 x [CLS] self-distillation over the tuple + lambda2 x masked-patch self-distillation of its
-two globals. Globals keep the mask they were scored with. The local subset is the exact top-L (D4),
+two globals. Globals keep the mask they were scored with. The local subset is the exact top-L (DESIGN.md, D4),
 which the reference could not select. Then one ordinary iBOT step trains on that tuple, reusing the
-teacher outputs of the selection pass (D3). --global_views 2 --local_views L is plain iBOT.
+teacher outputs of the selection pass (DESIGN.md, D3). --global_views 2 --local_views L is plain iBOT.
 
     python train_ibot.py --arch vit_small            # CPU: the shipped Fashion-MNIST subset, k-NN at the end
     accelerate launch train_ibot.py --arch vit_small --dataset <hub id | image folder | parquet>
@@ -40,7 +40,7 @@ computes patch targets with its [CLS] last layer while the student has a separat
 layer, which the teacher EMA skips (it averages the parameters both have, by name).
 
 Differences from the reference iBOT code: globals alternate the two transforms (the reference gives
-transform 1 to view 0 only, D5); only the global views get masks (the reference also draws masks
+transform 1 to view 0 only, DESIGN.md, D5); only the global views get masks (the reference also draws masks
 for the local crops, which it never uses); before --pred_start_epoch the masks drawn in the data
 workers are replaced by empty ones (the reference draws none), so the data stream does not depend
 on it.
@@ -287,7 +287,7 @@ def mask_ratio_text(cfg):
 
 
 def resize_masks(masks, grid):
-    """Masks (..., h, w) on a coarser patch grid for the reduced-resolution selection (D6): bilinear
+    """Masks (..., h, w) on a coarser patch grid for the reduced-resolution selection (DESIGN.md, D6): bilinear
     interpolation, then a patch is masked if at least half of its area was."""
     if tuple(masks.shape[-2:]) == tuple(grid):
         return masks
@@ -433,16 +433,16 @@ def teacher_temperatures(epoch, cfg):
 @torch.no_grad()
 def select_hard_views(student, teacher, global_views, masks, local_views, centers, temps, cfg, accelerator,
                       patch=1, generator=None):
-    """One no-grad pass (train mode, same autocast as training; D1): the teacher on the G unmasked
+    """One no-grad pass (train mode, same autocast as training; DESIGN.md, DESIGN.md, D1): the teacher on the G unmasked
     candidate globals, the student on the G masked globals and all L_loader locals. Per sample the
-    (even, odd, top-L locals) tuple with the highest iBOT loss wins (D4): the [CLS] terms come from a
+    (even, odd, top-L locals) tuple with the highest iBOT loss wins (DESIGN.md, D4): the [CLS] terms come from a
     cross-entropy table (scaled by lambda1 / 2(L+1)), the masked-patch loss of each global is a
     per-global term (scaled by lambda2 / 2), so a tuple's score is exactly its per-sample ibot_loss.
 
     Returns a dict: globals (B, 2) and locals (B, L) view indices (locals counted from 0 within the
     local views), score and plain_score (B,) = the per-sample iBOT loss of the chosen tuple and of
     the plain tuple (0, 1, first L locals), and teacher_out = ([CLS] (B, 2, K), patches (B, 2, N, Kp))
-    of the chosen globals (D3), or None when the selection ran at reduced resolution (D6)."""
+    of the chosen globals (DESIGN.md, D3), or None when the selection ran at reduced resolution (DESIGN.md, D6)."""
     B, G = global_views.shape[:2]
     L = cfg.local_crops_number
     if cfg.hvp_select_res < 1:
@@ -475,7 +475,7 @@ def train_step(model, teacher, optimizer, centers, micro_batches, schedule, cfg,
     masks (none before --pred_start_epoch); the hardest (even, odd, top-L locals) tuple of each
     image, whose globals keep their masks (every --hvp_every steps from --hvp_start_epoch on;
     otherwise globals 0, 1 and the first L locals); the teacher's outputs of the chosen globals
-    (reused from the selection, DESIGN.md, D3); an ordinary iBOT forward and backward with
+    (reused from the selection, DESIGN.md, DESIGN.md, D3); an ordinary iBOT forward and backward with
     per-parameter clipping and frozen last layers; after the last micro-batch the optimizer step,
     the teacher EMA and both centre updates. centers = ([CLS] centre, patch centre), updated in
     place; `schedule` is distillation_schedule's dict. Returns (record, views to show or None)."""

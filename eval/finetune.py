@@ -220,7 +220,7 @@ def run(cfg, accelerator=None):
                                     "fine-tuning")
     global_batch = cfg.batch_size * world
     steps_per_epoch = linear.steps_per_epoch(train_source, global_batch)
-    num_classes = linear.on_main(accelerator, lambda: count_classes(train_source))
+    num_classes = hvp.on_main(accelerator, lambda: count_classes(train_source))
     model, config = build_model(cfg, num_classes)
     pretrained = config.get("pretrained_cfg", {})
     size = cfg.image_size or pretrained.get("input_size", (3, 224, 224))[-1]

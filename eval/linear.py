@@ -203,30 +203,11 @@ class TrainTransform:
         return {"image": TF.normalize(view, self.mean, self.std)}
 
 
-def on_main(accelerator, fn):
-    """fn() on the main process only, its (picklable) result handed to every process; an HVPError
-    there stops every process with the same line."""
-    result, error = None, None
-    if accelerator.is_main_process:
-        try:
-            result = fn()
-        except hvp.HVPError as e:
-            error = str(e)
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-        box = [(result, error)]
-        broadcast_object_list(box, from_process=0)
-        result, error = box[0]
-    if error is not None:
-        raise hvp.HVPError(error)
-    return result
-
-
 def open_split(dataset, split, image_column, label_column, accelerator, what):
     """A labelled split as an hvp.Source: resolved once, by the main process (a format without row
     counts is counted once), and shared; a one-line error if it cannot be opened or has no integer
     label column (`what` needs labels)."""
-    source = hvp.Source(**on_main(accelerator, lambda: dataclasses.asdict(
+    source = hvp.Source(**hvp.on_main(accelerator, lambda: dataclasses.asdict(
         hvp.open_source(dataset, split, image_column, label_column))))
     if source.label_column is None:
         raise hvp.HVPError(f"dataset {dataset!r} split {split!r} has no label column {label_column!r}: {what} needs "

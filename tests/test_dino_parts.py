@@ -196,7 +196,16 @@ def test_one_vit_takes_global_and_local_crops_and_the_teacher_temperature_warms_
     out = student(torch.randn(3, 2, 3, 16, 16), torch.randn(3, 5, 3, 8, 8))
     assert out.shape == (3, 7, cfg.out_dim)
     warm = tiny_cfg(warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=3)
-    assert [round(td.teacher_temperature(e, warm), 4) for e in range(5)] == [0.04, 0.05, 0.06, 0.07, 0.07]
+    # np.linspace over the warm-up epochs, as DINO: 0.07 is reached at the last warm-up epoch (2)
+    assert [round(td.teacher_temperature(e, warm), 4) for e in range(5)] == [0.04, 0.055, 0.07, 0.07, 0.07]
+
+
+def test_the_lr_warm_up_reaches_the_peak_at_its_last_step_as_dino():
+    # DINO's cosine_scheduler: np.linspace(0, base, warmup_iters), then the cosine over the rest
+    warmup, total, peak = 5, 20, 1.0
+    values = [hvp.cosine(s, total, peak, 0.0, warmup) for s in range(total)]
+    assert values[:5] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert values[5] == 1.0 and values[-1] > 0
 
 
 def test_multicrop_transform_alternates_the_two_global_transforms():

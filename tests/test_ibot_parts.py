@@ -459,4 +459,8 @@ def test_teacher_temperatures_warm_up_separately():
     cfg = tiny_cfg(warmup_teacher_temp=0.04, teacher_temp=0.06, warmup_teacher_patch_temp=0.04,
                    teacher_patch_temp=0.07, warmup_teacher_temp_epochs=3)
     temps = [tuple(round(t, 4) for t in ti.teacher_temperatures(e, cfg)) for e in range(4)]
-    assert temps == [(0.04, 0.04), (0.0467, 0.05), (0.0533, 0.06), (0.06, 0.07)]
+    # np.linspace over the warm-up epochs, as iBOT: the final values are reached at the last warm-up epoch
+    assert temps == [(0.04, 0.04), (0.05, 0.055), (0.06, 0.07), (0.06, 0.07)]
+    official = dict(warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_patch_temp=0.04,
+                    teacher_patch_temp=0.07, warmup_teacher_temp_epochs=30)
+    assert ti.teacher_temperatures(29, tiny_cfg(**official)) == (0.07, 0.07)

@@ -44,8 +44,6 @@ DESIGN_NUMBER = re.compile(r"\bD(?:10|[1-9])\b")
 # documents outside the repository (spelt in pieces so that this file does not match itself)
 OUTSIDE = re.compile("|".join([re.escape(p) for p in ("spec" + " B.", "HVP_" + "SPEC", "../" + "shared", "/work" + "/",
                                                       "project " + "specification")] + [r"\bits B\.\d"]))
-# files being rewritten: their references are checked by an xfail test until that lands
-BEING_REWRITTEN = re.compile(r"^(train_\w+|hvp_utils)\.py$")
 
 
 def repository_files():
@@ -82,13 +80,5 @@ def test_design_md_has_a_heading_for_every_decision_and_the_cited_sections():
 
 
 def test_every_decision_reference_points_into_design_md_and_nothing_outside_the_repository():
-    problems = [p for path in repository_files() if not BEING_REWRITTEN.match(path.name)
-                for p in dangling_references(path)]
-    assert not problems, "\n".join(problems)
-
-
-@pytest.mark.xfail(reason="train_*.py and hvp_utils.py are being updated", strict=False)
-def test_the_training_scripts_and_hvp_utils_point_their_references_into_design_md():
-    problems = [p for path in repository_files() if BEING_REWRITTEN.match(path.name)
-                for p in dangling_references(path)]
+    problems = [p for path in repository_files() for p in dangling_references(path)]
     assert not problems, "\n".join(problems)

@@ -170,20 +170,69 @@ def shard_for_rank(ds, rank, world_size, num_workers=1):
     return split_dataset_by_node(ds, rank=rank, world_size=world_size) if world_size > 1 else ds
 
 
-def decode_image(value):
-    """Decode a dataset image cell (PIL image, {'bytes','path'} dict, bytes or path) to RGB.
-    Returns None when it cannot be decoded."""
+def open_image(cell):
+    """Open a dataset image cell (PIL image, {'bytes','path'} dict, bytes or path) without decoding
+    its pixels (PIL opens lazily: header only). Returns None when it cannot be opened. A PIL image
+    is returned as it is, loaded or not."""
     from PIL import Image
     try:
-        if isinstance(value, Image.Image):
-            img = value
-        elif isinstance(value, dict):
-            img = Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
-        elif isinstance(value, (bytes, bytearray)):
-            img = Image.open(io.BytesIO(value))
-        else:
-            img = Image.open(value)
-        img.load()
+        if isinstance(cell, Image.Image):
+            return cell
+        if isinstance(cell, dict):
+            return Image.open(io.BytesIO(cell["bytes"]) if cell.get("bytes") else cell["path"])
+        if isinstance(cell, (bytes, bytearray)):
+            return Image.open(io.BytesIO(cell))
+        return Image.open(cell)
+    except Exception:  # not an image, unreadable path: the caller skips and counts it
+        return None
+
+
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap height and width
+
+
+def image_orientation(image):
+    """EXIF orientation tag of a PIL image (1..8; 1 when absent or invalid). Cheap on a lazily
+    opened JPEG (the header carries it)."""
+    try:
+        value = int(image.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def oriented_size(image):
+    """(height, width) of an image as it is shown, i.e. after its EXIF orientation is applied,
+    without decoding it."""
+    w, h = image.size
+    return (w, h) if image_orientation(image) in _TRANSPOSED else (h, w)
+
+
+def load_image(image, reduce=1):
+    """Decode an opened image (see open_image) to an upright RGB PIL image.
+
+    reduce: for a not yet loaded JPEG, decode at 1/s of the stored size (PIL `draft`: libjpeg's
+    DCT scaling, much cheaper than decoding everything and resizing), s the largest of 8, 4, 2, 1
+    that is <= reduce; the result is ceil(W / s) x ceil(H / s) pixels, pixel j covering source
+    pixels [j s, (j + 1) s). Other formats, and images already loaded, are decoded at full size.
+    Then: EXIF orientation (PIL.ImageOps.exif_transpose, as the `datasets` image decoder does),
+    16-bit / float grayscale rescaled to 8 bits, transparency composited onto white, any other
+    mode converted to RGB.
+
+    Returns (rgb_image, s), s the reduction actually applied, or None when the image cannot be
+    decoded (truncated, corrupt, unsupported)."""
+    from PIL import Image, ImageOps
+    try:
+        scale = 1
+        if reduce > 1:
+            s = next(s for s in (8, 4, 2, 1) if s <= reduce)
+            w, h = image.size
+            if s > 1 and w >= s and h >= s and image.draft(None, (w // s, h // s)) is not None:
+                scale = s
+        image.load()
+        if image_orientation(image) != 1:
+            image = ImageOps.exif_transpose(image)
+        img = image
         if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit / float grayscale: rescale to 8 bits
             import numpy as np
             a = np.asarray(img, dtype=np.float32)
@@ -192,9 +241,17 @@ def decode_image(value):
         if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
             rgba = img.convert("RGBA")
             img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-        return img.convert("RGB")
+        return (img if img.mode == "RGB" else img.convert("RGB")), scale
     except Exception:  # truncated, corrupt, unsupported: the caller skips and counts it
         return None
+
+
+def decode_image(value):
+    """Decode a dataset image cell (PIL image, {'bytes','path'} dict, bytes or path) to an upright
+    (EXIF orientation applied) RGB PIL image, at full size. Returns None when it cannot be decoded."""
+    image = open_image(value)
+    loaded = None if image is None else load_image(image)
+    return None if loaded is None else loaded[0]
 
 
 class ViewStream(torch.utils.data.IterableDataset):

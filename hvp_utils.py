@@ -420,28 +420,138 @@ def crop_view(image, params, aug):
     return view.flip(-1) if params[P["flip"]] else view
 
 
+def draft_reduction(params, sizes):
+    """How much smaller a JPEG may be decoded for these views: the largest s of 8, 4, 2, 1 such that
+    every view's crop box, at 1/s scale, still has at least its output size on both sides
+    (min(height_i, width_i) / s >= size_i), so that no view is made from fewer pixels than it has.
+    params (N, P) recorded view parameters, sizes: the N output sizes."""
+    limit = min(min(float(p[P["height"]]), float(p[P["width"]])) / size for p, size in zip(params, sizes))
+    return next((s for s in (8, 4, 2) if s <= limit), 1)
+
+
+# EXIF orientations whose upright image runs backwards along y / x relative to the stored pixels
+_REVERSED_Y, _REVERSED_X = (3, 4, 7, 8), (2, 3, 6, 7)
+
+
 class MultiViewTransform:
     """N independent views per image, each from its own recipe, plus all their random parameters.
 
     `groups` maps an output name to a list of recipes, one per view, e.g.
-    {"views": [simsiam_aug] * 4} or {"global_views": [gt1, gt2, gt1, gt2], "local_views": [local] * 8}.
-    Returns {name: (n, 3, S, S) uint8 crops, name + "_params": (n, len(PARAM_NAMES)) float}. The
-    photometric part (jitter, grayscale, blur, solarize, normalise) is applied to whole batches on
-    the training device by `photometric`, from the recorded parameters.
+    {"views": [simsiam_aug] * 4} or {"global_views": [gt1, gt2, gt1, gt2], "local_views": [local] * 8};
+    the views of one group share their output size. Called as transform(image, generator): `image`
+    is either a loaded RGB PIL image (decode_image) or a lazily opened one (open_image), which is
+    decoded here (load_image: EXIF orientation, RGB) and, in device mode, at reduced size when the
+    views allow it. Returns None when a lazily opened image cannot be decoded (skip it, as a failed
+    decode_image). Every view's parameters (PARAM_NAMES: crop box in upright source pixels, flip,
+    jitter, grayscale, blur, solarize) are drawn from `generator` in the same order in both modes,
+    so boxes, flips and every statistic computed from them are identical for the same seed.
+
+    crops="worker": the crops are made here (crop_view: torchvision resized_crop, antialiased):
+        {name: (n, 3, S, S) uint8, name + "_params": (n, len(PARAM_NAMES)) float}.
+    crops="device": the crops are left to the training device (views_from_batch / crop_views);
+        here only the pixels they need are decoded:
+        {"image": (3, h, w) uint8, "image_box": (4,) float, name + "_params": ...}.
+        "image" is the region of the upright image covering the union of all view boxes;
+        "image_box" = (top, left, height, width) of that region in source pixels, its h x w pixel
+        grid mapped linearly onto it (pixel (i, j) covers top + i height/h ... top + (i+1) height/h).
+        Reduced-size decoding rule (`draft`, JPEG only, lazily opened images only): the image is
+        decoded at 1/s scale (s in 8, 4, 2, 1; h, w are then about height/s, width/s) for the
+        largest s at which every view's crop box still has at least the view's output size on both
+        sides (draft_reduction), so no view is made from fewer pixels than it has.
+
+    In both modes the photometric part (jitter, grayscale, blur, solarize, normalise) is applied to
+    whole batches on the training device by `photometric` (views_from_batch does both steps).
     """
 
-    def __init__(self, groups):
-        self.groups = groups
+    def __init__(self, groups, crops="worker", draft=True):
+        if crops not in ("worker", "device"):
+            raise ValueError(f"crops must be 'worker' or 'device', got {crops!r}")
+        self.groups, self.crops, self.draft = groups, crops, draft
+
+    def geometry(self, name):
+        """(size, interpolation) of group `name`, the arguments views_from_batch needs for it."""
+        kinds = {(aug.size, aug.interpolation) for aug in self.groups[name]}
+        if len(kinds) != 1:
+            raise ValueError(f"views of group {name!r} differ in size or interpolation: {sorted(kinds)}")
+        return kinds.pop()
+
+    def _params(self, height, width, generator):
+        return {name: torch.stack([sample_view_params(height, width, aug, generator) for aug in recipes])
+                for name, recipes in self.groups.items()}
 
     def __call__(self, image, generator):
         import torchvision.transforms.v2.functional as TF
-        src = TF.pil_to_tensor(image)
-        out = {}
-        for name, recipes in self.groups.items():
-            params = [sample_view_params(src.shape[1], src.shape[2], aug, generator) for aug in recipes]
-            out[name] = torch.stack([crop_view(src, p, aug) for p, aug in zip(params, recipes)])
-            out[name + "_params"] = torch.stack(params)
+        if self.crops == "worker":
+            loaded = load_image(image)
+            if loaded is None:
+                return None
+            src = TF.pil_to_tensor(loaded[0])
+            out = {}
+            for name, params in self._params(src.shape[1], src.shape[2], generator).items():
+                out[name] = torch.stack([crop_view(src, p, aug) for p, aug in zip(params, self.groups[name])])
+                out[name + "_params"] = params
+            return out
+        orientation = image_orientation(image)
+        height, width = oriented_size(image)
+        params = self._params(height, width, generator)
+        every = torch.cat(list(params.values()))
+        reduce = 1
+        if self.draft:
+            reduce = draft_reduction(every, [aug.size for recipes in self.groups.values() for aug in recipes])
+        loaded = load_image(image, reduce)
+        if loaded is None:
+            return None
+        src, s = TF.pil_to_tensor(loaded[0]), loaded[1]   # (3, ceil(height / s), ceil(width / s))
+        h, w = src.shape[1:]
+        # Upright pixel i covers source [off + i s, off + (i+1) s): off = 0, or where the upright
+        # axis runs backwards over the stored one and the reduced size was rounded up, size - h s.
+        off_y = height - h * s if orientation in _REVERSED_Y else 0
+        off_x = width - w * s if orientation in _REVERSED_X else 0
+        top, left = every[:, P["top"]].min().item(), every[:, P["left"]].min().item()
+        bottom = (every[:, P["top"]] + every[:, P["height"]]).max().item()
+        right = (every[:, P["left"]] + every[:, P["width"]]).max().item()
+        r0, r1 = max(0, math.floor((top - off_y) / s)), min(h, math.ceil((bottom - off_y) / s))
+        c0, c1 = max(0, math.floor((left - off_x) / s)), min(w, math.ceil((right - off_x) / s))
+        out = {"image": src[:, r0:r1, c0:c1],
+               "image_box": torch.tensor([off_y + r0 * s, off_x + c0 * s, (r1 - r0) * s, (c1 - c0) * s],
+                                         dtype=torch.float)}
+        for name, p in params.items():
+            out[name + "_params"] = p
         return out
+
+
+def collate_views(samples):
+    """Stack a list of MultiViewTransform outputs (plus any scalars the stream adds, e.g. "label",
+    "skipped") into one batch, batch-major: tensors are stacked ((B, ...)), Python numbers become
+    tensors ((B,)), anything else is kept as a list. Device-mode "image"s, whose sizes differ, are
+    zero-padded at the bottom and right to the batch's largest h and w: "image" (B, 3, H, W) uint8,
+    plus "image_size" (B, 2) int64 = each image's own (h, w). Meant to run in the loader workers
+    (DataLoader collate_fn): in a worker the big tensors are allocated in shared memory, so that
+    handing the batch to the training process copies nothing."""
+    in_worker = torch.utils.data.get_worker_info() is not None
+    batch = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        first = values[0]
+        if key == "image" and isinstance(first, torch.Tensor):
+            sizes = torch.tensor([v.shape[-2:] for v in values], dtype=torch.int64)
+            out = torch.empty((len(values), first.shape[0], *sizes.max(0).values.tolist()), dtype=first.dtype)
+            if in_worker:
+                out.share_memory_()
+            out.zero_()
+            for o, v in zip(out, values):
+                o[:, :v.shape[1], :v.shape[2]] = v
+            batch[key], batch["image_size"] = out, sizes
+        elif isinstance(first, torch.Tensor):
+            out = None
+            if in_worker:
+                out = torch.empty((len(values), *first.shape), dtype=first.dtype).share_memory_()
+            batch[key] = torch.stack(values, out=out)
+        elif isinstance(first, (bool, int, float)):
+            batch[key] = torch.tensor(values)
+        else:
+            batch[key] = values
+    return batch
 
 
 def _gray(x):

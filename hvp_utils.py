@@ -609,18 +609,37 @@ def _gaussian_blur(x, sigma, kernel):
     return y.view(M, C, H, W)
 
 
-def photometric(views, params, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """Apply the recorded photometric augmentations to a batch of uint8 crops, on their device:
-    colour jitter (in each view's recorded random order), grayscale, Gaussian blur, solarize, then
-    normalise. views (..., 3, H, W) uint8, params (..., P) -> float32 views of the same shape."""
-    shape = views.shape
-    x = views.reshape(-1, *shape[-3:]).float().div_(255)
-    p = params.reshape(-1, params.shape[-1]).to(x.device, torch.float32)
+_CONSTANTS = {}
+
+
+def _constant(values, device, dtype=torch.float32):
+    """A small constant tensor on `device`, made once per device (a host-to-device copy each call
+    would make the host wait for the device)."""
+    key = (tuple(map(tuple, values)) if isinstance(values[0], (list, tuple)) else tuple(values), str(device), dtype)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.tensor(values, dtype=dtype, device=device)
+    return _CONSTANTS[key]
+
+
+def _blur_weights(sigma, kernel, size):
+    """(M, size) Gaussian taps, each view's own `kernel` taps centred in `size` (odd) and zero
+    outside, normalised; views without blur (sigma 0) get the identity tap."""
+    r = torch.arange(size, device=sigma.device, dtype=sigma.dtype) - (size - 1) / 2
+    blurred = sigma > 0
+    w = torch.exp(-0.5 * (r / torch.where(blurred, sigma, torch.ones_like(sigma))[:, None]) ** 2)
+    w = torch.where(r.abs() <= (kernel[:, None] - 1) / 2, w, torch.zeros_like(w))
+    w = w / w.sum(1, keepdim=True)
+    return torch.where(blurred[:, None], w, (r == 0).to(w.dtype).expand_as(w))
+
+
+def _photometric_subsets(x, p):
+    """Each operation on the rows that need it (index lists): least arithmetic, but finding the rows
+    reads device values on the host (~21 waits per call on CUDA)."""
     order = p[:, P["jitter_order"]].long()
     if (order >= 0).any():
-        perms = torch.tensor(_JITTER_ORDERS, device=x.device)[order.clamp(min=0)]
+        perms = _constant(_JITTER_ORDERS, x.device, torch.long)[order.clamp(min=0)]
         factors = p[:, [P["brightness"], P["contrast"], P["saturation"], P["hue"]]]
-        identity = torch.tensor([1.0, 1.0, 1.0, 0.0], device=x.device)
+        identity = _constant([1.0, 1.0, 1.0, 0.0], x.device)
         for position in range(4):
             for k in range(4):
                 rows = ((order >= 0) & (perms[:, position] == k) & (factors[:, k] != identity[k])).nonzero()[:, 0]
@@ -636,7 +655,76 @@ def photometric(views, params, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     rows = (p[:, P["solarize"]] > 0).nonzero()[:, 0]
     if len(rows):
         x[rows] = torch.where(x[rows] >= 0.5, 1 - x[rows], x[rows])
-    x = (x - torch.tensor(mean, device=x.device).view(1, 3, 1, 1)) / torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return x
+
+
+def _photometric_masked(x, p, host):
+    """Every operation on every row, kept where the row needs it (torch.where), fixed shapes: the
+    host never waits for the device. `host`: the parameters on the CPU (or None), read only to
+    skip operations no view uses and to size the blur kernel."""
+    M = x.shape[0]
+    use = lambda name: host is None or bool((host[:, P[name]] > 0).any())  # noqa: E731
+    if host is None or bool((host[:, P["jitter_order"]] >= 0).any()):
+        order = p[:, P["jitter_order"]].long()
+        perms = _constant(_JITTER_ORDERS, x.device, torch.long)[order.clamp(min=0)]       # (M, 4)
+        factors = p[:, [P["brightness"], P["contrast"], P["saturation"], P["hue"]]]        # (M, 4)
+        active = (order >= 0)[:, None] & (factors != _constant([1.0, 1.0, 1.0, 0.0], x.device))
+        for position in range(4):
+            k = perms[:, position:position + 1]                                              # (M, 1)
+            f, on = factors.gather(1, k)[:, 0], active.gather(1, k)[:, 0]
+            k = k.view(M, 1, 1, 1)
+            gray = _gray(x)
+            # brightness, contrast and saturation all blend x with a base: 0, mean grey, grey
+            base = torch.where(k == 0, torch.zeros_like(gray),
+                               torch.where(k == 1, gray.mean((1, 2, 3), keepdim=True), gray))
+            y = torch.where(k == 3, _shift_hue(x, torch.where(k.view(M) == 3, f, torch.zeros_like(f))),
+                            _blend(x, base, f.view(M, 1, 1, 1)))
+            x = torch.where(on.view(M, 1, 1, 1), y, x)
+    if use("grayscale"):
+        x = torch.where((p[:, P["grayscale"]] > 0).view(M, 1, 1, 1), _gray(x).expand(-1, 3, -1, -1), x)
+    if host is None:
+        size = int(p[:, P["blur_kernel"]].max())  # the one wait of this path, when params live on the device
+    else:
+        size = int(host[:, P["blur_kernel"]][host[:, P["blur_sigma"]] > 0].max()) if use("blur_sigma") else 0
+    if size > 0:
+        _, C, H, W = x.shape
+        w = _blur_weights(p[:, P["blur_sigma"]], p[:, P["blur_kernel"]], size).repeat_interleave(C, 0)
+        pad = size // 2
+        y = F.pad(x.reshape(1, M * C, H, W), (pad, pad, pad, pad), mode="reflect")
+        y = F.conv2d(y, w.view(M * C, 1, 1, size), groups=M * C)
+        y = F.conv2d(y, w.view(M * C, 1, size, 1), groups=M * C)
+        x = torch.where((p[:, P["blur_sigma"]] > 0).view(M, 1, 1, 1), y.view(M, C, H, W), x)
+    if use("solarize"):
+        x = torch.where((p[:, P["solarize"]] > 0).view(M, 1, 1, 1) & (x >= 0.5), 1 - x, x)
+    return x
+
+
+def photometric(views, params, mean=IMAGENET_MEAN, std=IMAGENET_STD, sync_free=None):
+    """Apply the recorded photometric augmentations to a batch of crops, on their device: colour
+    jitter (in each view's recorded random order), grayscale, Gaussian blur, solarize, then
+    normalise. views (..., 3, H, W) uint8, or float in [0, 1] (crop_views; the uint8 path is
+    exactly this on views / 255), params (..., P), on any device -> float32 views of the same shape.
+
+    sync_free: True computes every operation on every view and keeps it where needed (fixed
+    shapes, torch.where): the host never waits for the device, as long as `params` is on the CPU
+    (where the loader leaves it; on the device, sizing the blur kernel costs one wait). False works
+    on the subsets of views that need each operation: less arithmetic, but finding the subsets
+    waits for the device ~21 times per call on CUDA. None (default): sync-free on accelerators,
+    subsets on the CPU. Both give the same values up to float rounding."""
+    shape = views.shape
+    if views.dtype == torch.uint8:
+        x = views.reshape(-1, *shape[-3:]).float().div_(255)
+    else:
+        x = views.reshape(-1, *shape[-3:]).to(torch.float32, copy=True)
+    flat = params.reshape(-1, params.shape[-1])
+    p = flat.to(x.device, torch.float32, non_blocking=True)
+    if sync_free is None:
+        sync_free = x.device.type != "cpu"
+    if sync_free:
+        x = _photometric_masked(x, p, flat.float() if flat.device.type == "cpu" else None)
+    else:
+        x = _photometric_subsets(x, p)
+    x = (x - _constant(mean, x.device).view(1, 3, 1, 1)) / _constant(std, x.device).view(1, 3, 1, 1)
     return x.view(shape)
 
 

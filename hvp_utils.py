@@ -572,16 +572,21 @@ def _resample_weights(start, length, out_size, in_size, interpolation):
     torch's antialiased interpolate does on that span cut out (so as torchvision's resized_crop with
     antialias=True): output pixel i is centred at start + (i + 0.5) length / out_size, the filter is
     stretched by the downscaling factor when there is one, only pixels overlapping the span are
-    read, and each row is normalised to sum 1."""
-    dev = start.device
+    read, and each row is normalised to sum 1. The taps are computed in a band around each centre
+    (its width bounded by the shapes alone: the span is at most in_size long), then scattered."""
+    dev, dtype = start.device, start.dtype
+    support = 2.0 if interpolation == "bicubic" else 1.0
     scale = length / out_size
-    stretch = scale.clamp(min=1)[:, None, None]
-    centre = start[:, None] + (torch.arange(out_size, device=dev, dtype=start.dtype) + 0.5) * scale[:, None]
-    pixel = torch.arange(in_size, device=dev, dtype=start.dtype)
-    w = _aa_filter((pixel + 0.5 - centre[..., None]) / stretch, interpolation)
-    first, end = torch.floor(start + 1e-4), torch.ceil(start + length - 1e-4)
-    w = w * ((pixel >= first[:, None]) & (pixel < end[:, None]))[:, None, :]
-    return w / w.sum(-1, keepdim=True).clamp(min=1e-12)
+    reach = support * scale.clamp(min=1)                                     # filter half-width, pixels
+    taps = min(in_size, math.ceil(2 * support * max(in_size / out_size, 1.0)) + 2)
+    centre = start[:, None] + (torch.arange(out_size, device=dev, dtype=dtype) + 0.5) * scale[:, None]  # (M, S)
+    first, end = torch.floor(start + 1e-4)[:, None, None], torch.ceil(start + length - 1e-4)[:, None, None]
+    pixel = torch.floor(centre - reach[:, None] - 0.5)[..., None] + torch.arange(taps, device=dev, dtype=dtype)
+    w = _aa_filter((pixel + 0.5 - centre[..., None]) / scale.clamp(min=1)[:, None, None], interpolation)
+    w = torch.where((pixel >= first) & (pixel < end), w, torch.zeros_like(w))
+    w = w / w.sum(-1, keepdim=True).clamp(min=1e-12)
+    dense = torch.zeros(*centre.shape, in_size, device=dev, dtype=dtype)
+    return dense.scatter_add_(2, pixel.clamp(0, in_size - 1).long(), w)
 
 
 def crop_views(images, image_size, image_box, params, size, interpolation="bilinear"):
@@ -661,9 +666,11 @@ def _shift_hue(x, shift):
     f = h * 6.0 - i
     i = i.long() % 6
     p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    choices = torch.stack([torch.stack(c, 1) for c in
-                           ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))], 1)  # (M, 6, 3, H, W)
-    return choices.gather(1, i[:, None, None].expand(-1, 1, 3, -1, -1)).squeeze(1)
+    # sector i -> (r, g, b): 0 (v, t, p), 1 (q, v, p), 2 (p, v, t), 3 (p, q, v), 4 (t, p, v), 5 (v, p, q)
+    r = torch.where((i == 0) | (i == 5), v, torch.where(i == 1, q, torch.where(i == 4, t, p)))
+    g = torch.where((i == 1) | (i == 2), v, torch.where(i == 0, t, torch.where(i == 3, q, p)))
+    b = torch.where((i == 3) | (i == 4), v, torch.where(i == 2, t, torch.where(i == 5, q, p)))
+    return torch.stack((r, g, b), 1)
 
 
 def _jitter_op(x, k, factor):
@@ -751,17 +758,28 @@ def _photometric_masked(x, p, host):
         perms = _constant(_JITTER_ORDERS, x.device, torch.long)[order.clamp(min=0)]       # (M, 4)
         factors = p[:, [P["brightness"], P["contrast"], P["saturation"], P["hue"]]]        # (M, 4)
         active = (order >= 0)[:, None] & (factors != _constant([1.0, 1.0, 1.0, 0.0], x.device))
-        for position in range(4):
-            k = perms[:, position:position + 1]                                              # (M, 1)
-            f, on = factors.gather(1, k)[:, 0], active.gather(1, k)[:, 0]
-            k = k.view(M, 1, 1, 1)
-            gray = _gray(x)
-            # brightness, contrast and saturation all blend x with a base: 0, mean grey, grey
-            base = torch.where(k == 0, torch.zeros_like(gray),
-                               torch.where(k == 1, gray.mean((1, 2, 3), keepdim=True), gray))
-            y = torch.where(k == 3, _shift_hue(x, torch.where(k.view(M) == 3, f, torch.zeros_like(f))),
-                            _blend(x, base, f.view(M, 1, 1, 1)))
-            x = torch.where(on.view(M, 1, 1, 1), y, x)
+        # Hue, the costly operation, runs once on every view: the blends (brightness, contrast and
+        # saturation: x blended with 0, its mean grey, its grey) that come before it in the view's
+        # order run first, those after it then. A view without a hue shift has all its blends before.
+        hue_at = torch.where(active[:, 3], (perms == 3).long().argmax(1), torch.full_like(order, 4))
+        positions = torch.arange(4, device=x.device)
+
+        def blends(x, before):
+            for position in (range(4) if before else range(1, 4)):
+                k = perms[:, position:position + 1]                                          # (M, 1)
+                f, on = factors.gather(1, k)[:, 0], active.gather(1, k)[:, 0] & (k[:, 0] != 3)
+                on = on & ((positions[position] < hue_at) if before else (positions[position] > hue_at))
+                k = k.view(M, 1, 1, 1)
+                gray = _gray(x)
+                base = torch.where(k == 0, torch.zeros_like(gray),
+                                   torch.where(k == 1, gray.mean((1, 2, 3), keepdim=True), gray))
+                x = torch.where(on.view(M, 1, 1, 1), _blend(x, base, f.view(M, 1, 1, 1)), x)
+            return x
+
+        x = blends(x, before=True)
+        if host is None or bool(((host[:, P["jitter_order"]] >= 0) & (host[:, P["hue"]] != 0)).any()):
+            x = torch.where(active[:, 3].view(M, 1, 1, 1), _shift_hue(x, factors[:, 3]), x)
+        x = blends(x, before=False)
     if use("grayscale"):
         x = torch.where((p[:, P["grayscale"]] > 0).view(M, 1, 1, 1), _gray(x).expand(-1, 3, -1, -1), x)
     if host is None:

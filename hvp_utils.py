@@ -457,7 +457,9 @@ class MultiViewTransform:
         Reduced-size decoding rule (`draft`, JPEG only, lazily opened images only): the image is
         decoded at 1/s scale (s in 8, 4, 2, 1; h, w are then about height/s, width/s) for the
         largest s at which every view's crop box still has at least the view's output size on both
-        sides (draft_reduction), so no view is made from fewer pixels than it has.
+        sides (draft_reduction), so no view is made from fewer pixels than it has. The scaled
+        decode is an extra low-pass: such crops differ from the full-size ones by about 1-1.5 / 255
+        on average (99th percentile <= 12 / 255; tests/test_crops.py). draft=False never reduces.
 
     In both modes the photometric part (jitter, grayscale, blur, solarize, normalise) is applied to
     whole batches on the training device by `photometric` (views_from_batch does both steps).
@@ -603,9 +605,13 @@ def crop_views(images, image_size, image_box, params, size, interpolation="bilin
     torchvision's resized_crop(antialias=True) uses in the workers, computed for the view's box
     mapped into the image's pixel grid: separable, as two batched matrix products (all views of
     an image at once, horizontal pass then vertical, like the worker kernel). From full-size
-    pixels this is the worker computation up to rounding (the worker rounds to uint8 after each
-    pass); tests/test_crops.py states the measured difference. Cost: about 3 B n S H W
-    multiply-adds, and (B n S (H + W) + 3 B n S H) floats of workspace."""
+    pixels this is the worker computation up to its rounding (it rounds to uint8 after each
+    pass); on real photos (tests/test_crops.py) |crop_views * 255 - worker crop| is at most 0.35
+    on average and 1.5 at the 99.9th percentile (measured 0.28 and 0.97), max 1.5 bilinear,
+    12 bicubic (measured 1.0 and 8.0: the worker clips bicubic overshoot in its intermediate
+    pass). From a draft (reduced-size) decode: mean <= 2, 99th percentile <= 12 (measured up to
+    1.5 and 9.8). Cost: about 3 B n S H W multiply-adds, and (B n S (H + W) + 3 B n S H) floats
+    of workspace; the host never waits for the device."""
     B, C, H, W = images.shape
     n = params.shape[1]
     dev = images.device

@@ -762,7 +762,7 @@ def _photometric_masked(x, p, host):
     if host is None or bool((host[:, P["jitter_order"]] >= 0).any()):
         order = p[:, P["jitter_order"]].long()
         perms = _constant(_JITTER_ORDERS, x.device, torch.long)[order.clamp(min=0)]       # (M, 4)
-        factors = p[:, [P["brightness"], P["contrast"], P["saturation"], P["hue"]]]        # (M, 4)
+        factors = p[:, P["brightness"]:P["hue"] + 1]   # (M, 4); a slice: a list index would be copied to the device
         active = (order >= 0)[:, None] & (factors != _constant([1.0, 1.0, 1.0, 0.0], x.device))
         # Hue, the costly operation, runs once on every view: the blends (brightness, contrast and
         # saturation: x blended with 0, its mean grey, its grey) that come before it in the view's
@@ -794,11 +794,11 @@ def _photometric_masked(x, p, host):
         size = int(host[:, P["blur_kernel"]][host[:, P["blur_sigma"]] > 0].max()) if use("blur_sigma") else 0
     if size > 0:
         _, C, H, W = x.shape
-        w = _blur_weights(p[:, P["blur_sigma"]], p[:, P["blur_kernel"]], size).repeat_interleave(C, 0)
+        w = _blur_weights(p[:, P["blur_sigma"]], p[:, P["blur_kernel"]], size)[:, None].expand(M, C, size)
         pad = size // 2
         y = F.pad(x.reshape(1, M * C, H, W), (pad, pad, pad, pad), mode="reflect")
-        y = F.conv2d(y, w.view(M * C, 1, 1, size), groups=M * C)
-        y = F.conv2d(y, w.view(M * C, 1, size, 1), groups=M * C)
+        y = F.conv2d(y, w.reshape(M * C, 1, 1, size), groups=M * C)
+        y = F.conv2d(y, w.reshape(M * C, 1, size, 1), groups=M * C)
         x = torch.where((p[:, P["blur_sigma"]] > 0).view(M, 1, 1, 1), y.view(M, C, H, W), x)
     if use("solarize"):
         x = torch.where((p[:, P["solarize"]] > 0).view(M, 1, 1, 1) & (x >= 0.5), 1 - x, x)

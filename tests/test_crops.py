@@ -265,6 +265,12 @@ def test_collate_views_pads_and_stacks():
     assert batch["id"] == ["x0", "x1", "x2"]
     worker = hvp.collate_views([{"v": torch.zeros(2, 3, 4, 4, dtype=torch.uint8), "label": 1}] * 2)
     assert worker["v"].shape == (2, 2, 3, 4, 4) and "image_size" not in worker
+    # in a loader worker process (shared-memory buffers): the same batch
+    loader = torch.utils.data.DataLoader(samples, batch_size=3, num_workers=1, collate_fn=hvp.collate_views)
+    (shared,) = list(loader)
+    assert shared.keys() == batch.keys()
+    for key, value in batch.items():
+        assert torch.equal(shared[key], value) if isinstance(value, torch.Tensor) else shared[key] == value
 
 
 def test_crop_views_reads_no_padding_and_accepts_float_images(photos):

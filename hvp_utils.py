@@ -386,6 +386,11 @@ def sample_crop(height, width, scale, ratio, u):
 
 def sample_view_params(height, width, aug, g):
     """Draw every random parameter of one view (see PARAM_NAMES) from generator `g`."""
+    return torch.tensor(_view_param_values(height, width, aug, g), dtype=torch.float)
+
+
+def _view_param_values(height, width, aug, g):
+    """sample_view_params as a list of Python numbers."""
     u = iter(torch.rand(40, generator=g).tolist())  # one generator call per view: enough for any path
 
     def uniform(low, high):
@@ -407,7 +412,7 @@ def sample_view_params(height, width, aug, g):
         p["blur_sigma"] = uniform(aug.blur_sigma[0] * rel, aug.blur_sigma[1] * rel)
         p["blur_kernel"] = max(3, int(round(aug.blur_kernel * rel)) // 2 * 2 + 1)
     p["solarize"] = float(next(u) < aug.solarize_p)
-    return torch.tensor([p[name] for name in PARAM_NAMES], dtype=torch.float)
+    return [p[name] for name in PARAM_NAMES]
 
 
 def crop_view(image, params, aug):
@@ -425,7 +430,8 @@ def draft_reduction(params, sizes):
     every view's crop box, at 1/s scale, still has at least its output size on both sides
     (min(height_i, width_i) / s >= size_i), so that no view is made from fewer pixels than it has.
     params (N, P) recorded view parameters, sizes: the N output sizes."""
-    limit = min(min(float(p[P["height"]]), float(p[P["width"]])) / size for p, size in zip(params, sizes))
+    sides = torch.minimum(params[:, P["height"]], params[:, P["width"]])
+    limit = float((sides / torch.tensor(sizes, dtype=sides.dtype)).min())
     return next((s for s in (8, 4, 2) if s <= limit), 1)
 
 
@@ -480,7 +486,8 @@ class MultiViewTransform:
     def sample_params(self, height, width, generator):
         """Every view's parameters for an upright image of height x width, drawn from `generator`
         in the order both modes use: {name: (n, len(PARAM_NAMES))}."""
-        return {name: torch.stack([sample_view_params(height, width, aug, generator) for aug in recipes])
+        return {name: torch.tensor([_view_param_values(height, width, aug, generator) for aug in recipes],
+                                   dtype=torch.float)  # = stacked sample_view_params, in one call
                 for name, recipes in self.groups.items()}
 
     def __call__(self, image, generator):
@@ -511,9 +518,9 @@ class MultiViewTransform:
         # axis runs backwards over the stored one and the reduced size was rounded up, size - h s.
         off_y = height - h * s if orientation in _REVERSED_Y else 0
         off_x = width - w * s if orientation in _REVERSED_X else 0
-        top, left = every[:, P["top"]].min().item(), every[:, P["left"]].min().item()
-        bottom = (every[:, P["top"]] + every[:, P["height"]]).max().item()
-        right = (every[:, P["left"]] + every[:, P["width"]]).max().item()
+        boxes = every[:, [P["top"], P["left"], P["height"], P["width"]]].tolist()
+        top, left = min(b[0] for b in boxes), min(b[1] for b in boxes)
+        bottom, right = max(b[0] + b[2] for b in boxes), max(b[1] + b[3] for b in boxes)
         r0, r1 = max(0, math.floor((top - off_y) / s)), min(h, math.ceil((bottom - off_y) / s))
         c0, c1 = max(0, math.floor((left - off_x) / s)), min(w, math.ceil((right - off_x) / s))
         out = {"image": src[:, r0:r1, c0:c1],

@@ -127,6 +127,11 @@ def test_both_modes_draw_identical_parameters_and_statistics(photos):
         for name in ("globals_params", "locals_params"):
             assert torch.equal(w[name], d[name])
         assert torch.equal(gw.get_state(), gd.get_state())  # what is drawn after (iBOT masks) is the same too
+        g = torch.Generator().manual_seed(i)                # = sample_view_params view after view
+        h, w_ = image.size[1], image.size[0]
+        for name, recipes in worker.groups.items():
+            expected = torch.stack([hvp.sample_view_params(h, w_, aug, g) for aug in recipes])
+            assert torch.equal(d[name + "_params"], expected)
     pair = torch.tensor([[1, 2]] * 6)
     stats = [hvp.selection_stats(torch.stack([out["globals_params"] for out in outs]), pair, torch.ones(6), torch.ones(6))
              for outs in ([worker(im, torch.Generator().manual_seed(i)) for i, im in enumerate(photos[:6])],
@@ -244,6 +249,15 @@ def test_device_crops_of_oriented_reduced_jpegs(photos, orientation):
     assert max(float(s["image_box"][2] / s["image"].shape[1]) for s in d) >= 2
     got = summary(differences(device_crops(d, "v", aug), torch.stack([s["v"] for s in w])))
     assert got["mean"] <= DRAFT_BOUND["mean"] and got["p99"] <= DRAFT_BOUND["p99"], got
+
+
+@pytest.mark.parametrize("crops", ["worker", "device"])
+def test_lazily_opened_images_that_do_not_decode_give_none(photos, crops):
+    assert hvp.open_image(b"not an image") is None and hvp.open_image({"bytes": None, "path": "/no/such.jpg"}) is None
+    data = jpeg(photos[5])
+    transform = hvp.MultiViewTransform({"v": [hvp.ViewAug(size=16)] * 2}, crops=crops)
+    assert transform(hvp.open_image(data[: len(data) // 3]), torch.Generator().manual_seed(0)) is None  # truncated
+    assert transform(hvp.open_image(data), torch.Generator().manual_seed(0)) is not None
 
 
 def test_collate_views_pads_and_stacks():

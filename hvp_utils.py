@@ -512,8 +512,8 @@ class MultiViewTransform:
         loaded = load_image(image, reduce)
         if loaded is None:
             return None
-        src, s = TF.pil_to_tensor(loaded[0]), loaded[1]   # (3, ceil(height / s), ceil(width / s))
-        h, w = src.shape[1:]
+        pixels, s = loaded                       # ceil(width / s) x ceil(height / s), upright
+        w, h = pixels.size
         # Upright pixel i covers source [off + i s, off + (i+1) s): off = 0, or where the upright
         # axis runs backwards over the stored one and the reduced size was rounded up, size - h s.
         off_y = height - h * s if orientation in _REVERSED_Y else 0
@@ -523,7 +523,9 @@ class MultiViewTransform:
         bottom, right = max(b[0] + b[2] for b in boxes), max(b[1] + b[3] for b in boxes)
         r0, r1 = max(0, math.floor((top - off_y) / s)), min(h, math.ceil((bottom - off_y) / s))
         c0, c1 = max(0, math.floor((left - off_x) / s)), min(w, math.ceil((right - off_x) / s))
-        out = {"image": src[:, r0:r1, c0:c1],
+        if (r0, r1, c0, c1) != (0, h, 0, w):
+            pixels = pixels.crop((c0, r0, c1, r1))
+        out = {"image": TF.pil_to_tensor(pixels),  # (3, r1 - r0, c1 - c0), a view of (h, w, 3) memory
                "image_box": torch.tensor([off_y + r0 * s, off_x + c0 * s, (r1 - r0) * s, (c1 - c0) * s],
                                          dtype=torch.float)}
         for name, p in params.items():

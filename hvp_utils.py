@@ -525,7 +525,9 @@ class MultiViewTransform:
         c0, c1 = max(0, math.floor((left - off_x) / s)), min(w, math.ceil((right - off_x) / s))
         if (r0, r1, c0, c1) != (0, h, 0, w):
             pixels = pixels.crop((c0, r0, c1, r1))
-        out = {"image": TF.pil_to_tensor(pixels),  # (3, r1 - r0, c1 - c0), a view of (h, w, 3) memory
+        import numpy as np
+        # (3, r1 - r0, c1 - c0), a view of (h, w, 3) memory (as TF.pil_to_tensor, with one copy less)
+        out = {"image": torch.from_numpy(np.asarray(pixels).copy()).permute(2, 0, 1),
                "image_box": torch.tensor([off_y + r0 * s, off_x + c0 * s, (r1 - r0) * s, (c1 - c0) * s],
                                          dtype=torch.float)}
         for name, p in params.items():
@@ -559,9 +561,12 @@ def collate_views(samples):
         first = values[0]
         if key == "image" and isinstance(first, torch.Tensor):
             sizes = torch.tensor([v.shape[-2:] for v in values], dtype=torch.int64)
-            out = empty((len(values), *sizes.max(0).values.tolist(), first.shape[0]), first).zero_()
+            out = empty((len(values), *sizes.max(0).values.tolist(), first.shape[0]), first)
             for o, v in zip(out, values):   # decoded pixels are (h, w, 3) in memory: row by row copies
-                o[:v.shape[1], :v.shape[2]] = v.permute(1, 2, 0)
+                h, w = v.shape[1:]
+                o[:h, :w] = v.permute(1, 2, 0)
+                o[h:].zero_()
+                o[:h, w:].zero_()
             batch[key], batch["image_size"] = out.permute(0, 3, 1, 2), sizes
         elif isinstance(first, torch.Tensor):
             batch[key] = torch.stack(values, out=empty((len(values), *first.shape), first))
@@ -645,7 +650,7 @@ def crop_views(images, image_size, image_box, params, size, interpolation="bilin
     rows = torch.bmm(x.reshape(B, C * H, W), wx.view(B, n * size, W).transpose(1, 2))  # (B, C H, n S)
     rows = rows.view(B, C, H, n, size).permute(0, 3, 2, 1, 4).reshape(B * n, H, C * size)
     out = torch.bmm(wy, rows).view(B, n, size, C, size).permute(0, 1, 3, 2, 4)         # (B, n, C, S, S)
-    return out.clamp(0, 1)
+    return out.contiguous().clamp_(0, 1)
 
 
 def views_from_batch(batch, name, size, interpolation, mean=IMAGENET_MEAN, std=IMAGENET_STD, sync_free=None):

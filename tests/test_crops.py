@@ -162,25 +162,27 @@ def test_draft_reduction_rule():
     assert hvp.draft_reduction(params((900, 900)), [100]) == 8
     assert hvp.draft_reduction(params((95, 300)), [96]) == 1           # upscaled view: never reduced
     assert hvp.draft_reduction(params((400, 400), (100, 100)), [224, 24]) == 1  # per view's own size
+    assert hvp.draft_reduction(params((400, 500)), [96], margin=2) == 2          # 400 / 2 >= 2 x 96
+    assert hvp.draft_reduction(params((400, 500)), [96], margin=4.2) == 1
 
 
 def test_draft_decoding_is_used_only_when_the_rule_allows_it(photos):
     small = hvp.ViewAug(size=24, scale=(0.2, 1.0), **PLAIN)
     big = hvp.ViewAug(size=200, scale=(0.2, 1.0), **PLAIN)
     photo = photos[4]                                                   # 1024 x 683
-    for groups in ({"v": [small] * 4}, {"v": [small] * 3 + [big]}):
-        transform = hvp.MultiViewTransform(groups, crops="device")
+    for groups, margin in (({"v": [small] * 4}, 1), ({"v": [small] * 3 + [big]}, 1), ({"v": [small] * 4}, 2)):
+        transform = hvp.MultiViewTransform(groups, crops="device", draft=True if margin == 1 else margin)
         sizes = [aug.size for aug in groups["v"]]
         for i in range(4):
             out = transform(hvp.open_image(jpeg(photo)), torch.Generator().manual_seed(i))
             s = out["image_box"][2] / out["image"].shape[1]
             assert s == out["image_box"][3] / out["image"].shape[2]
-            assert s == hvp.draft_reduction(out["v_params"], sizes)
+            assert s == hvp.draft_reduction(out["v_params"], sizes, margin)
             p = out["v_params"]
-            assert (torch.minimum(p[:, 2], p[:, 3]) / s >= torch.tensor(sizes)).all()
-    out = transform(hvp.open_image(jpeg(photo)), torch.Generator().manual_seed(0))
-    assert hvp.MultiViewTransform({"v": [small] * 4}, crops="device")(
-        hvp.open_image(jpeg(photo)), torch.Generator().manual_seed(0))["image_box"][2] > out["image"].shape[1]
+            assert (torch.minimum(p[:, 2], p[:, 3]) / s >= margin * torch.tensor(sizes)).all()
+    out = hvp.MultiViewTransform({"v": [small] * 4}, crops="device")(hvp.open_image(jpeg(photo)),
+                                                                     torch.Generator().manual_seed(0))
+    assert out["image_box"][2] >= 4 * out["image"].shape[1]            # the rule allows it here: used
     # never for other formats, already decoded images or with draft=False
     png = io.BytesIO()
     photo.save(png, format="PNG")

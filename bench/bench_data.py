@@ -240,7 +240,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="repeats per measurement (the median is reported)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (a loader worker uses 1)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device side: cpu or cuda")
-    parser.add_argument("--device_batch", type=int, default=0, help="images per device-side batch (0: 16 on CPU, 64 on CUDA)")
+    parser.add_argument("--device_batch", type=int, default=0, help="images per device-side batch (0: 8 on CPU, 64 on CUDA)")
+    parser.add_argument("--device_repeats", type=int, default=2, help="repeats per device-side measurement")
     parser.add_argument("--sets", nargs="+", default=None, help="crop sets to run (names as in the table, first word)")
     parser.add_argument("--loader", action="store_true", help="also the shipped dataset through the DataLoader")
     parser.add_argument("--dataset", default=hvp.DEFAULT_DATASET)
@@ -254,7 +255,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    batch_size = args.device_batch or (64 if device.type == "cuda" else 16)
+    batch_size = args.device_batch or (64 if device.type == "cuda" else 8)
     cpu = common.machine(torch.device("cpu"))
 
     image_sets = {"synthetic 500x375 q90": synthetic_jpegs(args.images)}
@@ -266,7 +267,7 @@ def main():
     rows, summary = [], {"bars": BARS}
     for (set_name, jpegs), (crop_name, groups) in itertools.product(image_sets.items(), sets.items()):
         med, outputs, reduced = worker_side(jpegs, groups, args.repeats)
-        dev = device_side(outputs, groups, device, batch_size, args.repeats)
+        dev = device_side(outputs, groups, device, batch_size, args.device_repeats)
         old, new = med["worker"] + med["collate_worker"], med["device"] + med["collate_device"]
         row = {"images": set_name, "crops": crop_name, "kb": sum(map(len, jpegs)) / len(jpegs) / 1024,
                "reduced": statistics.mean(reduced), **med, "worker_total": old, "device_total": new, **dev}
@@ -288,7 +289,8 @@ def main():
                      f"{r['device_total']:.2f} | {r['device_total'] / r['worker_total']:.3f} | "
                      f"{1e3 / r['worker_total']:.0f} / {1e3 / r['device_total']:.0f} | {r['reduced']:.2f} |")
     timing = "synchronized wall clock" if device.type == "cuda" else f"process CPU time, {args.threads} thread"
-    lines += ["", f"Device side per image ({timing}, batches of {batch_size}), {common.machine(device)}", "",
+    lines += ["", f"Device side per image ({timing}, batches of {batch_size}, median of {args.device_repeats}), "
+              f"{common.machine(device)}", "",
               "| images | crop set | device path: crop_views | photometric subsets | photometric sync-free "
               f"| crop_views + photometric ({default}) | worker path: photometric subsets | sync-free |"
               + (" host syncs (device path) |" if device.type == "cuda" else ""),

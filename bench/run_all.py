@@ -26,7 +26,7 @@ SETTINGS = {  # bench: (flags on 2 CPU cores, flags with --gpu)
     "simclr": ([], GPU_RESNET),
     "dino": (CPU_VIT, GPU_VIT),
     "ibot": (CPU_VIT, GPU_VIT),
-    "data": ([], ["--image_size", "224", "--workers", "0", "4", "8", "--views", "2", "4"]),
+    "data": (["--loader"], ["--loader", "--image_size", "224", "--workers", "0", "4", "8", "--views", "2", "4"]),
 }
 STEP_BENCHES = ("simsiam", "simclr", "dino", "ibot")
 

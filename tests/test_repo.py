@@ -28,12 +28,22 @@ def normalise(name):
     return re.sub(r"[-_.]+", "-", name).lower()  # PEP 503
 
 
+def pinned(path):
+    return {normalise(re.split(r"[<>=\[ ;]", line)[0])
+            for line in (ROOT / path).read_text().splitlines() if line and not line.startswith("#")}
+
+
 def test_every_pinned_requirement_is_locked():
-    wanted = {normalise(re.split(r"[<>=\[ ;]", line)[0])
-              for line in (ROOT / "requirements.txt").read_text().splitlines() if line and not line.startswith("#")}
+    wanted = pinned("requirements.txt") | pinned("requirements-nodeps.txt")
     locked = {normalise(line.split("==")[0]) for line in (ROOT / "requirements.lock").read_text().splitlines()
               if "==" in line}
     assert wanted and wanted <= locked, wanted - locked
+
+
+def test_run_installs_the_no_deps_requirements_without_their_dependencies():
+    run = (ROOT / "run").read_text()
+    assert "--no-deps -r requirements-nodeps.txt" in run and 'open("requirements-nodeps.txt", "rb")' in run
+    assert pinned("requirements-nodeps.txt") and not pinned("requirements-nodeps.txt") & pinned("requirements.txt")
 
 
 # ----------------------------------------------------------------------------------- references into DESIGN.md

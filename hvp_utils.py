@@ -70,6 +70,7 @@ class RunConfig:
     global_batch: int = 0  # if > 0: images per optimizer step over all processes; sets --grad_accum from the process count
     mixed_precision: str = ""  # auto (bf16 where native, else fp32) | no | fp16 | bf16; "" = as `accelerate launch` says
     num_workers: int = -1  # loader workers per process; -1 = the process's share of the CPU cores, minus one
+    crops: str = "auto"  # where views are cut and resized: worker (loader workers), device (batched on the training device), auto (device on CUDA, worker on CPU)
     shuffle_buffer: int = 5000  # rows each loader worker shuffles among (pieces are shuffled too)
     seed: int = 0  # seeds every random source; a CPU run is reproducible
     log_every: int = 20  # steps between metrics.jsonl records
@@ -91,6 +92,8 @@ def check_run_config(cfg):
     """One-line errors for the shared flags (each script's check_config calls it)."""
     if cfg.mixed_precision not in ("", "auto", "no", "fp16", "bf16"):
         raise HVPError(f"--mixed_precision must be auto, no, fp16 or bf16, got {cfg.mixed_precision!r}")
+    if cfg.crops not in ("auto", "worker", "device"):
+        raise HVPError(f"--crops must be auto, worker or device, got {cfg.crops!r}")
     if cfg.resume not in ("", "yes", "auto"):
         raise HVPError(f"--resume takes no value or 'auto', got {cfg.resume!r}")
     if cfg.global_batch < 0 or cfg.log_every < 1 or cfg.save_every < 1 or cfg.shuffle_buffer < 1:
@@ -546,7 +549,7 @@ class BatchStream(torch.utils.data.IterableDataset):
         super().__init__()
         self.source, self.transform, self.batch_size, self.epoch, self.seed = source, transform, batch_size, epoch, seed
         self.rank, self.world, self.batches, self.skip, self.shuffle_buffer = rank, world, batches, skip, shuffle_buffer
-        self.collate = collate or torch.utils.data.default_collate
+        self.collate = collate or collate_views
 
     def __iter__(self):
         import random
@@ -579,25 +582,34 @@ class BatchStream(torch.utils.data.IterableDataset):
             if batch is not None:
                 yield batch
 
-    def _sample(self, image, label, *key):
+    def _sample(self, cell, label, *key):
+        """The transform's sample of one row (None if its image cannot be decoded). Device-mode
+        transforms get the lazily opened image and decode what their views need."""
+        image = open_image(cell) if getattr(self.transform, "crops", None) == "device" else decode_image(cell)
+        if image is None:
+            return None
         sample = self.transform(image, torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, *key)))
-        sample["label"] = label
+        if sample is not None:
+            sample["label"] = label
         return sample
 
     def _batch(self, chunk, fallback):
-        """Collate one planned batch; returns (batch or None, a decodable (image, label, row) for later batches)."""
-        decoded = [(decode_image(cell), label, row) for row, cell, label in chunk]
-        good = [d for d in decoded if d[0] is not None]
-        samples = [self._sample(image, label, row) for image, label, row in good]
-        skipped = len(decoded) - len(good)
+        """Collate one planned batch; returns (batch or None, a decodable (cell, label, row) for later batches)."""
+        samples, good = [], []
+        for row, cell, label in chunk:
+            sample = self._sample(cell, label, row)
+            if sample is not None:
+                samples.append(sample)
+                good.append((cell, label, row))
+        skipped = len(chunk) - len(good)
         if self.batches is not None and skipped:
             donors = good or ([fallback] if fallback is not None else [])
             if not donors:
                 raise HVPError(f"none of the images of a whole batch of {self.source.name!r} can be decoded "
                                f"(rows {chunk[0][0]}...): is --image_column right?")
             for j in range(skipped):
-                image, label, row = donors[j % len(donors)]
-                samples.append(self._sample(image, label, row, "replacement", j))
+                cell, label, row = donors[j % len(donors)]
+                samples.append(self._sample(cell, label, row, "replacement", j))
         if not samples:
             return None, fallback
         batch = self.collate(samples)
@@ -969,6 +981,16 @@ def crop_views(images, image_size, image_box, params, size, interpolation="bilin
     rows = rows.view(B, C, H, n, size).permute(0, 3, 2, 1, 4).reshape(B * n, H, C * size)
     out = torch.bmm(wy, rows).view(B, n, size, C, size).permute(0, 1, 3, 2, 4)         # (B, n, C, S, S)
     return out.contiguous().clamp_(0, 1)
+
+
+def pixels_to_device(batch, device):
+    """The batch with its pixels (device-mode "image", worker-mode uint8 views) moved to `device`
+    (asynchronously from pinned memory); parameters and labels stay where they are."""
+    moved = dict(batch)
+    for key, value in batch.items():
+        if torch.is_tensor(value) and value.dtype == torch.uint8 and value.dim() >= 4:
+            moved[key] = value.to(device, non_blocking=True)
+    return moved
 
 
 def views_from_batch(batch, name, size, interpolation, mean=IMAGENET_MEAN, std=IMAGENET_STD, sync_free=None):
@@ -2055,6 +2077,8 @@ class Run:
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.num_workers = cfg.num_workers if cfg.num_workers >= 0 else default_workers(
             int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        # where views are cut: batched on a GPU; on a CPU the workers' resizes are cheaper (bench_data.py)
+        self.crops = cfg.crops if cfg.crops != "auto" else ("device" if self.device.type == "cuda" else "worker")
         torch.manual_seed(cfg.seed)  # the same initial weights on every process
 
     @property
@@ -2235,7 +2259,8 @@ class Run:
                 f"{self.global_batch} ({cfg.batch_size} x {self.world} x {cfg.grad_accum} accumulated) | "
                 f"{self.steps_per_epoch} steps/epoch | {self.total_steps} steps | precision {precision}"
                 + (f" ({self.precision_note})" if self.precision_note else "")
-                + f" | {self.num_workers} loader workers" + (f" | resumed at step {self.step}" if self.step else ""))
+                + f" | {self.num_workers} loader workers, crops on the {self.crops}"
+                + (f" | resumed at step {self.step}" if self.step else ""))
         print(line, flush=True)
         for note in self.notes:
             print(note, flush=True)
@@ -2398,13 +2423,13 @@ def dino_augs(cfg):
     return global1, global2, local
 
 
-def multicrop_transform(cfg):
+def multicrop_transform(cfg, crops="worker"):
     """G candidate globals alternating transform 1 (even index) / 2 (odd index), then L_loader locals."""
     global1, global2, local = dino_augs(cfg)
     groups = {"globals": [global1, global2] * (cfg.global_views // 2)}
     if cfg.local_views:
         groups["locals"] = [local] * cfg.local_views
-    return MultiViewTransform(groups)
+    return MultiViewTransform(groups, crops=crops)
 
 
 class DINOHead(nn.Module):

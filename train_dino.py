@@ -246,15 +246,17 @@ def train_step(model, teacher, optimizer, center, micro_batches, schedule, cfg, 
     unwrapped = accelerator.unwrap_model(model)
     device, L, L_loader = accelerator.device, cfg.local_crops_number, cfg.local_views
     hvp.apply_schedule(optimizer, schedule)
+    interpolation = hvp.dino_augs(cfg)[0].interpolation
     teacher_temp = teacher_temperature(epoch, cfg)
     selecting = cfg.global_views > 2 or L_loader > L
     hard = selecting and epoch >= cfg.hvp_start_epoch and step % cfg.hvp_every == 0
     teacher_sum, teacher_count = torch.zeros_like(center), torch.zeros(1, device=device)
     select_s = train_s = 0.0
     for micro, batch in enumerate(micro_batches):
-        global_views = hvp.photometric(batch["globals"].to(device, non_blocking=True), batch["globals_params"])
-        local_views = (hvp.photometric(batch["locals"].to(device, non_blocking=True), batch["locals_params"])
-                       if L_loader else global_views.new_zeros(len(global_views), 0, 3, cfg.local_size, cfg.local_size))
+        batch = hvp.pixels_to_device(batch, device)
+        global_views = hvp.views_from_batch(batch, "globals", cfg.image_size, interpolation)
+        local_views = (hvp.views_from_batch(batch, "locals", cfg.local_size, interpolation) if L_loader
+                       else global_views.new_zeros(len(global_views), 0, 3, cfg.local_size, cfg.local_size))
         t0 = hvp.clock(log_now, device)
         teacher_logits = None
         if hard:
@@ -330,7 +332,7 @@ def main():
     G, L_loader, L = cfg.global_views, cfg.local_views, cfg.local_crops_number
     # the teacher is the model DINO evaluates and exports
     run.start({"student": unwrapped, "teacher": teacher, "center": center, "optimizer": optimizer},
-              hvp.multicrop_transform(cfg), export=teacher.backbone,
+              hvp.multicrop_transform(cfg, run.crops), export=teacher.backbone,
               banner=f"{'+ HVP ' if G > 2 or L_loader > L else ''}| {cfg.arch} {cfg.image_size}/{cfg.local_size}px | "
                      f"globals {G} -> 2, locals {L_loader} -> {L} | lr {init_lr:.4g}"
                      + (f" | backbone from {cfg.init_from}" if cfg.init_from else ""))

@@ -265,10 +265,13 @@ class MaskedMultiCrop:
 
     def __init__(self, multicrop, grid, ratio, aspect, ratio_var=0.0):
         self.multicrop, self.grid, self.ratio, self.aspect, self.ratio_var = multicrop, grid, ratio, aspect, ratio_var
+        self.crops = multicrop.crops  # where the views are cut (the data stream asks)
 
     def __call__(self, image, generator):
         out = self.multicrop(image, generator)
-        ratios = mask_ratios(len(out["globals"]), self.ratio, self.ratio_var, generator)
+        if out is None:  # the image cannot be decoded
+            return None
+        ratios = mask_ratios(len(out["globals_params"]), self.ratio, self.ratio_var, generator)
         out["masks"] = block_masks(ratios, *self.grid, self.aspect, generator)
         return out
 
@@ -483,16 +486,18 @@ def train_step(model, teacher, optimizer, centers, micro_batches, schedule, cfg,
     center, patch_center = centers
     device, L, L_loader = accelerator.device, cfg.local_crops_number, cfg.local_views
     hvp.apply_schedule(optimizer, schedule)
+    interpolation = hvp.dino_augs(cfg)[0].interpolation
     temps = teacher_temperatures(epoch, cfg)
     hard = (cfg.global_views > 2 or L_loader > L) and epoch >= cfg.hvp_start_epoch and step % cfg.hvp_every == 0
     cls_sum, patch_sum = torch.zeros_like(center), torch.zeros_like(patch_center)
     teacher_count = torch.zeros(1, device=device)
     select_s = train_s = 0.0
     for micro, batch in enumerate(micro_batches):
-        global_views = hvp.photometric(batch["globals"].to(device, non_blocking=True), batch["globals_params"])
+        batch = hvp.pixels_to_device(batch, device)
+        global_views = hvp.views_from_batch(batch, "globals", cfg.image_size, interpolation)
         masks = masks_for_epoch(batch["masks"], epoch, cfg).to(device, non_blocking=True)
-        local_views = (hvp.photometric(batch["locals"].to(device, non_blocking=True), batch["locals_params"])
-                       if L_loader else global_views.new_zeros(len(global_views), 0, 3, cfg.local_size, cfg.local_size))
+        local_views = (hvp.views_from_batch(batch, "locals", cfg.local_size, interpolation) if L_loader
+                       else global_views.new_zeros(len(global_views), 0, 3, cfg.local_size, cfg.local_size))
         t0 = hvp.clock(log_now, device)
         teacher_out = None
         if hard:
@@ -570,7 +575,8 @@ def main():
 
     init_lr = cfg.lr * run.global_batch / 256
     G, L_loader, L = cfg.global_views, cfg.local_views, cfg.local_crops_number
-    transform = MaskedMultiCrop(hvp.multicrop_transform(cfg), grid, cfg.pred_ratio, cfg.pred_aspect, cfg.pred_ratio_var)
+    transform = MaskedMultiCrop(hvp.multicrop_transform(cfg, run.crops), grid, cfg.pred_ratio, cfg.pred_aspect,
+                                cfg.pred_ratio_var)
     # the teacher is the model iBOT evaluates and exports
     run.start({"student": unwrapped, "teacher": teacher, "center": centers[0], "patch_center": centers[1],
                "optimizer": optimizer}, transform, export=teacher.backbone,

@@ -188,7 +188,8 @@ def train_step(model, optimizer, micro_batches, cfg, accelerator, step, epoch, l
     hard = cfg.num_views > 2 and epoch >= cfg.hvp_start_epoch and step % cfg.hvp_every == 0
     record, shown, select_s, train_s = {}, None, 0.0, 0.0
     for batch in micro_batches:
-        views = hvp.photometric(batch["views"].to(accelerator.device, non_blocking=True), batch["views_params"])
+        views = hvp.views_from_batch(hvp.pixels_to_device(batch, accelerator.device), "views", cfg.image_size,
+                                     simsiam_aug(cfg).interpolation)
         t0 = hvp.clock(log_now, accelerator.device)
         if hard:
             pair, hard_score, scores = select_hard_pair(unwrapped, views, cfg, accelerator)
@@ -233,7 +234,7 @@ def main():
     model, optimizer = run.prepare(model, optimizer)
     unwrapped = run.accelerator.unwrap_model(model)
 
-    transform = hvp.MultiViewTransform({"views": [simsiam_aug(cfg)] * cfg.num_views})
+    transform = hvp.MultiViewTransform({"views": [simsiam_aug(cfg)] * cfg.num_views}, crops=run.crops)
     run.start({"model": unwrapped, "optimizer": optimizer}, transform, export=unwrapped.backbone,
               banner=f"{'+ HVP ' if cfg.num_views > 2 else ''}| {cfg.arch} {cfg.image_size}px | {cfg.num_views} views "
                      f"| lr {init_lr:.4g}" + (f" | backbone from {cfg.init_from}" if cfg.init_from else ""))

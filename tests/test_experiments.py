@@ -2,7 +2,6 @@
 import importlib.util
 import json
 import re
-import shlex
 import sys
 from pathlib import Path
 

@@ -1,7 +1,6 @@
 """Weighted k-NN: the chunked matmul implementation equals a per-query loop."""
 import math
 
-import pytest
 import torch
 
 import hvp_utils as hvp

@@ -2601,6 +2601,8 @@ def init_backbone(backbone, source):
     except RuntimeError as e:
         detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), _first_line(e))
         raise HVPError(f"--init_from {source!r} does not fit --arch/--small_stem: {detail[:200]}") from None
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"backbone initialised from {source}", flush=True)
     return backbone
 
 

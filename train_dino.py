@@ -334,8 +334,7 @@ def main():
     run.start({"student": unwrapped, "teacher": teacher, "center": center, "optimizer": optimizer},
               hvp.multicrop_transform(cfg, run.crops), export=teacher.backbone,
               banner=f"{'+ HVP ' if G > 2 or L_loader > L else ''}| {cfg.arch} {cfg.image_size}/{cfg.local_size}px | "
-                     f"globals {G} -> 2, locals {L_loader} -> {L} | lr {init_lr:.4g}"
-                     + (f" | backbone from {cfg.init_from}" if cfg.init_from else ""))
+                     f"globals {G} -> 2, locals {L_loader} -> {L} | lr {init_lr:.4g}")
     model.train()
     teacher.train()  # as DINO: BatchNorm in the teacher normalises with batch statistics
     for epoch, micro_batches in run.steps():

@@ -582,7 +582,7 @@ def main():
                "optimizer": optimizer}, transform, export=teacher.backbone,
               banner=f"{'+ HVP ' if G > 2 or L_loader > L else ''}| {cfg.arch} {cfg.image_size}/{cfg.local_size}px "
                      f"patch {patch} | globals {G} -> 2, locals {L_loader} -> {L} | mask ratio {mask_ratio_text(cfg)} "
-                     f"| lr {init_lr:.4g}" + (f" | backbone from {cfg.init_from}" if cfg.init_from else ""))
+                     f"| lr {init_lr:.4g}")
     model.train()
     teacher.train()
     for epoch, micro_batches in run.steps():

@@ -304,7 +304,7 @@ def main():
     transform = hvp.MultiViewTransform({"views": [simclr_aug(cfg)] * cfg.num_views}, crops=run.crops)
     run.start({"model": unwrapped, "optimizer": optimizer}, transform, export=unwrapped.backbone,
               banner=f"{'+ HVP ' if cfg.num_views > 2 else ''}| {cfg.arch} {cfg.image_size}px | {cfg.num_views} views "
-                     f"| lr {init_lr:.4g}" + (f" | backbone from {cfg.init_from}" if cfg.init_from else ""))
+                     f"| lr {init_lr:.4g}")
     if run.world > 1 and run.device.type != "cuda" and run.is_main:
         print("note: SyncBatchNorm needs GPUs; on CPU each process normalises its own batch", flush=True)
     warmup_steps = min(round(cfg.warmup_epochs * run.steps_per_epoch), run.total_steps)

@@ -31,9 +31,26 @@ JSON, and on the result line): replaced in their training batch by another view 
 image (each epoch's count in its record, the most any epoch met at the top: an epoch reads every
 image at most once), left out of the test split.
 
-Writes a JSON result (--output, default <backbone folder>/finetune_<dataset>.json).
+Writes a JSON result (--output, default <backbone folder>/finetune_<dataset>.json) and the fine-tuned
+model, the backbone with its classifier head as it is after the last epoch, to --output_dir (default:
+the JSON's path without ".json"): model.safetensors + timm config.json (num_classes, the class names
+as label_names, the evaluation preprocessing) + a model card README.md. It loads with plain timm,
+
+    model = timm.create_model("local-dir:<output_dir>", pretrained=True)   # or "hf-hub:<user>/<repo>"
+    model.pretrained_cfg["label_names"]                                    # the class of each logit
+
+except a ResNet fine-tuned from a --small_stem backbone (a stem timm cannot describe): load that one
+with load_model("<output_dir>" or "hf-hub:<user>/<repo>") from this file. --push_to_hub uploads the
+folder to the Hugging Face Hub (--hub_model_id, default <your user>/<--output_dir folder name>;
+--hub_private); the token is huggingface_hub's business, checked for before fine-tuning starts and
+never printed or written. A failed upload is retried and reported with the `hf upload` command that
+pushes the folder later; the local files stay as they are.
 """
+import copy
 import json
+import os
+import re
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -73,6 +90,11 @@ class Config:
     num_workers: int = 2  # data loader workers per process
     mixed_precision: str = ""  # no | fp16 | bf16; empty = accelerate's setting
     output: str = ""  # JSON result file; default <backbone folder>/finetune_<dataset>.json
+    output_dir: str = ""  # folder for the fine-tuned model (model.safetensors, timm config.json, README.md); default: --output without .json
+    save_model: bool = True  # write the fine-tuned model to --output_dir (--no-save_model: only the JSON result)
+    push_to_hub: bool = False  # push the fine-tuned model and its model card to the Hugging Face Hub
+    hub_model_id: str = ""  # <user or org>/<name>; default <your user>/<--output_dir folder name>
+    hub_private: bool = False  # create the Hub repo private
 
 
 # name: (Hub id, image column, label column, test split, (SimSiam lr, epochs), (DINO lr, epochs))
@@ -136,6 +158,8 @@ def resolve_config(cfg):
         raise hvp.HVPError("--epochs and --batch_size must be >= 1, --lr > 0 and --layer_decay in (0, 1]")
     if not 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1:
         raise hvp.HVPError(f"--crop_scale must be two numbers 0 < min <= max <= 1, got {cfg.crop_scale}")
+    if cfg.push_to_hub and not cfg.save_model:
+        raise hvp.HVPError("--push_to_hub pushes the saved model: it cannot be combined with --no-save_model")
     return cfg
 
 
@@ -163,19 +187,37 @@ def split_labels(source):
             yield from (label for _, label in source.read(piece, 0, rows))
 
 
+def label_feature(source):
+    """The datasets.ClassLabel a Hugging Face parquet split records for its label column, else None."""
+    if source.kind != "parquet":
+        return None
+    import datasets
+    try:
+        feature = datasets.Features.from_arrow_schema(_parquet(source.files[0]).schema_arrow).get(source.label_column)
+    except Exception:  # no or foreign feature metadata
+        return None
+    return feature if isinstance(feature, datasets.ClassLabel) else None
+
+
+def class_names(source, num_classes):
+    """The name of each class index: the image folder's class folders, the ClassLabel names of a
+    Hugging Face parquet split, else "0", "1", ..."""
+    if source.class_names and len(source.class_names) == num_classes:
+        return [str(name) for name in source.class_names]
+    feature = label_feature(source)
+    if feature is not None and feature.num_classes == num_classes:
+        return [str(name) for name in feature.names]
+    return [str(i) for i in range(num_classes)]
+
+
 def count_classes(source):
     """Number of classes of a labelled split (an hvp.Source): its image folder's classes, the
     ClassLabel feature a Hugging Face parquet file records, else the largest label + 1."""
     if source.class_names:
         return len(source.class_names)
-    if source.kind == "parquet":
-        import datasets
-        try:
-            feature = datasets.Features.from_arrow_schema(_parquet(source.files[0]).schema_arrow).get(source.label_column)
-        except Exception:  # no or foreign feature metadata
-            feature = None
-        if isinstance(feature, datasets.ClassLabel):
-            return feature.num_classes
+    feature = label_feature(source)
+    if feature is not None:
+        return feature.num_classes
     labels = [-1 if label is None else int(label) for label in split_labels(source)]
     if not labels or min(labels) < 0:
         raise hvp.HVPError(f"split {source.split!r} is empty or has examples without a label")
@@ -206,6 +248,234 @@ def make_optimizer(cfg, model, lr):
                                           layer_decay=layer_decay)
 
 
+# ----------------------------------------------------------------------------------- the fine-tuned model
+
+MODEL_TAG = "hvp_finetune"  # pretrained_cfg tag of a saved fine-tuned model (how an earlier one is recognised)
+METHODS = {"simsiam": "SimSiam", "simclr": "SimCLR", "dino": "DINO", "ibot": "iBOT"}  # backbone tags hvp_<method>
+
+
+def default_paths(cfg):
+    """(JSON result file, model folder): --output / --output_dir, by default <backbone folder>/finetune_<dataset>
+    .json and the folder of that name ("_random_init" added with --random_init; in the current folder for
+    a Hub backbone)."""
+    name = Path(cfg.dataset).name or cfg.dataset.replace("/", "_")
+    output = Path(cfg.output) if cfg.output else linear.default_output(cfg, f"finetune_{name}")
+    if cfg.output_dir:
+        return output, Path(cfg.output_dir)
+    return output, output.with_suffix("") if output.suffix == ".json" else output.with_name(output.name + "_model")
+
+
+def check_model_folder(folder):
+    """A one-line error unless `folder` is new, empty, or holds an earlier fine-tuned model (which the
+    run replaces): never replace a folder this script did not write."""
+    folder = Path(folder)
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise hvp.HVPError(f"--output_dir {folder} exists and is not a folder")
+    if not any(folder.iterdir()):
+        return
+    try:
+        tag = json.loads((folder / "config.json").read_text())["pretrained_cfg"]["tag"]
+    except (OSError, ValueError, KeyError, TypeError):
+        tag = None
+    if tag != MODEL_TAG:
+        raise hvp.HVPError(f"--output_dir {folder} exists and does not hold a fine-tuned model: pick another "
+                           "folder (an earlier fine-tuned model there would be replaced)")
+
+
+def hub_repo_id(cfg, folder):
+    """The Hub checks of --push_to_hub, --hub_model_id, --hub_private, on every process before anything
+    is trained: the repo id to push to, None without --push_to_hub. The token's value is never read."""
+    if not cfg.push_to_hub:
+        given = [f for f in ("hub_model_id", "hub_private") if getattr(cfg, f)]
+        if given:
+            raise hvp.HVPError(f"--{given[0]} only takes effect with --push_to_hub")
+        return None
+    from huggingface_hub import constants, get_token
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+    if constants.HF_HUB_OFFLINE:
+        raise hvp.HVPError("--push_to_hub cannot push with HF_HUB_OFFLINE=1 set")
+    if get_token() is None:  # whether a token exists
+        raise hvp.HVPError("--push_to_hub needs a Hugging Face token with write access: run `hf auth login` or set "
+                           "HF_TOKEN" + ("" if cfg.hub_model_id else " (and pass --hub_model_id <user>/<name>, or the "
+                                         "repo is <your user>/<--output_dir folder name>)"))
+    repo_id = cfg.hub_model_id or re.sub(r"[^\w.-]+", "-", Path(folder).resolve().name).strip("-.")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        what = "--hub_model_id" if cfg.hub_model_id else "a repo name inferred from --output_dir"
+        raise hvp.HVPError(f"{what} {repo_id!r} is not a valid Hub repo id: pass --hub_model_id <user or org>/<name> "
+                           "(letters, digits, '-', '_', '.')") from None
+    return repo_id
+
+
+def _replace_folder(tmp, folder):
+    """Put the finished folder `tmp` in place of `folder` by renames (an earlier model there is removed
+    only once the new one is in place)."""
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    if folder.exists():
+        os.rename(folder, old)
+    os.rename(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_model(model, folder, label_names, data_config, card):
+    """Write the fine-tuned classifier to `folder`: model.safetensors + timm config.json (num_classes,
+    label_names, `data_config`) + README.md (`card`), complete or not at all. Returns the folder."""
+    import timm
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).eval()  # safetensors: no channels_last
+    model_config = {"label_names": list(label_names), "pretrained_cfg": {"tag": MODEL_TAG}}
+    if getattr(plain, "hvp_small_stem", False):
+        model_config["hvp_small_stem"] = True
+    timm.models.save_for_hf(plain, tmp, model_config=model_config, safe_serialization=True, data_config=data_config)
+    (tmp / "README.md").write_text(card)
+    _replace_folder(tmp, folder)
+    return folder
+
+
+def load_model(source):
+    """The fine-tuned classifier (eval mode) from a folder save_model wrote or "hf-hub:<user>/<repo>[@revision]",
+    also for ResNets with the small stem, which plain timm cannot build."""
+    import timm
+    from safetensors.torch import load_file
+    path = hvp.download_hub_backbone(str(source)) if str(source).startswith("hf-hub:") else Path(source).expanduser()
+    if not ((path / "config.json").is_file() and (path / "model.safetensors").is_file()):
+        raise hvp.HVPError(f"no fine-tuned model at {source!r}: expected a folder with config.json and model.safetensors")
+    config = json.loads((path / "config.json").read_text())
+    if not config.get("hvp_small_stem"):
+        return timm.create_model(f"local-dir:{path}", pretrained=True).eval()
+    args = {k: v for k, v in config.get("model_args", {}).items() if k not in ("num_classes", "in_chans", "global_pool")}
+    model = hvp.create_backbone(config["architecture"], small_stem=True, **args)
+    model.reset_classifier(config["num_classes"])
+    model.load_state_dict(load_file(path / "model.safetensors"))
+    model.pretrained_cfg = model.default_cfg = dict(config.get("pretrained_cfg", {}), architecture=config["architecture"],
+                                                    label_names=config.get("label_names"))
+    return model.eval()
+
+
+def _public(value):
+    """A value as a public card shows it: local paths by their last component."""
+    if isinstance(value, str) and os.sep in value and Path(value).expanduser().exists():
+        return Path(value).name
+    return list(value) if isinstance(value, tuple) else value
+
+
+def model_card(repo_id, cfg, result, backbone_config, small_stem=False, folder_name="finetuned"):
+    """README.md of a fine-tuned model: Hub metadata, what it was fine-tuned from and on, the accuracy of
+    these weights (the last epoch) and of the best epoch, the configuration, and how to load it."""
+    from huggingface_hub import ModelCardData
+    dataset = str(cfg.dataset)
+    local = Path(dataset).expanduser().exists()
+    hub_dataset = hvp.HUB_DATASETS.get(dataset) or (None if local else dataset)
+    dataset_name = (hub_dataset or Path(dataset).name).split("/")[-1]
+    backbone = str(cfg.backbone)
+    base_model = backbone[len("hf-hub:"):].split("@")[0] if backbone.startswith("hf-hub:") else None
+    tag = (backbone_config.get("pretrained_cfg") or {}).get("tag", "")
+    method = METHODS.get(tag.removeprefix("hvp_"))
+    arch = backbone_config.get("architecture", "?")
+    if cfg.random_init:
+        origin = f"from random initialisation (the architecture of `{_public(backbone)}`, none of its weights)"
+    else:
+        origin = f"from the backbone `{_public(backbone)}`" + (
+            f", pretrained with self-supervised **{method}** and **Hard View Pretraining** (HVP; Ferreira et al., "
+            "*Beyond Random Augmentations: Pretraining with Hard Views*, ICLR 2025)" if method else "")
+    metadata = ModelCardData(
+        library_name=hvp.HUB_CUSTOM_LIBRARY if small_stem else "timm", license=hvp.HUB_LICENSE,
+        pipeline_tag="image-classification", base_model=base_model, datasets=[hub_dataset] if hub_dataset else None,
+        metrics=["accuracy"], tags=list(dict.fromkeys(filter(None, [
+            "image-classification", "pytorch" if small_stem else "timm", "fine-tuned", "hard-view-pretraining" if method else None,
+            method.lower() if method else None, dataset_name]))))
+    where = f"hf-hub:{repo_id}" if repo_id else f"local-dir:path/to/{folder_name}"
+    if small_stem:  # run from a clone of the HVP repository: plain timm cannot build the small-stem ResNet
+        imports = 'import sys\nsys.path.insert(0, "eval")\nimport finetune  # eval/finetune.py of the HVP repository\n'
+        load = f'model = finetune.load_model("{where.removeprefix("local-dir:")}")'
+    else:
+        imports, load = "", f'model = timm.create_model("{where}", pretrained=True).eval()'
+    last, best = result["epochs"][-1], result
+    shown = {k: _public(v) for k, v in asdict(cfg).items() if k not in ("output", "output_dir")}
+    lr = cfg.lr * cfg.batch_size * result["processes"] / 256
+    return f"""---
+{metadata.to_yaml()}
+---
+
+# `{arch}` fine-tuned on {dataset_name}
+
+A `{arch}` image classifier ({result["num_classes"]} classes) fine-tuned end to end (every weight trained, a new
+linear head) {origin}, on the `{cfg.train_split}` split of `{hub_dataset or dataset_name}`
+({result["train_samples"]} images) at {result["image_size"]} px, for {cfg.epochs} epoch(s).
+
+## Accuracy
+
+On the `{cfg.test_split}` split ({result["test_samples"]} images; resize to {result["image_size"]} / 0.875, centre crop):
+
+| weights | top-1 | top-5 |
+|---|---|---|
+| these (last epoch, {last["epoch"]}) | {last["top1"]:.2f} % | {last["top5"]:.2f} % |
+| best epoch ({best["best_epoch"]}; the number the transfer protocol reports, weights not kept) | {best["best_top1"]:.2f} % | {best["best_top5"]:.2f} % |
+
+## Usage
+
+```python
+{imports}import timm
+import torch
+from PIL import Image
+
+{load}
+transform = timm.data.create_transform(**timm.data.resolve_data_config({{}}, model=model))
+with torch.no_grad():
+    logits = model(transform(Image.open("image.jpg").convert("RGB")).unsqueeze(0))
+print(model.pretrained_cfg["label_names"][logits.argmax(1).item()])
+```
+
+## Fine-tuning
+
+AdamW, peak lr {lr:.4g} ({cfg.lr:g} x global batch {cfg.batch_size * result["processes"]} / 256), weight decay
+{cfg.weight_decay}, layer-wise lr decay {cfg.layer_decay} (ViTs only), cosine schedule with {cfg.warmup_epochs} warm-up
+epochs; random-resized crops at scale {cfg.crop_scale[0]}-{cfg.crop_scale[1]} and horizontal flips; on
+{result["processes"]} process(es). Fine-tuned with `eval/finetune.py` of the HVP repository:
+
+```json
+{json.dumps(shown, indent=2, default=str)}
+```
+"""
+
+
+def push_model(folder, repo_id, private, write_card, retries=3, retry_wait=10.0):
+    """Upload `folder` to the model repo `repo_id` (created if needed). `write_card(repo_id)` rewrites
+    the card once a bare repo name has resolved to <user>/<name>. A failed upload is retried (waits
+    growing from `retry_wait` s; HVP_HUB_RETRY_WAIT overrides it) and reported on stderr with the
+    command that uploads the folder later. Returns (repo id, True if the Hub has it)."""
+    from huggingface_hub import HfApi
+    wait, error = float(os.environ.get("HVP_HUB_RETRY_WAIT", retry_wait)), None
+    for attempt in range(1, retries + 1):
+        try:
+            api = HfApi(library_name="hvp")
+            repo = api.create_repo(repo_id, private=private, exist_ok=True)
+            if repo.repo_id != repo_id:
+                repo_id = repo.repo_id
+                write_card(repo_id)
+            commit = api.upload_folder(repo_id=repo_id, folder_path=folder,
+                                       commit_message=f"HVP fine-tuning: {Path(folder).name}")
+            print(f"hub: pushed the fine-tuned model to {repo} (commit {commit.oid[:8]})", flush=True)
+            return repo_id, True
+        except Exception as e:  # any network or server failure: reported, the local model stays
+            error = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            if attempt < retries:
+                delay = wait * 4 ** (attempt - 1)
+                print(f"hub: push to {repo_id} failed (try {attempt}/{retries}): {error}; retrying in {delay:g} s",
+                      file=sys.stderr, flush=True)
+                time.sleep(delay)
+    print(f"hub: push to {repo_id} failed after {retries} tries: {error}. The model is intact in {folder}; upload "
+          f"it later with: hf upload {repo_id} {folder} .", file=sys.stderr, flush=True)
+    return repo_id, False
+
+
 # ----------------------------------------------------------------------------------- fine-tuning
 
 def run(cfg, accelerator=None):
@@ -213,6 +483,10 @@ def run(cfg, accelerator=None):
     accelerator = accelerator or hvp.make_accelerator(cfg.mixed_precision, 1, "none", ".")
     is_main, device, world = accelerator.is_main_process, accelerator.device, accelerator.num_processes
     start_time = time.perf_counter()
+    _, model_dir = default_paths(cfg)
+    if cfg.save_model:  # before anything is trained: where the model goes, and the Hub settings
+        check_model_folder(model_dir)
+    repo_id = hub_repo_id(cfg, model_dir)
     # fails fast on a dataset without labels or too small for one batch, before the model
     train_source = linear.open_split(cfg.dataset, cfg.train_split, cfg.image_column, cfg.label_column, accelerator,
                                      "fine-tuning")
@@ -220,7 +494,7 @@ def run(cfg, accelerator=None):
                                     "fine-tuning")
     global_batch = cfg.batch_size * world
     steps_per_epoch = linear.steps_per_epoch(train_source, global_batch)
-    num_classes = hvp.on_main(accelerator, lambda: count_classes(train_source))
+    num_classes, label_names = hvp.on_main(accelerator, lambda: _classes(train_source))
     model, config = build_model(cfg, num_classes)
     pretrained = config.get("pretrained_cfg", {})
     size = cfg.image_size or pretrained.get("input_size", (3, 224, 224))[-1]
@@ -293,7 +567,27 @@ def run(cfg, accelerator=None):
               f"{best['top1']:.2f} % (epoch {best['epoch']}), last epoch top-1 {history[-1]['top1']:.2f} %, "
               f"top-5 {history[-1]['top5']:.2f} % | {linear.skipped_text(result['skipped_images'])} | "
               f"{result['seconds']:.0f} s", flush=True)
+    if is_main and cfg.save_model:
+        trained = accelerator.unwrap_model(model)
+        small_stem = bool(getattr(trained, "hvp_small_stem", False))
+        data_config = {"input_size": (3, size, size), "interpolation": "bicubic", "crop_pct": 0.875, "mean": mean,
+                       "std": std}  # what the evaluation above used (hvp.eval_loader)
+
+        def card(repo):
+            return model_card(repo, cfg, result, config, small_stem, model_dir.name)
+        save_model(trained, model_dir, label_names, data_config, card(repo_id))
+        result["model_dir"] = str(model_dir)
+        how = f"load_model('{model_dir}')" if small_stem else f"timm.create_model('local-dir:{model_dir}', pretrained=True)"
+        print(f"fine-tuned model saved to {model_dir} ({how})", flush=True)
+        if repo_id:
+            result["hub_model_id"], result["pushed_to_hub"] = push_model(
+                model_dir, repo_id, cfg.hub_private, lambda repo: (model_dir / "README.md").write_text(card(repo)))
     return result
+
+
+def _classes(source):
+    count = count_classes(source)
+    return count, class_names(source, count)
 
 
 def main():
@@ -310,8 +604,7 @@ def main():
             print(note, flush=True)
     result = run(cfg, accelerator)
     if accelerator.is_main_process:
-        name = Path(cfg.dataset).name or cfg.dataset.replace("/", "_")
-        output = Path(cfg.output) if cfg.output else linear.default_output(cfg, f"finetune_{name}")
+        output, _ = default_paths(cfg)
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(result, indent=2))
     accelerator.end_training()

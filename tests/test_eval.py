@@ -298,6 +298,184 @@ def test_transfer_writes_a_markdown_table_and_keeps_going_after_a_bad_dataset(co
     assert json.loads((backbone / "transfer.json").read_text())["results"][str(colour_dataset)]["linear"]["best_top1"] >= 0
 
 
+@pytest.fixture
+def saved_models(monkeypatch):
+    """The models finetune.run hands to finetune.save_model (copied as they were), in order."""
+    import copy
+    models, save = [], finetune.save_model
+
+    def spy(model, *args, **kw):
+        models.append(copy.deepcopy(model).eval())
+        return save(model, *args, **kw)
+    monkeypatch.setattr(finetune, "save_model", spy)
+    return models
+
+
+def test_the_finetuned_classifier_is_saved_and_reloads_with_identical_logits(colour_dataset, tmp_path, saved_models):
+    import timm
+    x = torch.randn(5, 3, 12, 12, generator=torch.Generator().manual_seed(3))
+    for name, backbone in (("vit", tiny_vit(depth=2)), ("resnet", tiny_resnet())):
+        cfg = finetune.Config(backbone=str(export(backbone, tmp_path / name)), dataset=str(colour_dataset), epochs=1,
+                              batch_size=16, lr=1e-3, num_workers=0)
+        result = finetune.run(cfg)
+        folder = tmp_path / name / "finetune_colours"  # next to finetune_colours.json
+        assert result["model_dir"] == str(folder)
+        assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+        config = json.loads((folder / "config.json").read_text())
+        assert config["num_classes"] == 4 and config["label_names"] == ["0", "1", "2", "3"]
+        assert config["pretrained_cfg"]["tag"] == finetune.MODEL_TAG and config["pretrained_cfg"]["input_size"] == [3, 12, 12]
+        trained = saved_models[-1]
+        loaded = finetune.load_model(folder)
+        with torch.no_grad():
+            assert trained(x).shape == (5, 4)
+            assert torch.equal(loaded(x), trained(x)), name
+            if name == "vit":  # plain timm rebuilds it: a small-stem ViT is a timm ViT
+                by_timm = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+                assert torch.equal(by_timm(x), trained(x)) and by_timm.pretrained_cfg["label_names"] == config["label_names"]
+                bigger = torch.randn(2, 3, 16, 16)  # and keeps taking other sizes (dynamic_img_size)
+                assert torch.equal(by_timm(bigger), trained(bigger))
+            else:  # the small-stem ResNet is marked as such: its stem is not timm's
+                assert config["hvp_small_stem"] is True
+        card = (folder / "README.md").read_text()
+        last = result["epochs"][-1]
+        assert f"| these (last epoch, 1) | {last['top1']:.2f} % | {last['top5']:.2f} % |" in card
+        assert "on the `train` split of `colours`" in card and "pipeline_tag: image-classification" in card
+        assert str(tmp_path) not in card, "no local paths on a card"
+
+
+def test_the_finetuned_model_keeps_the_class_names_of_the_dataset(tmp_path):
+    for split, count, seed in (("train", 16, 0), ("test", 8, 1)):
+        for i, (image, label) in enumerate(zip(*colour_images(count, seed))):
+            (tmp_path / "folder" / split / ["red", "green", "blue", "white"][label]).mkdir(parents=True, exist_ok=True)
+            image.save(tmp_path / "folder" / split / ["red", "green", "blue", "white"][label] / f"{i}.png")
+    cfg = finetune.Config(backbone=str(export(tiny_resnet(), tmp_path / "b")), dataset=str(tmp_path / "folder"), epochs=1,
+                          batch_size=8, lr=1e-3, num_workers=0, output_dir=str(tmp_path / "model"))
+    finetune.run(cfg)
+    names = json.loads((tmp_path / "model" / "config.json").read_text())["label_names"]
+    assert names == sorted(["red", "green", "blue", "white"])
+    assert finetune.load_model(tmp_path / "model").pretrained_cfg["label_names"] == names
+
+
+def test_finetuning_replaces_only_a_folder_it_wrote_and_checks_the_hub_flags_first(colour_dataset, tmp_path):
+    finetune.check_model_folder(tmp_path / "new")  # absent, or empty: fine
+    (tmp_path / "empty").mkdir()
+    finetune.check_model_folder(tmp_path / "empty")
+    export(tiny_resnet(), tmp_path / "backbone")  # a backbone export: never replaced
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    for folder in (tmp_path / "backbone", tmp_path / "other"):
+        cfg = finetune.Config(backbone=str(tmp_path / "backbone"), dataset=str(colour_dataset), epochs=1,
+                              batch_size=16, num_workers=0, output_dir=str(folder))
+        with pytest.raises(hvp.HVPError, match="exists and does not hold a fine-tuned model"):
+            finetune.run(cfg)
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+    base = dict(backbone=str(tmp_path / "backbone"), dataset=str(colour_dataset), num_workers=0)
+    with pytest.raises(hvp.HVPError, match="--hub_model_id only takes effect with --push_to_hub"):
+        finetune.run(finetune.Config(**base, hub_model_id="me/x"))
+    with pytest.raises(hvp.HVPError, match="cannot push with HF_HUB_OFFLINE=1"):  # the tests run offline
+        finetune.run(finetune.Config(**base, push_to_hub=True, hub_model_id="me/x"))
+    with pytest.raises(hvp.HVPError, match="cannot be combined with --no-save_model"):
+        finetune.resolve_config(finetune.Config(**base, push_to_hub=True, save_model=False))
+    assert not (tmp_path / "backbone" / "finetune_colours").exists()
+
+
+HUB_TOKEN = "hf_hvpFinetuneTokenThatMustNeverLeak0123"
+
+LOAD_THE_PUSHED_CLASSIFIER = r"""
+import json, sys
+from pathlib import Path
+import numpy as np, timm, torch
+from PIL import Image
+from huggingface_hub import ModelCard
+repo, local, code = sys.argv[1], sys.argv[2], sys.argv[3]
+sys.path.insert(0, str(Path(code) / "eval"))
+import finetune
+x = torch.randn(4, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    hub = timm.create_model(f"hf-hub:{repo}", pretrained=True).eval()
+    here = timm.create_model(f"local-dir:{local}", pretrained=True).eval()
+    via_hvp = finetune.load_model(f"hf-hub:{repo}")
+    same = torch.equal(hub(x), here(x)) and torch.equal(via_hvp(x), here(x))
+card = ModelCard.load(repo)
+Image.fromarray(np.full((20, 20, 3), 200, np.uint8)).save("image.jpg")  # the card's snippet reads image.jpg
+snippet = card.text.split("## Usage", 1)[1].split("```python
+", 1)[1].split("```", 1)[0]
+exec(snippet, {})  # prints the predicted class name
+print(json.dumps({"same_logits": same, "labels": hub.pretrained_cfg["label_names"], "pipeline": card.data.pipeline_tag,
+                  "library": card.data.library_name, "text": card.text}))
+"""
+
+
+def hub_env(hub, tmp_path, token):
+    from conftest import script_env
+    env = script_env(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="0", HF_HUB_DISABLE_TELEMETRY="1",
+                     HVP_HUB_RETRY_WAIT="0.05")
+    env.pop("HF_TOKEN", None)
+    return {**env, "HF_TOKEN": token} if token else env
+
+
+def run_with(env, args, cwd=REPO):
+    import subprocess
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def hub():
+    from hub_server import HubServer
+    server = HubServer().start()
+    yield server
+    server.stop()
+
+
+def test_a_pushed_finetuned_model_loads_back_from_the_hub_with_identical_logits(hub, colour_dataset, tmp_path):
+    backbone = export(tiny_vit(depth=2), tmp_path / "vit")
+    args = ["eval/finetune.py", "--backbone", backbone, "--dataset", colour_dataset, "--epochs", 1, "--batch_size", 16,
+            "--lr", 1e-3, "--num_workers", 0, "--push_to_hub", "--hub_model_id", "hvp-tester/vit-colours"]
+    refused = run_with(hub_env(hub, tmp_path, None), args)  # no token: one line, before anything is trained
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].startswith(
+        "error: --push_to_hub needs a Hugging Face token")
+    assert not (tmp_path / "vit" / "finetune_colours").exists() and hub.requests == []
+
+    pushed = run_with(hub_env(hub, tmp_path, HUB_TOKEN), args)
+    assert pushed.returncode == 0, pushed.stderr[-3000:]
+    assert f"hub: pushed the fine-tuned model to {hub.url}/hvp-tester/vit-colours" in pushed.stdout
+    folder = tmp_path / "vit" / "finetune_colours"
+    result = json.loads((tmp_path / "vit" / "finetune_colours.json").read_text())
+    assert result["pushed_to_hub"] is True and result["hub_model_id"] == "hvp-tester/vit-colours"
+    for name in ("config.json", "model.safetensors", "README.md"):
+        assert hub.file("hvp-tester/vit-colours", name) == (folder / name).read_bytes(), name
+    assert hub.stored_in_lfs("hvp-tester/vit-colours", "model.safetensors")
+
+    loaded = run_with(hub_env(hub, tmp_path / "fresh", None), ["-c", LOAD_THE_PUSHED_CLASSIFIER, "hvp-tester/vit-colours",
+                                                                folder, REPO], cwd=tmp_path)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    facts = json.loads(loaded.stdout.strip().splitlines()[-1])
+    assert facts["same_logits"] and facts["labels"] == ["0", "1", "2", "3"]
+    assert loaded.stdout.strip().splitlines()[-2] in facts["labels"], "the card's snippet ran and printed a class"
+    assert facts["pipeline"] == "image-classification" and facts["library"] == "timm"
+    last = result["epochs"][-1]
+    assert f"| these (last epoch, 1) | {last['top1']:.2f} % | {last['top5']:.2f} % |" in facts["text"]
+    assert 'timm.create_model("hf-hub:hvp-tester/vit-colours", pretrained=True)' in facts["text"]
+    assert hub.tokens_seen == {HUB_TOKEN}
+    for text in (pushed.stdout, pushed.stderr, loaded.stdout, loaded.stderr, *(p.read_text() for p in folder.glob("*.*")
+                                                                              if p.suffix in (".json", ".md"))):
+        assert HUB_TOKEN not in text
+
+
+def test_a_failed_push_is_retried_reported_and_the_model_stays_local(hub, colour_dataset, tmp_path):
+    hub.fail(500, methods={"POST"})
+    backbone = export(tiny_resnet(), tmp_path / "r")
+    result = run_with(hub_env(hub, tmp_path, HUB_TOKEN), [
+        "eval/finetune.py", "--backbone", backbone, "--dataset", colour_dataset, "--epochs", 1, "--batch_size", 16,
+        "--num_workers", 0, "--push_to_hub", "--hub_model_id", "hvp-tester/failing"])
+    assert result.returncode == 0 and "Traceback" not in result.stderr
+    assert "failed (try 1/3)" in result.stderr and "failed after 3 tries" in result.stderr
+    folder = tmp_path / "r" / "finetune_colours"
+    assert f"upload it later with: hf upload hvp-tester/failing {folder} ." in result.stderr
+    assert json.loads((tmp_path / "r" / "finetune_colours.json").read_text())["pushed_to_hub"] is False
+    assert finetune.load_model(folder)(torch.randn(1, 3, 12, 12)).shape == (1, 4)
+
+
 def test_finetune_presets_follow_protocol_and_never_override_a_given_flag():
     cfg, _ = finetune.parse_args(["--dataset", "flowers102"])
     assert (cfg.lr, cfg.epochs, cfg.image_column) == (5e-4, 300, "image")

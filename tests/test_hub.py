@@ -483,7 +483,7 @@ OTHER_SCRIPTS = {
     "train_simclr.py": ["--arch", "resnet18", "--no-small_stem", "--image_size", "32", "--batch_size", "8",
                         "--proj_hidden_dim", "64", "--proj_dim", "16"],
     "train_ibot.py": ["--arch", "vit_tiny", "--small_stem", "--image_size", "16", "--local_size", "8",
-                      "--batch_size", "8", "--out_dim", "64", "--patch_out_dim", "48", "--hidden_dim", "64",
+                      "--batch_size", "8", "--out_dim", "64", "--patch_out_dim", "64", "--hidden_dim", "64",
                       "--bottleneck_dim", "32", "--global_views", "4", "--local_views", "2", "--local_crops_number", "1"],
     "train_dino.py": ["--arch", "vit_tiny", "--small_stem", "--image_size", "16", "--local_size", "8",
                       "--batch_size", "8", "--out_dim", "64", "--hidden_dim", "64", "--bottleneck_dim", "32",

@@ -398,6 +398,8 @@ def model_card(repo_id, cfg, result, backbone_config, small_stem=False, folder_n
     else:
         imports, load = "", f'model = timm.create_model("{where}", pretrained=True).eval()'
     last, best = result["epochs"][-1], result
+    kept = ("" if best["best_epoch"] == last["epoch"] else
+            f"\nThe weights here are those after the last epoch; those of epoch {best['best_epoch']} were not kept.\n")
     shown = {k: _public(v) for k, v in asdict(cfg).items() if k not in ("output", "output_dir")}
     lr = cfg.lr * cfg.batch_size * result["processes"] / 256
     return f"""---
@@ -417,8 +419,8 @@ On the `{cfg.test_split}` split ({result["test_samples"]} images; resize to {res
 | weights | top-1 | top-5 |
 |---|---|---|
 | these (last epoch, {last["epoch"]}) | {last["top1"]:.2f} % | {last["top5"]:.2f} % |
-| best epoch ({best["best_epoch"]}; the number the transfer protocol reports, weights not kept) | {best["best_top1"]:.2f} % | {best["best_top5"]:.2f} % |
-
+| best epoch ({best["best_epoch"]}), the number the transfer protocol reports | {best["best_top1"]:.2f} % | {best["best_top5"]:.2f} % |
+{kept}
 ## Usage
 
 ```python

@@ -318,7 +318,7 @@ def test_the_finetuned_classifier_is_saved_and_reloads_with_identical_logits(col
         cfg = finetune.Config(backbone=str(export(backbone, tmp_path / name)), dataset=str(colour_dataset), epochs=1,
                               batch_size=16, lr=1e-3, num_workers=0)
         result = finetune.run(cfg)
-        folder = tmp_path / name / "finetune_colours"  # next to finetune_colours.json
+        folder = tmp_path / name / f"finetune_{colour_dataset.name}"  # next to finetune_<dataset>.json
         assert result["model_dir"] == str(folder)
         assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
         config = json.loads((folder / "config.json").read_text())
@@ -339,7 +339,7 @@ def test_the_finetuned_classifier_is_saved_and_reloads_with_identical_logits(col
         card = (folder / "README.md").read_text()
         last = result["epochs"][-1]
         assert f"| these (last epoch, 1) | {last['top1']:.2f} % | {last['top5']:.2f} % |" in card
-        assert "on the `train` split of `colours`" in card and "pipeline_tag: image-classification" in card
+        assert f"on the `train` split of `{colour_dataset.name}`" in card and "pipeline_tag: image-classification" in card
         assert str(tmp_path) not in card, "no local paths on a card"
 
 
@@ -376,7 +376,7 @@ def test_finetuning_replaces_only_a_folder_it_wrote_and_checks_the_hub_flags_fir
         finetune.run(finetune.Config(**base, push_to_hub=True, hub_model_id="me/x"))
     with pytest.raises(hvp.HVPError, match="cannot be combined with --no-save_model"):
         finetune.resolve_config(finetune.Config(**base, push_to_hub=True, save_model=False))
-    assert not (tmp_path / "backbone" / "finetune_colours").exists()
+    assert not (tmp_path / "backbone" / f"finetune_{colour_dataset.name}").exists()
 
 
 HUB_TOKEN = "hf_hvpFinetuneTokenThatMustNeverLeak0123"
@@ -398,8 +398,7 @@ with torch.no_grad():
     same = torch.equal(hub(x), here(x)) and torch.equal(via_hvp(x), here(x))
 card = ModelCard.load(repo)
 Image.fromarray(np.full((20, 20, 3), 200, np.uint8)).save("image.jpg")  # the card's snippet reads image.jpg
-snippet = card.text.split("## Usage", 1)[1].split("```python
-", 1)[1].split("```", 1)[0]
+snippet = card.text.split("## Usage", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
 exec(snippet, {})  # prints the predicted class name
 print(json.dumps({"same_logits": same, "labels": hub.pretrained_cfg["label_names"], "pipeline": card.data.pipeline_tag,
                   "library": card.data.library_name, "text": card.text}))
@@ -434,13 +433,13 @@ def test_a_pushed_finetuned_model_loads_back_from_the_hub_with_identical_logits(
     refused = run_with(hub_env(hub, tmp_path, None), args)  # no token: one line, before anything is trained
     assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].startswith(
         "error: --push_to_hub needs a Hugging Face token")
-    assert not (tmp_path / "vit" / "finetune_colours").exists() and hub.requests == []
+    folder = tmp_path / "vit" / f"finetune_{colour_dataset.name}"
+    assert not folder.exists() and hub.requests == []
 
     pushed = run_with(hub_env(hub, tmp_path, HUB_TOKEN), args)
     assert pushed.returncode == 0, pushed.stderr[-3000:]
     assert f"hub: pushed the fine-tuned model to {hub.url}/hvp-tester/vit-colours" in pushed.stdout
-    folder = tmp_path / "vit" / "finetune_colours"
-    result = json.loads((tmp_path / "vit" / "finetune_colours.json").read_text())
+    result = json.loads(folder.with_suffix(".json").read_text())
     assert result["pushed_to_hub"] is True and result["hub_model_id"] == "hvp-tester/vit-colours"
     for name in ("config.json", "model.safetensors", "README.md"):
         assert hub.file("hvp-tester/vit-colours", name) == (folder / name).read_bytes(), name
@@ -470,9 +469,9 @@ def test_a_failed_push_is_retried_reported_and_the_model_stays_local(hub, colour
         "--num_workers", 0, "--push_to_hub", "--hub_model_id", "hvp-tester/failing"])
     assert result.returncode == 0 and "Traceback" not in result.stderr
     assert "failed (try 1/3)" in result.stderr and "failed after 3 tries" in result.stderr
-    folder = tmp_path / "r" / "finetune_colours"
+    folder = tmp_path / "r" / f"finetune_{colour_dataset.name}"
     assert f"upload it later with: hf upload hvp-tester/failing {folder} ." in result.stderr
-    assert json.loads((tmp_path / "r" / "finetune_colours.json").read_text())["pushed_to_hub"] is False
+    assert json.loads(folder.with_suffix(".json").read_text())["pushed_to_hub"] is False
     assert finetune.load_model(folder)(torch.randn(1, 3, 12, 12)).shape == (1, 4)
 
 

@@ -1385,12 +1385,56 @@ def check_arch(arch):
                        f"vit_base, or any name from timm.list_models())")
 
 
-def create_backbone(arch, image_size=224, small_stem=False, drop_path_rate=0.0, **model_args):
+POS_EMBED_RESAMPLE = ("timm", "dino")
+
+
+def _dino_pos_embed(self, x):
+    """timm's VisionTransformer._pos_embed, with the position embedding resampled to the patch grid
+    as DINO's and iBOT's interpolate_pos_encoding do: bicubic by the scale factor (new grid + 0.1) /
+    old grid, without antialiasing (timm antialiases), unchanged at the grid it was made for.
+    x: (B, H, W, C) patch tokens (dynamic_img_size)."""
+    B, H, W, C = x.shape
+    pos, skip = self.pos_embed, 0 if self.no_embed_class else self.num_prefix_tokens
+    gh, gw = self.patch_embed.grid_size
+    if (H, W) != (gh, gw):
+        grid = pos[:, skip:].float().reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, scale_factor=((H + 0.1) / gh, (W + 0.1) / gw), mode="bicubic", align_corners=False)
+        pos = torch.cat([pos[:, :skip], grid.permute(0, 2, 3, 1).reshape(1, H * W, -1).to(pos.dtype)], dim=1)
+    x = x.reshape(B, H * W, C)
+    prefix = [t.expand(B, -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
+    if self.no_embed_class:
+        x = torch.cat(prefix + [x + pos], dim=1)
+    else:
+        x = torch.cat(prefix + [x], dim=1) + pos
+    return self.pos_drop(x)
+
+
+def set_pos_embed_resample(model, how):
+    """How a timm ViT resamples its position embedding for other crop sizes: "timm" (timm's
+    antialiased bicubic) or "dino" (DINO's and iBOT's; see _dino_pos_embed). Parameters are unchanged."""
+    import types
+    if how not in POS_EMBED_RESAMPLE:
+        raise HVPError(f"--pos_embed_resample must be one of {', '.join(POS_EMBED_RESAMPLE)}, got {how!r}")
+    if how == "dino":
+        if not (hasattr(model, "_pos_embed") and getattr(model, "pos_embed", None) is not None):
+            raise HVPError("--pos_embed_resample dino needs a ViT with learned absolute position embeddings")
+        model._pos_embed = types.MethodType(_dino_pos_embed, model)  # deepcopy rebinds it to the copy
+    else:
+        model.__dict__.pop("_pos_embed", None)
+    model.hvp_pos_embed_resample = how
+    return model
+
+
+def create_backbone(arch, image_size=224, small_stem=False, drop_path_rate=0.0, pos_embed_resample="timm",
+                    **model_args):
     """A timm backbone without classifier (num_classes=0). ViTs accept any image size
-    (dynamic_img_size), so global and local crops and reduced-resolution selection share one model.
-    small_stem (28-64 px inputs): ResNet-style models get a 3x3 stride-1 first conv and no max-pool;
-    ViTs get patch size 4 (<= 48 px) or 8."""
+    (dynamic_img_size), so global and local crops and reduced-resolution selection share one model;
+    pos_embed_resample says how their position embedding is resampled for other sizes (timm's way or
+    DINO's, set_pos_embed_resample). small_stem (28-64 px inputs): ResNet-style models get a 3x3
+    stride-1 first conv and no max-pool; ViTs get patch size 4 (<= 48 px) or 8."""
     import timm
+    if pos_embed_resample not in POS_EMBED_RESAMPLE:
+        raise HVPError(f"--pos_embed_resample must be one of {', '.join(POS_EMBED_RESAMPLE)}, got {pos_embed_resample!r}")
     name = ARCH_ALIASES.get(arch, arch)
     if not timm.is_model(name):
         raise HVPError(f"unknown --arch {arch!r}: not a timm model name (try resnet18, resnet50, vit_small, "
@@ -1412,6 +1456,10 @@ def create_backbone(arch, image_size=224, small_stem=False, drop_path_rate=0.0, 
         model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, 1, 1, bias=False)
         model.maxpool = nn.Identity()
         model.hvp_small_stem = True
+    if pos_embed_resample != "timm":
+        if not is_vit:
+            raise HVPError(f"--pos_embed_resample {pos_embed_resample} is for ViTs, not {arch!r}")
+        set_pos_embed_resample(model, pos_embed_resample)
     return model
 
 
@@ -1428,6 +1476,8 @@ def export_backbone(backbone, out_dir, data_config, tag):
     model_config = {"pretrained_cfg": {"tag": tag}}
     if getattr(backbone, "hvp_small_stem", False):
         model_config["hvp_small_stem"] = True
+    if getattr(backbone, "hvp_pos_embed_resample", "timm") != "timm":  # plain timm ignores it (same at the native size)
+        model_config["hvp_pos_embed_resample"] = backbone.hvp_pos_embed_resample
     # a CPU copy in the standard memory format: safetensors refuses channels_last tensors
     plain = copy.deepcopy(backbone).to("cpu", memory_format=torch.contiguous_format)
     timm.models.save_for_hf(plain, tmp, model_config=model_config, safe_serialization=True, data_config=data_config)
@@ -1467,6 +1517,8 @@ def load_backbone(source):
                                                         architecture=config["architecture"])
     else:
         model = timm.create_model(f"local-dir:{path}", pretrained=True, num_classes=0)
+    if config.get("hvp_pos_embed_resample"):
+        set_pos_embed_resample(model, config["hvp_pos_embed_resample"])
     return model, config
 
 

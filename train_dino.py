@@ -48,6 +48,7 @@ class Config(hvp.RunConfig):  # + the data, output, lifecycle and Hub flags ever
     arch: str = "vit_small"  # any timm model name; aliases vit_tiny/vit_small/vit_base (patch 16)
     small_stem: bool = False  # 28-64 px inputs: 3x3 stride-1 ResNet stem / ViT patch 4-8
     patch_size: int = 0  # ViT patch size (0: the model's own, or 4/8 with --small_stem); CNNs have none
+    pos_embed_resample: str = "dino"  # ViT position embeddings for other crop sizes: dino (as DINO, bicubic) or timm (antialiased)
     image_size: int = 224  # global crop size (also the k-NN evaluation size)
     local_size: int = 96  # local crop size
     global_scale: tuple = (0.4, 1.0)  # random-resized-crop area range of global crops
@@ -154,12 +155,14 @@ def check_config(cfg):
 # ----------------------------------------------------------------------------------- model
 
 def create_backbone(cfg, drop_path_rate):
-    """hvp.create_backbone, with --patch_size passed to ViTs only (convolutional networks have no patches)."""
+    """hvp.create_backbone, with --patch_size and --pos_embed_resample for ViTs only (convolutional
+    networks have neither patches nor position embeddings)."""
     import timm
     name = hvp.ARCH_ALIASES.get(cfg.arch, cfg.arch)
     is_vit = timm.is_model(name) and timm.models.is_model_in_modules(name, ["vision_transformer", "deit", "eva", "beit"])
     extra = {"patch_size": cfg.patch_size} if cfg.patch_size and is_vit else {}
-    return hvp.create_backbone(cfg.arch, cfg.image_size, cfg.small_stem, drop_path_rate, **extra)
+    resample = cfg.pos_embed_resample if is_vit else "timm"
+    return hvp.create_backbone(cfg.arch, cfg.image_size, cfg.small_stem, drop_path_rate, resample, **extra)
 
 
 class MultiCrop(nn.Module):

@@ -64,6 +64,7 @@ class Config(hvp.RunConfig):  # + the data, output, lifecycle and Hub flags ever
     arch: str = "vit_small"  # a timm VisionTransformer name; aliases vit_tiny/vit_small/vit_base (patch 16)
     small_stem: bool = False  # 28-64 px inputs: ViT patch 4-8
     patch_size: int = 0  # ViT patch size (0: the model's own, or 4/8 with --small_stem)
+    pos_embed_resample: str = "dino"  # position embeddings for other crop sizes: dino (as iBOT, bicubic) or timm (antialiased)
     image_size: int = 224  # global crop size (also the k-NN evaluation size)
     local_size: int = 96  # local crop size
     global_scale: tuple = (0.14, 1.0)  # random-resized-crop area range of global crops
@@ -305,7 +306,8 @@ def create_backbone(cfg, drop_path_rate):
     from timm.models.vision_transformer import VisionTransformer
     extra = {"patch_size": cfg.patch_size} if cfg.patch_size else {}
     try:
-        backbone = hvp.create_backbone(cfg.arch, cfg.image_size, cfg.small_stem, drop_path_rate, **extra)
+        backbone = hvp.create_backbone(cfg.arch, cfg.image_size, cfg.small_stem, drop_path_rate,
+                                       cfg.pos_embed_resample, **extra)
     except TypeError:  # a model that takes no patch_size
         backbone = None
     if not isinstance(backbone, VisionTransformer) or backbone.cls_token is None or backbone.num_reg_tokens:

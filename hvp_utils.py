@@ -2464,14 +2464,16 @@ def _tensors_in(obj):
 def dino_augs(cfg):
     """DINO's two global transforms and its local transform (bicubic crops, flip, colour jitter
     0.4/0.4/0.2/0.1 with p 0.8, grayscale 0.2). Global 1: always blurred. Global 2: blur 0.1,
-    solarize 0.2. Local: blur 0.5. DINO blurs every crop with sigma 0.1-2 and kernel 9 at 224 px
-    and 96 px alike; ViewAug scales blur with size/224, so the local blur is stated for 224 px
-    from its 96 px value (and scales down with smaller crops)."""
+    solarize 0.2. Local: blur 0.5. DINO blurs with PIL's GaussianBlur, whose radius is the standard
+    deviation, 0.1-2 px at 224 px and 96 px alike, approximated by box blurs without a fixed
+    support; here a Gaussian kernel of 13 taps (+-3 sigma at sigma 2) at both sizes. ViewAug states
+    blur for 224 px and scales it with size/224, so the local blur is given as its 96 px values
+    times 224/96 (and shrinks further with smaller crops, as everything else does)."""
     common = dict(flip_p=0.5, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, interpolation="bicubic")
-    global1 = ViewAug(size=cfg.image_size, scale=cfg.global_scale, blur_p=1.0, solarize_p=0.0, **common)
-    global2 = ViewAug(size=cfg.image_size, scale=cfg.global_scale, blur_p=0.1, solarize_p=0.2, **common)
+    global1 = ViewAug(size=cfg.image_size, scale=cfg.global_scale, blur_p=1.0, blur_kernel=13, solarize_p=0.0, **common)
+    global2 = ViewAug(size=cfg.image_size, scale=cfg.global_scale, blur_p=0.1, blur_kernel=13, solarize_p=0.2, **common)
     local = ViewAug(size=cfg.local_size, scale=cfg.local_scale, blur_p=0.5, blur_sigma=(0.1 * 224 / 96, 2.0 * 224 / 96),
-                        blur_kernel=21, **common)
+                    blur_kernel=round(13 * 224 / 96), **common)
     return global1, global2, local
 
 

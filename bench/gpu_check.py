@@ -241,6 +241,8 @@ def probe_main(argv):
         n, scaler = calls["step"], self.scaler
         injected = inject and n == inject
         if injected:
+            if cuda:  # the copy below is the check's, not the run's: keep it out of the peak
+                kept["peak"] = torch.cuda.max_memory_allocated()
             params = [p for group in self.param_groups for p in group["params"]]
             before = [p.detach().clone() for p in params]
             grads_bad = any(p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in params)
@@ -256,7 +258,11 @@ def probe_main(argv):
                 "scale_after": entry.get("scale"), "skipped": entry.get("skipped", False),
                 "params_unchanged": all(torch.equal(a, p.detach()) for a, p in zip(before, params)),
                 "params_finite": all(bool(torch.isfinite(p).all()) for p in params)}
-            kept["params"], kept["before"] = params, before
+            # what the end of the run compares with (a sum per parameter, not a second copy of the model)
+            kept["params"], kept["sums"] = params, [p.detach().double().sum() for p in params]
+            del before
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
             save()
         return out
 
@@ -279,12 +285,12 @@ def probe_main(argv):
         rec["times"]["finish_begin"] = time.perf_counter() - t0
         if cuda:
             torch.cuda.synchronize()
-            rec["peak_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+            rec["peak_allocated_mib"] = max(kept.get("peak", 0), torch.cuda.max_memory_allocated()) / 2**20
             rec["peak_reserved_mib"] = torch.cuda.max_memory_reserved() / 2**20
         rec["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        if kept:
-            rec["overflow"]["params_changed_after"] = any(not torch.equal(a, p.detach())
-                                                          for a, p in zip(kept["before"], kept["params"]))
+        if "sums" in kept:
+            rec["overflow"]["params_changed_after"] = any(bool(p.detach().double().sum() != total)
+                                                          for total, p in zip(kept["sums"], kept["params"]))
             kept.clear()
         save()
         result = real_finish(self)
@@ -580,9 +586,10 @@ class Check:
         rc, _, log = self.run_child(check, "pip-check", 60)
         if rc == 0:
             imports["now_importable"] = list(imports["missing_before"])
-        else:
-            imports["wheel_note"] = f"installed, but an import still fails: {tail(log, 2)}"
+        else:  # not used then: a stand-in replaces a `datasets` that cannot be imported
+            imports["wheel_note"] = f"installed, but an import still fails, so not used: {tail(log, 2)}"
             imports["now_importable"] = []
+            self.pythonpath.remove(str(site))
 
     def dataset(self):
         sys.path.insert(0, str(REPO))

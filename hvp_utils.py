@@ -1451,9 +1451,14 @@ def create_backbone(arch, image_size=224, small_stem=False, drop_path_rate=0.0, 
     model = timm.create_model(name, **kwargs)
     if small_stem and not is_vit:
         conv, pool = getattr(model, "conv1", None), getattr(model, "maxpool", None)
-        if not isinstance(conv, nn.Conv2d) or pool is None:
+        first = conv if isinstance(conv, nn.Conv2d) else next(
+            (m for m in conv.modules() if isinstance(m, nn.Conv2d)), None) if isinstance(conv, nn.Sequential) else None
+        if first is None or pool is None:
             raise HVPError(f"--small_stem supports ResNet-style (conv1 + maxpool) and ViT models, not {arch!r}")
-        model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, 1, 1, bias=False)
+        if isinstance(conv, nn.Conv2d):  # the 7x7 stride-2 stem becomes a 3x3 stride-1 one
+            model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, 1, 1, bias=False)
+        else:  # a deep stem (resnet*d, *t, test_resnet): its first convolution keeps its weights, at stride 1
+            first.stride = (1, 1)
         model.maxpool = nn.Identity()
         model.hvp_small_stem = True
     if pos_embed_resample != "timm":

@@ -33,7 +33,7 @@ Images: synthetic 500 x 375 (smooth multi-scale noise, JPEG quality 90), and whe
 wheel's ImageNet photos are installed (requirements-nodeps.txt): those cut to 500 x 375 and
 re-encoded at quality 90, and the files as shipped (512 x 512, one 1024 x 683).
 
---loader keeps the earlier small-image measurement: views per second through ViewStream and the
+--loader keeps the earlier small-image measurement: views per second through BatchStream and the
 DataLoader by number of workers, on the shipped dataset (worker-path crops).
 """
 import argparse
@@ -201,36 +201,41 @@ def device_side(outputs, groups, device, batch_size, repeats):
 
 
 def loader_table(args, device):
-    """The shipped dataset through ViewStream + DataLoader: views/s by views per image and workers."""
+    """The shipped dataset through BatchStream + DataLoader (the training scripts' loader): views/s by
+    views per image, workers and crop path (worker: the workers cut the views; device: they send the
+    decoded region and the views are cut here, by views_from_batch, timed as "device side")."""
     aug = hvp.ViewAug(size=args.image_size, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.5)
+    source = hvp.open_source(args.dataset, args.split)
     rows, summary = [], {}
-    for n, workers in itertools.product(args.views, args.workers):
-        ds, _ = hvp.open_dataset(args.dataset, args.split)
-        ds = hvp.shard_for_rank(ds, 0, 1, workers)
-        stream = hvp.ViewStream(ds, hvp.MultiViewTransform({"views": [aug] * n}), "image", None, 0, 0, args.batch_size)
-        loader = hvp.make_loader(stream, args.batch_size, workers, ds.num_shards)
-        batches = iter(loader)
-        for _ in range(1 + 4 * workers):  # warm-up: worker start-up, then drain what they prefetched (4 each)
+    for n, workers, crops in itertools.product(args.views, args.workers, args.crops):
+        transform = hvp.MultiViewTransform({"views": [aug] * n}, crops=crops)
+        batches_per_epoch = source.num_rows // args.batch_size
+        stream = hvp.BatchStream(source, transform, args.batch_size, batches=batches_per_epoch, shuffle_buffer=1000)
+        batches = iter(hvp.make_loader(stream, workers, pin_memory=device.type == "cuda"))
+        for _ in range(1 + 2 * workers):  # warm-up: worker start-up, then drain what they prefetched (2 each)
             batch = next(batches)
         start = time.perf_counter()
         for _ in range(args.batches):
             batch = next(batches)
         loader_s = time.perf_counter() - start
         del batches
-        views = batch["views"].to(device)
-        photometric_s = timed(lambda: hvp.photometric(views, batch["views_params"]), device, args.batches) * args.batches
+        on_device = hvp.pixels_to_device(batch, device)
+        device_s = timed(lambda: hvp.views_from_batch(on_device, "views", aug.size, aug.interpolation), device,
+                         args.batches) * args.batches
         loader_rate = args.batches * args.batch_size * n / loader_s
-        device_rate = args.batches * args.batch_size * n / photometric_s
-        summary[f"N={n},workers={workers}"] = {"loader_views_per_s": loader_rate, "photometric_views_per_s": device_rate}
-        rows.append((n, workers, loader_rate, device_rate))
+        device_rate = args.batches * args.batch_size * n / device_s
+        summary[f"N={n},workers={workers},crops={crops}"] = {"loader_views_per_s": loader_rate,
+                                                             "device_views_per_s": device_rate}
+        rows.append((n, workers, crops, loader_rate, device_rate))
     lines = ["", f"Loader (wall clock), {Path(args.dataset).name or args.dataset} [{args.split}], {args.image_size} px views, "
-             f"worker-path crops, batch {args.batch_size}, {args.batches} batches per setting", "",
-             "| N views/image | loader workers | loader views/s | per worker | images/s | vs N=2 (same workers) "
-             f"| photometric on {device.type} views/s |", "|---|---|---|---|---|---|---|"]
-    for n, workers, loader_rate, device_rate in rows:
-        base = next((r[2] for r in rows if r[0] == 2 and r[1] == workers), None)
-        lines.append(f"| {n} | {workers} | {loader_rate:.0f} | {loader_rate / max(workers, 1):.0f} | {loader_rate / n:.0f} | "
-                     f"{'-' if base is None else f'{(loader_rate / n) / (base / 2):.2f}x images/s'} | {device_rate:.0f} |")
+             f"batch {args.batch_size}, {args.batches} batches per setting", "",
+             "| N views/image | loader workers | crops on | loader views/s | per worker | images/s | vs N=2 (same workers) "
+             f"| device side ({device.type}: crops if on device + photometric) views/s |", "|---|---|---|---|---|---|---|---|"]
+    for n, workers, crops, loader_rate, device_rate in rows:
+        base = next((r[3] for r in rows if r[0] == 2 and r[1] == workers and r[2] == crops), None)
+        lines.append(f"| {n} | {workers} | {crops} | {loader_rate:.0f} | {loader_rate / max(workers, 1):.0f} | "
+                     f"{loader_rate / n:.0f} | {'-' if base is None else f'{(loader_rate / n) / (base / 2):.2f}x images/s'} "
+                     f"| {device_rate:.0f} |")
     return lines, summary
 
 
@@ -249,6 +254,8 @@ def main():
     parser.add_argument("--image_size", type=int, default=32)
     parser.add_argument("--views", type=int, nargs="+", default=[2, 4, 8], help="--loader: views per image (N)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="--loader: worker counts")
+    parser.add_argument("--crops", nargs="+", default=["worker"], choices=["worker", "device"],
+                        help="--loader: where the views are cut (one row each)")
     parser.add_argument("--batch_size", type=int, default=128, help="--loader: batch size")
     parser.add_argument("--batches", type=int, default=10, help="--loader: measured batches per setting")
     parser.add_argument("--output", default="", help="also write the Markdown table (and a .json) here")

@@ -125,8 +125,10 @@ def gpu_settings():
         views={"simsiam": PAIR_VIEWS, "simclr": PAIR_VIEWS, "dino": VIT_VIEWS_GPU, "ibot": VIT_VIEWS_GPU},
         loader_workers=(1, 4, 8, 15), loader_batch=32, loader_seconds=3.0, loader_views=(224, 96, 4, 16),
         bench_flags={name: list(run_all.SETTINGS[name][1]) + ["--gpu"] for name in SCRIPTS},
-        bench_data_flags=["--images", "16", "--repeats", "2", "--device", "cuda"],
-        extra_flags=[], est_train=30, cap_train=150, est_bench=45, cap_bench=150, est_loader=80, est_bench_data=60)
+        bench_data_flags=["--images", "16", "--repeats", "2", "--device", "cuda", "--loader", "--image_size", "224",
+                          "--views", "4", "--workers", "1", "4", "8", "15", "--crops", "worker", "device",
+                          "--batch_size", "64", "--batches", "8"],
+        extra_flags=[], est_train=30, cap_train=150, est_bench=45, cap_bench=150, est_loader=80, est_bench_data=90)
 
 
 def dry_settings():
@@ -150,7 +152,8 @@ def dry_settings():
                      "simclr": bench_resnet + ["--proj_hidden_dim", "64", "--proj_dim", "16"] + quick,
                      "dino": bench_vit + quick, "ibot": bench_vit + quick},
         bench_data_flags=["--images", "1", "--repeats", "1", "--device_repeats", "1", "--device", "cpu",
-                          "--device_batch", "2", "--sets", "SimSiam"],
+                          "--device_batch", "2", "--sets", "SimSiam", "--loader", "--image_size", "32", "--views", "2",
+                          "--workers", "1", "2", "--crops", "worker", "device", "--batch_size", "8", "--batches", "2"],
         extra_flags=["--report_to", "none"], est_train=12, cap_train=90, est_bench=30, cap_bench=120, est_loader=20,
         est_bench_data=20)
 
@@ -540,8 +543,9 @@ class Check:
             stub.mkdir(parents=True, exist_ok=True)
             (stub / "__init__.py").write_text(STUB)
             self.pythonpath.append(str(stub.parent))
-            imports["datasets"] = ("stand-in (no `datasets` here and none carried: hvp_utils.open_source imports it "
-                                   "but does not use it for a parquet file; any use raises)")
+            imports["datasets"] = ("stand-in (no importable `datasets` here, none carried or the carried one failed: "
+                                   "hvp_utils.open_source imports it but does not use it for a parquet file; any use "
+                                   "raises)")
         elif "datasets" in missing:
             imports["datasets"] = "installed from the carried wheels"
         if missing == ["datasets"] and imports["datasets"].startswith("stand-in"):
@@ -738,18 +742,20 @@ class Check:
         s = self.s
         self.need("bench_data", "bench_data", s.est_bench_data)
         md = self.work / "bench_data.md"
-        cmd = [sys.executable, REPO / "bench" / "bench_data.py", *s.bench_data_flags, "--output", md]
+        flags = [*s.bench_data_flags, *(["--dataset", self.dataset_path] if "--loader" in s.bench_data_flags else [])]
+        cmd = [sys.executable, REPO / "bench" / "bench_data.py", *flags, "--output", md]
         rc, wall, log = self.run_child(cmd, "bench_data", max(2 * s.est_bench_data, 60))
         self.note_time("bench_data", wall)
         if rc != 0 or not md.exists():
             raise RuntimeError("killed at its time limit" if rc is None else f"exit {rc}: {tail(log, 3)}")
         result = json.loads(md.with_suffix(".json").read_text())
-        self.summary["bench_data"] = {"command": " ".join(["python bench/bench_data.py", *s.bench_data_flags]),
+        self.summary["bench_data"] = {"command": " ".join(map(str, ["python bench/bench_data.py", *flags])),
                                       "table": md.read_text(), "results": result.get("results", {}),
                                       "machine": result.get("machine"), "wall_s": wall}
-        return ("bench_data.py takes no worker count for these tables (per-image CPU time in one process: "
-                "images/s per core); its --loader --workers table uses an API hvp_utils no longer has "
-                "(open_dataset, shard_for_rank, ViewStream), so worker counts are measured by the loader part")
+        return ("bench_data.py's first tables are per-image CPU time in one process (images/s per core, no worker "
+                "count); its --loader table takes the worker counts (--workers) and both crop paths (--crops), on "
+                "the synthetic split with its generic N-view recipe; the loader part above does the same for "
+                "DINO's HVP crop set")
 
     # --- all of it
 

@@ -85,7 +85,10 @@ def test_dry_run_overflow_control_and_benches(dry_run):
     assert set(summary["benches"]) == set(gpu_check.SCRIPTS)
     for name, b in summary["benches"].items():
         assert all(finite_positive(v) for v in b["step_ratio"].values()), name
-    assert summary["bench_data"]["results"] and "Worker CPU per image" in summary["bench_data"]["table"]
+    bench_data = summary["bench_data"]
+    assert "Worker CPU per image" in bench_data["table"] and "Loader (wall clock)" in bench_data["table"]
+    loader = bench_data["results"]["loader"]  # --workers 1 2 x --crops worker device
+    assert len(loader) == 4 and all(finite_positive(r["loader_views_per_s"]) for r in loader.values()), loader
 
 
 def fp16_run(**overflow):
@@ -134,3 +137,33 @@ def test_carried_wheels_install_into_a_private_folder(tmp_path):
     version = subprocess.run([sys.executable, "-c", "import datasets; print(datasets.__version__)"],
                              env=dict(script_env(), PYTHONPATH=str(site)), capture_output=True, text=True, timeout=60)
     assert version.stdout.strip() == "0.0.1-carried"
+
+
+FAKE_FP16 = '''import torch
+from accelerate import Accelerator
+
+
+def main():  # what accelerate does in fp16 on CUDA, with the CPU's GradScaler
+    accelerator = Accelerator(cpu=True)
+    accelerator.scaler = torch.amp.GradScaler("cpu")
+    model = torch.nn.Linear(4, 4)
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    for _ in range(5):
+        accelerator.backward(model(torch.randn(8, 4)).pow(2).mean())
+        optimizer.step()
+        optimizer.zero_grad()
+'''
+
+
+def test_probe_sees_the_gradscaler_skip_the_injected_step(tmp_path):
+    (tmp_path / "fake_fp16.py").write_text(FAKE_FP16)
+    record = tmp_path / "record.json"
+    env = dict(script_env(), PYTHONPATH=f"{tmp_path}:{REPO}")
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "_probe", str(record), "3",
+                             "fake_fp16.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    probe = json.loads(record.read_text())
+    o = probe["overflow"]
+    assert o["step"] == 3 and o["grads_nonfinite"] and o["skipped"] and o["params_unchanged"] and o["params_finite"]
+    assert o["scale_after"] == o["scale_before"] / 2
+    assert [s["skipped"] for s in probe["steps"]] == [False, False, True, False, False]

@@ -300,8 +300,8 @@ def _first_error_line(e):
 def open_source(name, split, image_column="image", label_column="label"):
     """Resolve --dataset into a Source: a Hugging Face Hub dataset id, a local folder (parquet files
     in the Hub layout, or an image folder whose sub-folders are the classes), a parquet file or a
-    glob of them. Raises HVPError with one line on any problem, before a model is built."""
-    import datasets
+    glob of them. Raises HVPError with one line on any problem, before a model is built. (Parquet
+    files given directly need pyarrow only; folders and Hub ids are resolved by `datasets`.)"""
     path = Path(name).expanduser()
     try:
         if path.is_file() or any(ch in name for ch in "*?["):
@@ -313,6 +313,7 @@ def open_source(name, split, image_column="image", label_column="label"):
                 return _datasets_source(name, split, image_column, label_column)
             split = "train"  # a single file or a glob: its contents are the split, whatever it is called
             return _parquet_source(name, split, files, image_column, label_column)
+        import datasets
         builder = datasets.load_dataset_builder(str(path) if path.exists() else name)
     except HVPError:
         raise

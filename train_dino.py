@@ -12,8 +12,10 @@ it trains one ordinary DINO step on that tuple, reusing the teacher outputs of t
     accelerate launch train_dino.py --arch vit_small --dataset <hub id | image folder | parquet>
     accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 train_dino.py \\
         --arch vit_small --dataset ILSVRC/imagenet-1k --batch_size 64 --epochs 100
-    accelerate launch --multi_gpu --num_machines 2 --machine_rank $RANK --main_process_ip $HOST \\
-        --num_processes 16 train_dino.py --arch vit_base --dataset ILSVRC/imagenet-1k
+    # the HVP paper's ViT-B/16 run (RECIPES; batch 1024 over all processes, accumulation as needed)
+    accelerate launch --multi_gpu --num_machines 4 --machine_rank $RANK --main_process_ip $HOST \\
+        --num_processes 32 --mixed_precision bf16 train_dino.py --recipe hvp_dino_vitb16_400ep \\
+        --dataset ILSVRC/imagenet-1k --batch_size 32 --resume auto
     python train_dino.py --resume                    # continue the run in --output_dir
 
 Defaults are the reference ImageNet recipe (ViT-S/16, drop-path 0.1, head 2048-2048-256-65536 with a

@@ -14,8 +14,10 @@ teacher outputs of the selection pass (DESIGN.md, D3). --global_views 2 --local_
     accelerate launch train_ibot.py --arch vit_small --dataset <hub id | image folder | parquet>
     accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 train_ibot.py \\
         --arch vit_small --dataset ILSVRC/imagenet-1k --batch_size 64 --local_views 20 --local_crops_number 10
+    # iBOT's published ViT-S/16 run with hard views (RECIPES; batch 1024 over all processes)
     accelerate launch --multi_gpu --num_machines 2 --machine_rank $RANK --main_process_ip $HOST \\
-        --num_processes 16 train_ibot.py --arch vit_base --dataset ILSVRC/imagenet-1k
+        --num_processes 16 --mixed_precision bf16 train_ibot.py --recipe hvp_ibot_vits16_800ep \\
+        --dataset ILSVRC/imagenet-1k --batch_size 64 --resume auto
     python train_ibot.py --resume                    # continue the run in --output_dir
 
 Defaults are the reference iBOT recipe (ViT-S/16, drop-path 0.1, a 2048-2048-256 head shared by

@@ -9,8 +9,10 @@ plain SimCLR (no selection pass).
     accelerate launch train_simclr.py --arch resnet50 --dataset <hub id | image folder | parquet>
     accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 train_simclr.py \\
         --arch resnet50 --dataset ILSVRC/imagenet-1k --batch_size 512 --epochs 100
+    # the HVP paper's SimCLR run (RECIPES: ResNet-50, batch 4096, LARS, 100 epochs, N = 4)
     accelerate launch --multi_gpu --num_machines 2 --machine_rank $RANK --main_process_ip $HOST \\
-        --num_processes 16 train_simclr.py --arch resnet50 --dataset ILSVRC/imagenet-1k --batch_size 256
+        --num_processes 16 train_simclr.py --recipe hvp_simclr_r50_100ep --dataset ILSVRC/imagenet-1k \\
+        --batch_size 256 --resume auto
     python train_simclr.py --resume                  # continue the run in --output_dir
 
 Defaults are the reference ImageNet recipe (ResNet-50, projector 2048-2048-128 with BatchNorm,

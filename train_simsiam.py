@@ -8,14 +8,16 @@ step on the hardest pair of each image. --num_views 2 is plain SimSiam (no selec
     accelerate launch train_simsiam.py --arch resnet50 --dataset <hub id | image folder | parquet>
     accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 train_simsiam.py \\
         --arch resnet50 --dataset ILSVRC/imagenet-1k --batch_size 64 --epochs 100
+    # the HVP paper's SimSiam run (RECIPES: ResNet-50, 100 epochs, batch 256, N = 4)
     accelerate launch --multi_gpu --num_machines 2 --machine_rank $RANK --main_process_ip $HOST \\
-        --num_processes 16 train_simsiam.py --arch resnet50 --dataset ILSVRC/imagenet-1k
+        --num_processes 16 train_simsiam.py --recipe hvp_simsiam_r50_100ep --dataset ILSVRC/imagenet-1k \\
+        --batch_size 16 --resume auto
     python train_simsiam.py --resume                 # continue the run in --output_dir
     python train_simsiam.py --push_to_hub --hub_model_id <user>/hvp-simsiam   # then, anywhere:
         timm.create_model("hf-hub:<user>/hvp-simsiam", pretrained=True)
 
-Defaults are the reference ImageNet recipe (ResNet-50, SGD lr 0.05 x batch/256, momentum 0.9,
-wd 1e-4, cosine, fixed predictor lr, MoCo-v2 augmentations, 100 epochs, N = 4 views). On the
+Defaults are the official SimSiam argparse defaults (ResNet-50, SGD lr 0.05 x batch/256, momentum 0.9,
+wd 1e-4, cosine per epoch, fixed predictor lr, MoCo-v2 augmentations, 100 epochs, N = 4 views). On the
 shipped dataset a CPU preset (see PRESETS) replaces the flags you do not give; the README lists
 the k-NN accuracy it reaches and the time it takes on 2 CPU cores.
 """
@@ -37,6 +39,7 @@ class Config(hvp.RunConfig):  # + the data, output, lifecycle and Hub flags ever
     arch: str = "resnet50"  # any timm model name; aliases vit_tiny/vit_small/vit_base
     small_stem: bool = False  # 28-64 px inputs: 3x3 stride-1 ResNet stem / ViT patch 4-8
     image_size: int = 224  # training crop size
+    crop_scale: tuple = (0.2, 1.0)  # random-resized-crop area range (SimSiam / MoCo v2: 0.2-1)
     epochs: int = 100  # length of the run (steps per epoch = examples // global batch)
     max_steps: int = 0  # if > 0, stop after this many optimizer steps (the schedule spans them)
     batch_size: int = 64  # images per process per micro-step; global batch = this x processes x grad_accum
@@ -108,7 +111,7 @@ def check_config(cfg):
 
 def simsiam_aug(cfg):
     """MoCo-v2 / SimSiam augmentations (blur kernel 9 and sigma 0.1-2 at 224 px, scaled with size)."""
-    return hvp.ViewAug(size=cfg.image_size, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8,
+    return hvp.ViewAug(size=cfg.image_size, scale=cfg.crop_scale, jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8,
                        gray_p=0.2, blur_p=0.5, blur_kernel=9, flip_p=0.5, interpolation="bilinear")
 
 

@@ -192,15 +192,17 @@ def test_a_row_gets_the_same_views_whatever_the_number_of_processes_and_workers(
     assert len(common) == 96 and all(torch.equal(one[k], two[k]) for k in common)
 
 
-@pytest.mark.parametrize("workers", [0, 2, 3])
-def test_resuming_the_stream_mid_epoch_gives_exactly_the_remaining_batches(tiny_dataset, workers):
+@pytest.mark.parametrize("workers,crops", [(0, "worker"), (2, "worker"), (3, "worker"), (2, "device")])
+def test_resuming_the_stream_mid_epoch_gives_exactly_the_remaining_batches(tiny_dataset, workers, crops):
     source = hvp.open_source(str(tiny_dataset), "train")
-    full = batches_of(source, 4, epoch=1, batches=20, workers=workers, seed=3)
+    transform = hvp.MultiViewTransform({"views": [hvp.ViewAug(size=8)] * 2}, crops=crops)
+    pixels = "views" if crops == "worker" else "image"
+    full = batches_of(source, 4, epoch=1, batches=20, workers=workers, seed=3, transform=transform)
     for skip in (3, 7):
-        resumed = batches_of(source, 4, epoch=1, batches=20, workers=workers, seed=3, skip=skip)
+        resumed = batches_of(source, 4, epoch=1, batches=20, workers=workers, seed=3, skip=skip, transform=transform)
         assert len(resumed) == len(full) - skip
         for a, b in zip(full[skip:], resumed):
-            assert torch.equal(a["views"], b["views"]) and torch.equal(a["label"], b["label"])
+            assert torch.equal(a[pixels], b[pixels]) and torch.equal(a["label"], b["label"])
             assert torch.equal(a["views_params"], b["views_params"])
 
 

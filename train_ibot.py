@@ -308,14 +308,13 @@ def create_backbone(cfg, drop_path_rate):
     from timm.models.vision_transformer import VisionTransformer
     extra = {"patch_size": cfg.patch_size} if cfg.patch_size else {}
     try:
-        backbone = hvp.create_backbone(cfg.arch, cfg.image_size, cfg.small_stem, drop_path_rate,
-                                       cfg.pos_embed_resample, **extra)
+        backbone = hvp.create_backbone(cfg.arch, cfg.image_size, cfg.small_stem, drop_path_rate, **extra)
     except TypeError:  # a model that takes no patch_size
         backbone = None
     if not isinstance(backbone, VisionTransformer) or backbone.cls_token is None or backbone.num_reg_tokens:
         raise hvp.HVPError(f"--arch {cfg.arch!r} is not a timm VisionTransformer with a [CLS] token: iBOT masks "
                            "patch tokens (try vit_tiny, vit_small, vit_base)")
-    return backbone
+    return hvp.set_pos_embed_resample(backbone, cfg.pos_embed_resample)
 
 
 class IBOTHead(hvp.DINOHead):

@@ -60,6 +60,10 @@ def parse_args(argv=None):
                         help="one HVP kind per value")
     parser.add_argument("--hvp_limit", type=int, default=0, help="score this many random tuples (0: all, exactly)")
     parser.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--device_crops", action="store_true",
+                        help="also an HVP kind whose views are cut on the training device (--crops device), from "
+                             "source images --source_scale x the global size")
+    parser.add_argument("--source_scale", type=float, default=1.5, help="source image size / --image_size")
     parser.add_argument("--steps", type=common.positive_int, default=10, help="measured steps of each kind")
     parser.add_argument("--warmup", type=common.non_negative_int, default=2)
     parser.add_argument("--output", default="", help="also write the Markdown table (and a .json summary) here")
@@ -101,8 +105,8 @@ def main(argv=None):
     epoch = step_index // STEPS_PER_EPOCH
     schedule = hvp.distillation_schedule(step_index, cfg, cfg.lr * cfg.batch_size / 256, STEPS_PER_EPOCH, total_steps)
 
-    batch = common.make_batch(hvp.multicrop_transform(cfg), common.random_images(cfg.batch_size, cfg.image_size, args.seed),
-                              args.seed, device)
+    images = common.random_images(cfg.batch_size, round(cfg.image_size * args.source_scale), args.seed)
+    batch = common.make_batch(hvp.multicrop_transform(cfg), images, args.seed, device)
     plain_batch = common.first_views(batch, {"globals": 2, "locals": L})
     global_views = hvp.photometric(batch["globals"].to(device), batch["globals_params"])  # what a selection sees
     local_views = (hvp.photometric(batch["locals"].to(device), batch["locals_params"]) if cfg.local_views
@@ -133,6 +137,11 @@ def main(argv=None):
         teacher_note = "teacher reused" if r == 1 else "teacher re-run at full res"
         kinds[f"hvp@{r:g}"] = common.Kind(f"HVP G={G}, L_loader={L_loader}, selection at {r:g}x resolution ({teacher_note})",
                                           step(kind_cfg, batch), scorer(kind_cfg))
+    if args.device_crops:  # the same images and views; crops, resizes and flips inside train_step
+        device_batch = common.make_batch(hvp.multicrop_transform(cfg, "device"), images, args.seed, device)
+        kinds["hvp@1-device-crops"] = common.Kind(f"HVP G={G}, L_loader={L_loader}, selection at 1x, views cut on "
+                                                  f"the {device.type} (--crops device)", step(cfg, device_batch),
+                                                  scorer(cfg))
     med = common.measure(kinds, device, args.warmup, args.steps)
     title = (f"DINO step time (train_dino.train_step), {cfg.arch} {cfg.image_size}/{cfg.local_size}px (patch {patch}), "
              f"batch {cfg.batch_size}, out_dim {cfg.out_dim}, HVP G={G} globals and L_loader={L_loader} locals -> 2 + {L} "

@@ -104,7 +104,7 @@ def make_batch(transform, images, seed, device):
     """One batch as the data loader makes it: transform(image, generator) per image, each with its
     own seeded generator (as hvp.BatchStream), collated; pinned when the step copies it to a GPU."""
     samples = [transform(image, torch.Generator().manual_seed(hvp.mix_seed(seed, i))) for i, image in enumerate(images)]
-    batch = torch.utils.data.default_collate(samples)
+    batch = hvp.collate_views(samples)
     return {k: v.pin_memory() for k, v in batch.items()} if device.type == "cuda" else batch
 
 

@@ -32,10 +32,11 @@ wraps hvp.Run (start/log/finish: timings and peak memory), accelerate.Accelerato
 injected overflow) and AcceleratedOptimizer.step (scale and skipped steps), then calls the
 script's main() with the command line it was given. The scripts themselves are not changed.
 
-`datasets`: hvp_utils.open_source imports it first thing, but for a parquet file (what this
-check trains on) it never uses it. Where it is missing and no wheels are carried, the children
-get a stand-in module named `datasets` (a folder put first on PYTHONPATH) whose every attribute
-raises; the report says so. `python bench/gpu_wheels.py` downloads wheels of the real one.
+`datasets`: hvp_utils.open_source imports it only for image folders and Hub ids; a parquet file
+(what this check trains on) needs pyarrow alone. Where it is missing and no wheels are carried,
+the children also get a stand-in module named `datasets` (a folder put first on PYTHONPATH), so
+that an import of it elsewhere fails with a clear message (every attribute raises); the report
+says so. `python bench/gpu_wheels.py` downloads wheels of the real one.
 
 --dry_run: the same parts on the CPU at tiny sizes (timm's test_resnet / test_vit, 32/16 px, a
 few steps, 1-2 loader workers, fp32 only); the fp16 parts are replaced by an explanation, and the

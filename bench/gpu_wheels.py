@@ -6,8 +6,8 @@ the device tool carries with the working tree; then the size check and the comma
 
 bench/gpu_check.py needs none of them. The GPU machine (python3 3.12, torch 2.11, torchvision 0.26,
 timm, accelerate, huggingface-hub, safetensors, pyarrow, pillow, ...) lacks only `datasets` among
-what the project imports, and the training scripts import `datasets` without using it when
---dataset is a parquet file, so the check gives them a stand-in. Carry these wheels to run with
+what the project imports, and the training scripts do not import `datasets` when --dataset is a
+parquet file (the check's data), so the check runs without it. Carry these wheels to run with
 the real `datasets` instead: gpu_check.py installs whatever *.whl is in --wheels (default
 .gpu_wheels/) with `pip install --no-index --no-deps --target <private folder>` when something is
 missing there, and its report lists what it installed.

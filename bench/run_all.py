@@ -24,7 +24,7 @@ GPU_RESNET = ["--arch", "resnet50", "--image_size", "224", "--batch_size", "64"]
 SETTINGS = {  # bench: (flags on 2 CPU cores, flags with --gpu)
     "simsiam": ([], GPU_RESNET),
     "simclr": ([], GPU_RESNET),
-    "dino": (CPU_VIT, GPU_VIT),
+    "dino": (CPU_VIT + ["--device_crops"], GPU_VIT + ["--device_crops"]),  # + the HVP step with views cut in it
     "ibot": (CPU_VIT, GPU_VIT),
     "data": (["--loader"], ["--loader", "--image_size", "224", "--workers", "0", "4", "8", "--views", "2", "4"]),
 }

@@ -21,8 +21,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import hvp_utils as hvp  # noqa: E402
 import linear  # noqa: E402  (eval/linear.py: opening a labelled split once for every process)

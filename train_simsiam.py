@@ -83,12 +83,14 @@ RECIPES = {
 }
 
 # The shipped Fashion-MNIST subset: 28 px grayscale, 10k images. This preset pretrains on 2 CPU
-# cores in about 5 minutes; it replaces the ImageNet defaults above for flags you do not give.
-# Chosen by a sweep (README, "Results"): the standard stem at 64 px beat the small stem at 28 px
-# (4x slower) and 32 px; a narrow projector and a high lr learn most in two epochs.
+# cores in about 6 minutes in fp32 (5 in bf16 where the CPU has native bf16); it replaces the
+# ImageNet defaults above for flags you do not give. Chosen by a sweep at a fixed time budget
+# (README, "Results"): timm's test_resnet (0.37 M parameters: a deep stem and 4 basic blocks) at
+# 32 px for 20 epochs beat ResNet-18 at 64 px for 2 epochs (75.3 %) by 7 points of k-NN accuracy;
+# batch 64 beat 128 and 256, lr 0.5 beat 0.3 and 1.0, and a narrow projector suits the 10 classes.
 PRESETS = {hvp.DEFAULT_DATASET: dict(
-    arch="resnet18", small_stem=False, image_size=64, epochs=2, batch_size=128, lr=1.6,
-    weight_decay=5e-4, proj_dim=512, pred_dim=128, num_workers=1, log_every=10, save_every=200,
+    arch="test_resnet", small_stem=False, image_size=32, epochs=20, batch_size=64, lr=0.5, lr_schedule="step",
+    weight_decay=5e-4, proj_dim=512, pred_dim=128, num_workers=1, log_every=50, save_every=500,
     mixed_precision="auto")}
 
 

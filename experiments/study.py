@@ -53,9 +53,9 @@ METHODS = {
     "ibot": ("train_ibot.py", "--global_views 4", "--global_views 2 --local_views {local}"),
 }
 # Sizes for 2 CPU cores (about 1-2 minutes per hvp run on the shipped data). The scripts' own
-# presets for the shipped dataset fill in everything else (lr, batch, augmentations, bf16).
+# presets for the shipped dataset fill in everything else (lr, batch, augmentations, precision).
 CPU_BUDGET = {
-    "simsiam": "--arch resnet18 --image_size 32 --epochs 2",
+    "simsiam": "--arch resnet18 --image_size 32 --epochs 2 --batch_size 128 --lr 1.6",  # the preset of the published study
     "simclr": "--arch resnet18 --image_size 32 --epochs 2 --warmup_epochs 0.25",  # the preset warms up 1 of its 8 epochs
     "dino": "--arch vit_tiny --out_dim 1024 --image_size 24 --epochs 1 --max_steps 80 --local_views 4 --local_crops_number 2",
     "ibot": "--arch vit_tiny --out_dim 1024 --patch_out_dim 1024 --epochs 1 --max_steps 80 --local_views 4 --local_crops_number 2",

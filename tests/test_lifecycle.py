@@ -87,7 +87,8 @@ def test_sigterm_to_the_process_group_saves_and_resuming_on_per_rank_folders_equ
     """SIGTERM as SLURM or Ctrl-C deliver it (to the whole process group, loader workers included)
     during a 2-process run: it saves after the step; resuming it where each process has its own
     output folder (nodes without a shared file system: only rank 0's holds the checkpoint) neither
-    hangs nor starts a process afresh, and ends with the parameters of an uninterrupted run."""
+    hangs nor starts a process afresh, and ends with the parameters of an uninterrupted run. (SIGTERM to
+    the main process alone: tests/test_train_dino.py, which also checks the teacher and centre.)"""
     extra = ("--max_steps", 12, "--num_workers", 2, "--save_every", 100)
     run_two_processes(simsiam(tmp_path / "full", tiny_dataset, *extra))
 
@@ -162,6 +163,8 @@ def test_auto_resume_starts_a_new_run_or_continues_one(tiny_dataset, tmp_path):
     assert "resumed" not in first.stdout
     second = run_script(simsiam(out, tiny_dataset, "--max_steps", 3, "--resume", "auto"))
     assert "resumed at step 2" in second.stdout
+    again = run_script(simsiam(out, tiny_dataset, "--max_steps", 3), check=False)  # neither --resume nor auto
+    assert again.returncode == 2 and "pass --resume" in again.stderr, "an existing run is never overwritten"
 
 
 # ----------------------------------------------------------------------------------- checked before the model

@@ -1,18 +1,13 @@
 """train_simsiam.py end to end, as a user runs it (real subprocesses, the real CLI)."""
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 
 import hvp_utils as hvp
-from conftest import REPO, TINY_TRAIN, run_script, script_env, write_parquet_split
+from conftest import TINY_TRAIN, run_script, write_parquet_split
 
 
 def train_args(output_dir, dataset, *extra):
@@ -22,10 +17,6 @@ def train_args(output_dir, dataset, *extra):
 def records(output_dir):
     lines = (output_dir / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if "loss" in r]
-
-
-def final_model(output_dir):
-    return hvp.load_checkpoint(hvp.latest_checkpoint(output_dir))["model"]
 
 
 def test_smoke_run_logs_metrics_exports_the_backbone_and_prints_knn(tiny_dataset, tmp_path):
@@ -95,41 +86,6 @@ def test_a_corrupt_image_is_skipped_counted_and_training_goes_on(tmp_path):
     pq.write_table(table.set_column(0, "image", column), path)
     run_script(train_args(tmp_path / "out", data, "--max_steps", 3))
     assert records(tmp_path / "out")[-1]["skipped_images"] >= 1
-
-
-def test_an_existing_run_is_never_overwritten_without_resume(tiny_dataset, tmp_path):
-    run_script(train_args(tmp_path / "out", tiny_dataset, "--max_steps", 1))
-    result = run_script(train_args(tmp_path / "out", tiny_dataset, "--max_steps", 1), check=False)
-    assert result.returncode == 2 and "pass --resume" in result.stderr
-
-
-def test_sigterm_then_resume_gives_the_same_parameters_as_an_uninterrupted_run(tiny_dataset, tmp_path):
-    extra = ("--max_steps", 10, "--num_workers", 2, "--save_every", 100)
-    run_script(train_args(tmp_path / "full", tiny_dataset, *extra))
-
-    interrupted = tmp_path / "interrupted"
-    proc = subprocess.Popen([sys.executable, *map(str, train_args(interrupted, tiny_dataset, *extra))], cwd=REPO,
-                            env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if (interrupted / "metrics.jsonl").exists() and len(records(interrupted)) >= 3:
-            proc.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.02)
-    stdout, stderr = proc.communicate(timeout=240)
-    assert proc.returncode == 0, stderr[-3000:]
-    assert "SIGTERM: saved" in stdout
-    stopped_at = hvp.load_checkpoint(hvp.latest_checkpoint(interrupted))["step"]
-    assert 3 <= stopped_at < 10, "the signal must arrive mid-run for this test to mean anything"
-
-    resumed = run_script(train_args(interrupted, tiny_dataset, *extra, "--resume"))
-    assert f"resumed at step {stopped_at}" in resumed.stdout
-    full, again = final_model(tmp_path / "full"), final_model(interrupted)
-    assert full.keys() == again.keys()
-    for name in full:
-        assert torch.equal(full[name], again[name]), name
-    assert [r["step"] for r in records(interrupted)] == list(range(1, 11))
-
 
 
 def test_the_no_argument_main_job_runs_to_its_knn_line(tmp_path):

@@ -1386,6 +1386,14 @@ def check_arch(arch):
                        f"vit_base, or any name from timm.list_models())")
 
 
+def is_vit_arch(arch):
+    """True for a timm name (or alias) of the ViT family: what gets a patch size, a dynamic image
+    size and a resampled position embedding (create_backbone)."""
+    import timm
+    name = ARCH_ALIASES.get(arch, arch)
+    return timm.is_model(name) and timm.models.is_model_in_modules(name, ["vision_transformer", "deit", "eva", "beit"])
+
+
 POS_EMBED_RESAMPLE = ("timm", "dino")
 
 
@@ -1436,14 +1444,12 @@ def create_backbone(arch, image_size=224, small_stem=False, drop_path_rate=0.0, 
     import timm
     if pos_embed_resample not in POS_EMBED_RESAMPLE:
         raise HVPError(f"--pos_embed_resample must be one of {', '.join(POS_EMBED_RESAMPLE)}, got {pos_embed_resample!r}")
+    check_arch(arch)
     name = ARCH_ALIASES.get(arch, arch)
-    if not timm.is_model(name):
-        raise HVPError(f"unknown --arch {arch!r}: not a timm model name (try resnet18, resnet50, vit_small, "
-                       f"vit_base, or any name from timm.list_models())")
     kwargs = dict(num_classes=0, **model_args)
     if drop_path_rate:
         kwargs["drop_path_rate"] = drop_path_rate
-    is_vit = timm.models.is_model_in_modules(name, ["vision_transformer", "deit", "eva", "beit"])
+    is_vit = is_vit_arch(arch)
     if is_vit:
         kwargs.setdefault("img_size", image_size)
         kwargs.setdefault("dynamic_img_size", True)
@@ -2695,10 +2701,7 @@ def _needs_hvp_code(cfg, export_config):
         return bool(export_config.get("hvp_small_stem"))
     if not cfg.get("small_stem"):
         return False
-    import timm
-    name = ARCH_ALIASES.get(str(cfg.get("arch")), str(cfg.get("arch")))
-    vit = timm.is_model(name) and timm.models.is_model_in_modules(name, ["vision_transformer", "deit", "eva", "beit"])
-    return not vit
+    return not is_vit_arch(str(cfg.get("arch")))
 
 
 def _usage(repo_id, cfg, export_config):

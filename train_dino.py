@@ -161,9 +161,7 @@ def check_config(cfg):
 def create_backbone(cfg, drop_path_rate):
     """hvp.create_backbone, with --patch_size and --pos_embed_resample for ViTs only (convolutional
     networks have neither patches nor position embeddings)."""
-    import timm
-    name = hvp.ARCH_ALIASES.get(cfg.arch, cfg.arch)
-    is_vit = timm.is_model(name) and timm.models.is_model_in_modules(name, ["vision_transformer", "deit", "eva", "beit"])
+    is_vit = hvp.is_vit_arch(cfg.arch)
     extra = {"patch_size": cfg.patch_size} if cfg.patch_size and is_vit else {}
     resample = cfg.pos_embed_resample if is_vit else "timm"
     return hvp.create_backbone(cfg.arch, cfg.image_size, cfg.small_stem, drop_path_rate, resample, **extra)

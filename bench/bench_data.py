@@ -206,10 +206,10 @@ def loader_table(args, device):
     decoded region and the views are cut here, by views_from_batch, timed as "device side")."""
     aug = hvp.ViewAug(size=args.image_size, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.5)
     source = hvp.open_source(args.dataset, args.split)
+    batches_per_epoch = source.num_rows // args.batch_size
     rows, summary = [], {}
     for n, workers, crops in itertools.product(args.views, args.workers, args.crops):
         transform = hvp.MultiViewTransform({"views": [aug] * n}, crops=crops)
-        batches_per_epoch = source.num_rows // args.batch_size
         stream = hvp.BatchStream(source, transform, args.batch_size, batches=batches_per_epoch, shuffle_buffer=1000)
         batches = iter(hvp.make_loader(stream, workers, pin_memory=device.type == "cuda"))
         for _ in range(1 + 2 * workers):  # warm-up: worker start-up, then drain what they prefetched (2 each)

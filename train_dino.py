@@ -40,12 +40,13 @@ import torch
 import torch.nn as nn
 
 import hvp_utils as hvp
+import hvp_run
 
 
 # ----------------------------------------------------------------------------------- config
 
 @dataclass
-class Config(hvp.RunConfig):  # + the data, output, lifecycle and Hub flags every script shares (hvp.RunConfig)
+class Config(hvp_run.RunConfig):  # + the data, output, lifecycle and Hub flags every script shares (hvp_run.RunConfig)
     output_dir: str = "outputs/dino"  # checkpoints, backbone export, metrics.jsonl, TensorBoard logs (one run per folder)
     arch: str = "vit_small"  # any timm model name; aliases vit_tiny/vit_small/vit_base (patch 16)
     small_stem: bool = False  # 28-64 px inputs: 3x3 stride-1 ResNet stem / ViT patch 4-8
@@ -134,37 +135,37 @@ RECIPES = {
 # far more steps than a CPU gives: a second epoch adds under 3 points of k-NN accuracy and a ViT-S
 # is slower and no better (README, "Results"). It replaces the ImageNet defaults above for the
 # flags you do not give.
-PRESETS = {hvp.DEFAULT_DATASET: dict(
+PRESETS = {hvp_run.DEFAULT_DATASET: dict(
     arch="vit_tiny", small_stem=True, patch_size=8, image_size=32, local_size=16, epochs=1, batch_size=64, lr=1e-3,
     warmup_epochs=0.1, freeze_last_layer=0.0, drop_path=0.0, out_dim=4096, momentum_teacher=0.97,
     local_views=4, local_crops_number=2, num_workers=2, log_every=10, save_every=200, mixed_precision="auto")}
 
 
 def check_config(cfg):
-    hvp.check_run_config(cfg)
-    hvp.check_arch(cfg.arch)
+    hvp_run.check_run_config(cfg)
+    hvp_run.check_arch(cfg.arch)
     if cfg.global_views < 2 or cfg.global_views % 2:
-        raise hvp.HVPError(f"--global_views must be an even number >= 2 (2 = no global selection), got {cfg.global_views}")
+        raise hvp_run.HVPError(f"--global_views must be an even number >= 2 (2 = no global selection), got {cfg.global_views}")
     if not 0 <= cfg.local_crops_number <= cfg.local_views:
-        raise hvp.HVPError(f"--local_crops_number must be in [0, --local_views = {cfg.local_views}], "
+        raise hvp_run.HVPError(f"--local_crops_number must be in [0, --local_views = {cfg.local_views}], "
                            f"got {cfg.local_crops_number}")
     if not 0 < cfg.hvp_select_res <= 1:
-        raise hvp.HVPError(f"--hvp_select_res must be in (0, 1], got {cfg.hvp_select_res}")
+        raise hvp_run.HVPError(f"--hvp_select_res must be in (0, 1], got {cfg.hvp_select_res}")
     if cfg.hvp_every < 1 or cfg.hvp_limit < 0 or cfg.batch_size < 1 or cfg.grad_accum < 1:
-        raise hvp.HVPError("--hvp_every, --batch_size and --grad_accum must be >= 1 and --hvp_limit >= 0")
+        raise hvp_run.HVPError("--hvp_every, --batch_size and --grad_accum must be >= 1 and --hvp_limit >= 0")
     if min(cfg.teacher_temp, cfg.warmup_teacher_temp, cfg.student_temp) <= 0:
-        raise hvp.HVPError("temperatures must be > 0")
+        raise hvp_run.HVPError("temperatures must be > 0")
 
 
 # ----------------------------------------------------------------------------------- model
 
 def create_backbone(cfg, drop_path_rate):
-    """hvp.create_backbone, with --patch_size and --pos_embed_resample for ViTs only (convolutional
+    """hvp_run.create_backbone, with --patch_size and --pos_embed_resample for ViTs only (convolutional
     networks have neither patches nor position embeddings)."""
-    is_vit = hvp.is_vit_arch(cfg.arch)
+    is_vit = hvp_run.is_vit_arch(cfg.arch)
     extra = {"patch_size": cfg.patch_size} if cfg.patch_size and is_vit else {}
     resample = cfg.pos_embed_resample if is_vit else "timm"
-    return hvp.create_backbone(cfg.arch, cfg.image_size, cfg.small_stem, drop_path_rate, resample, **extra)
+    return hvp_run.create_backbone(cfg.arch, cfg.image_size, cfg.small_stem, drop_path_rate, resample, **extra)
 
 
 class MultiCrop(nn.Module):
@@ -265,7 +266,7 @@ def train_step(model, teacher, optimizer, center, micro_batches, schedule, cfg, 
         t0 = hvp.clock(log_now, device)
         teacher_logits = None
         if hard:
-            limit_rng = torch.Generator().manual_seed(hvp.mix_seed(cfg.seed, accelerator.process_index, step, micro, "limit"))
+            limit_rng = torch.Generator().manual_seed(hvp_run.mix_seed(cfg.seed, accelerator.process_index, step, micro, "limit"))
             chosen = select_hard_views(unwrapped, teacher, global_views, local_views, center, teacher_temp, cfg,
                                        accelerator, patch, limit_rng)
             x_globals = hvp.gather_views(global_views, chosen["globals"])
@@ -310,16 +311,16 @@ def train_step(model, teacher, optimizer, center, micro_batches, schedule, cfg, 
 # ----------------------------------------------------------------------------------- main
 
 def main():
-    cfg, notes = hvp.parse_config(Config, presets=PRESETS, recipes=RECIPES, description=__doc__.splitlines()[0])
+    cfg, notes = hvp_run.parse_config(Config, presets=PRESETS, recipes=RECIPES, description=__doc__.splitlines()[0])
     check_config(cfg)
-    run = hvp.Run(cfg, "DINO", MODEL_FIELDS, notes)
+    run = hvp_run.Run(cfg, "DINO", MODEL_FIELDS, notes)
 
     student = build_model(cfg, cfg.drop_path)
     if cfg.init_from and not run.resuming:  # before the teacher copies the student
-        hvp.init_backbone(student.backbone, cfg.init_from)
+        hvp_run.init_backbone(student.backbone, cfg.init_from)
     patch = student.backbone.patch_embed.patch_size[0] if hasattr(student.backbone, "patch_embed") else 1
     if cfg.image_size % patch or cfg.local_size % patch:
-        raise hvp.HVPError(f"--image_size {cfg.image_size} and --local_size {cfg.local_size} must be multiples "
+        raise hvp_run.HVPError(f"--image_size {cfg.image_size} and --local_size {cfg.local_size} must be multiples "
                            f"of the ViT patch size {patch}")
     teacher = build_model(cfg, 0.0)  # no drop-path; kept out of `prepare`: it has no gradients and no DDP
     teacher.load_state_dict(student.state_dict())
@@ -353,4 +354,4 @@ def main():
 
 
 if __name__ == "__main__":
-    hvp.run_main(main)
+    hvp_run.run_main(main)

@@ -56,12 +56,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import hvp_utils as hvp
+import hvp_run
 
 
 # ----------------------------------------------------------------------------------- config
 
 @dataclass
-class Config(hvp.RunConfig):  # + the data, output, lifecycle and Hub flags every script shares (hvp.RunConfig)
+class Config(hvp_run.RunConfig):  # + the data, output, lifecycle and Hub flags every script shares (hvp_run.RunConfig)
     output_dir: str = "outputs/ibot"  # checkpoints, backbone export, metrics.jsonl, TensorBoard logs (one run per folder)
     arch: str = "vit_small"  # a timm VisionTransformer name; aliases vit_tiny/vit_small/vit_base (patch 16)
     small_stem: bool = False  # 28-64 px inputs: ViT patch 4-8
@@ -142,7 +143,7 @@ RECIPES = {
 # prototypes (the patch head runs on every token), a faster teacher, 2 of 4 candidate locals, no
 # teacher-temperature warm-up (the run is short). A ViT-S trains one epoch in the same time
 # (README, "Results"). It replaces the ImageNet defaults above for the flags you do not give.
-PRESETS = {hvp.DEFAULT_DATASET: dict(
+PRESETS = {hvp_run.DEFAULT_DATASET: dict(
     arch="vit_tiny", small_stem=True, patch_size=8, image_size=24, local_size=16, global_scale=(0.4, 1.0),
     epochs=2, batch_size=64, lr=1e-3, warmup_epochs=0.1, freeze_last_layer=0.0, drop_path=0.0, out_dim=2048,
     patch_out_dim=2048, hidden_dim=1024, momentum_teacher=0.97, warmup_teacher_temp_epochs=0, local_views=4,
@@ -150,41 +151,41 @@ PRESETS = {hvp.DEFAULT_DATASET: dict(
 
 
 def check_config(cfg):
-    hvp.check_run_config(cfg)
-    hvp.check_arch(cfg.arch)
+    hvp_run.check_run_config(cfg)
+    hvp_run.check_arch(cfg.arch)
     if cfg.global_views < 2 or cfg.global_views % 2:
-        raise hvp.HVPError(f"--global_views must be an even number >= 2 (2 = no global selection), got {cfg.global_views}")
+        raise hvp_run.HVPError(f"--global_views must be an even number >= 2 (2 = no global selection), got {cfg.global_views}")
     if not 0 <= cfg.local_crops_number <= cfg.local_views:
-        raise hvp.HVPError(f"--local_crops_number must be in [0, --local_views = {cfg.local_views}], "
+        raise hvp_run.HVPError(f"--local_crops_number must be in [0, --local_views = {cfg.local_views}], "
                            f"got {cfg.local_crops_number}")
     means, half_widths = ratio_options(cfg.pred_ratio, cfg.pred_ratio_var)
     if not all(0 <= m < 1 for m in means):
-        raise hvp.HVPError(f"--pred_ratio must be in [0, 1), got {cfg.pred_ratio}")
+        raise hvp_run.HVPError(f"--pred_ratio must be in [0, 1), got {cfg.pred_ratio}")
     if len(half_widths) != len(means):
-        raise hvp.HVPError(f"--pred_ratio_var must be one number or one per --pred_ratio ({len(means)}), "
+        raise hvp_run.HVPError(f"--pred_ratio_var must be one number or one per --pred_ratio ({len(means)}), "
                            f"got {cfg.pred_ratio_var}")
     if not all(0 <= v <= m and m + v < 1 for m, v in zip(means, half_widths)):
-        raise hvp.HVPError(f"--pred_ratio_var must be in [0, pred_ratio] with pred_ratio + pred_ratio_var < 1, "
+        raise hvp_run.HVPError(f"--pred_ratio_var must be in [0, pred_ratio] with pred_ratio + pred_ratio_var < 1, "
                            f"got --pred_ratio {cfg.pred_ratio} --pred_ratio_var {cfg.pred_ratio_var}")
     if cfg.pred_start_epoch < 0:
-        raise hvp.HVPError(f"--pred_start_epoch must be >= 0, got {cfg.pred_start_epoch}")
+        raise hvp_run.HVPError(f"--pred_start_epoch must be >= 0, got {cfg.pred_start_epoch}")
     if not 0 < cfg.pred_aspect[0] <= cfg.pred_aspect[1]:
-        raise hvp.HVPError(f"--pred_aspect must be two numbers 0 < low <= high, got {cfg.pred_aspect}")
+        raise hvp_run.HVPError(f"--pred_aspect must be two numbers 0 < low <= high, got {cfg.pred_aspect}")
     if cfg.shared_head and cfg.patch_out_dim != cfg.out_dim:
-        raise hvp.HVPError(f"--shared_head needs --patch_out_dim = --out_dim, got {cfg.patch_out_dim} and {cfg.out_dim}")
+        raise hvp_run.HVPError(f"--shared_head needs --patch_out_dim = --out_dim, got {cfg.patch_out_dim} and {cfg.out_dim}")
     if cfg.shared_head and not cfg.shared_head_teacher:
-        raise hvp.HVPError("--shared_head needs --shared_head_teacher: the teacher's separate patch last layer "
+        raise hvp_run.HVPError("--shared_head needs --shared_head_teacher: the teacher's separate patch last layer "
                            "would have no student counterpart to start from and follow")
     if cfg.shared_head_teacher and cfg.patch_out_dim != cfg.out_dim:
-        raise hvp.HVPError(f"--shared_head_teacher (the default) needs --patch_out_dim = --out_dim, got "
+        raise hvp_run.HVPError(f"--shared_head_teacher (the default) needs --patch_out_dim = --out_dim, got "
                            f"{cfg.patch_out_dim} and {cfg.out_dim} (or pass --no-shared_head_teacher)")
     if not 0 < cfg.hvp_select_res <= 1:
-        raise hvp.HVPError(f"--hvp_select_res must be in (0, 1], got {cfg.hvp_select_res}")
+        raise hvp_run.HVPError(f"--hvp_select_res must be in (0, 1], got {cfg.hvp_select_res}")
     if cfg.hvp_every < 1 or cfg.hvp_limit < 0 or cfg.batch_size < 1 or cfg.grad_accum < 1:
-        raise hvp.HVPError("--hvp_every, --batch_size and --grad_accum must be >= 1 and --hvp_limit >= 0")
+        raise hvp_run.HVPError("--hvp_every, --batch_size and --grad_accum must be >= 1 and --hvp_limit >= 0")
     if min(cfg.teacher_temp, cfg.warmup_teacher_temp, cfg.teacher_patch_temp, cfg.warmup_teacher_patch_temp,
            cfg.student_temp) <= 0:
-        raise hvp.HVPError("temperatures must be > 0")
+        raise hvp_run.HVPError("temperatures must be > 0")
 
 
 # ----------------------------------------------------------------------------------- data
@@ -304,17 +305,17 @@ def resize_masks(masks, grid):
 # ----------------------------------------------------------------------------------- model
 
 def create_backbone(cfg, drop_path_rate):
-    """A timm VisionTransformer (with [CLS] token) via hvp.create_backbone; --patch_size applied."""
+    """A timm VisionTransformer (with [CLS] token) via hvp_run.create_backbone; --patch_size applied."""
     from timm.models.vision_transformer import VisionTransformer
     extra = {"patch_size": cfg.patch_size} if cfg.patch_size else {}
     try:
-        backbone = hvp.create_backbone(cfg.arch, cfg.image_size, cfg.small_stem, drop_path_rate, **extra)
+        backbone = hvp_run.create_backbone(cfg.arch, cfg.image_size, cfg.small_stem, drop_path_rate, **extra)
     except TypeError:  # a model that takes no patch_size
         backbone = None
     if not isinstance(backbone, VisionTransformer) or backbone.cls_token is None or backbone.num_reg_tokens:
-        raise hvp.HVPError(f"--arch {cfg.arch!r} is not a timm VisionTransformer with a [CLS] token: iBOT masks "
+        raise hvp_run.HVPError(f"--arch {cfg.arch!r} is not a timm VisionTransformer with a [CLS] token: iBOT masks "
                            "patch tokens (try vit_tiny, vit_small, vit_base)")
-    return hvp.set_pos_embed_resample(backbone, cfg.pos_embed_resample)
+    return hvp_run.set_pos_embed_resample(backbone, cfg.pos_embed_resample)
 
 
 class IBOTHead(hvp.DINOHead):
@@ -504,7 +505,7 @@ def train_step(model, teacher, optimizer, centers, micro_batches, schedule, cfg,
         t0 = hvp.clock(log_now, device)
         teacher_out = None
         if hard:
-            limit_rng = torch.Generator().manual_seed(hvp.mix_seed(cfg.seed, accelerator.process_index, step, micro, "limit"))
+            limit_rng = torch.Generator().manual_seed(hvp_run.mix_seed(cfg.seed, accelerator.process_index, step, micro, "limit"))
             chosen = select_hard_views(unwrapped, teacher, global_views, masks, local_views, centers, temps, cfg,
                                        accelerator, patch, limit_rng)
             x_globals, x_masks = hvp.gather_views(global_views, chosen["globals"]), hvp.gather_views(masks, chosen["globals"])
@@ -555,16 +556,16 @@ def train_step(model, teacher, optimizer, centers, micro_batches, schedule, cfg,
 # ----------------------------------------------------------------------------------- main
 
 def main():
-    cfg, notes = hvp.parse_config(Config, presets=PRESETS, recipes=RECIPES, description=__doc__.splitlines()[0])
+    cfg, notes = hvp_run.parse_config(Config, presets=PRESETS, recipes=RECIPES, description=__doc__.splitlines()[0])
     check_config(cfg)
-    run = hvp.Run(cfg, "iBOT", MODEL_FIELDS, notes)
+    run = hvp_run.Run(cfg, "iBOT", MODEL_FIELDS, notes)
 
     student = build_model(cfg, cfg.drop_path)
     if cfg.init_from and not run.resuming:  # before the teacher copies the student
-        hvp.init_backbone(student.backbone, cfg.init_from)
+        hvp_run.init_backbone(student.backbone, cfg.init_from)
     patch = student.backbone.patch_embed.patch_size[0]
     if cfg.image_size % patch or cfg.local_size % patch:
-        raise hvp.HVPError(f"--image_size {cfg.image_size} and --local_size {cfg.local_size} must be multiples "
+        raise hvp_run.HVPError(f"--image_size {cfg.image_size} and --local_size {cfg.local_size} must be multiples "
                            f"of the ViT patch size {patch}")
     grid = (cfg.image_size // patch, cfg.image_size // patch)
     teacher = build_teacher(cfg)  # no drop-path; kept out of `prepare`: it has no gradients and no DDP
@@ -599,4 +600,4 @@ def main():
 
 
 if __name__ == "__main__":
-    hvp.run_main(main)
+    hvp_run.run_main(main)

@@ -29,12 +29,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import hvp_utils as hvp
+import hvp_run
 
 
 # ----------------------------------------------------------------------------------- config
 
 @dataclass
-class Config(hvp.RunConfig):  # + the data, output, lifecycle and Hub flags every script shares (hvp.RunConfig)
+class Config(hvp_run.RunConfig):  # + the data, output, lifecycle and Hub flags every script shares (hvp_run.RunConfig)
     output_dir: str = "outputs/simclr"  # checkpoints, backbone export, metrics.jsonl, TensorBoard logs (one run per folder)
     arch: str = "resnet50"  # any timm model name; aliases vit_tiny/vit_small/vit_base
     small_stem: bool = False  # 28-64 px inputs: 3x3 stride-1 ResNet stem / ViT patch 4-8
@@ -81,25 +82,25 @@ RECIPES = {
 # sqrt(256)). timm's test_resnet (0.37 M parameters) trains 20 epochs on 2 CPU cores in about 5
 # minutes and beat ResNet-18 at 8 epochs (77.55 %) in about the same time; batch 128 did worse
 # than 256 (README, "Results"). It replaces the ImageNet defaults above for flags you do not give.
-PRESETS = {hvp.DEFAULT_DATASET: dict(
+PRESETS = {hvp_run.DEFAULT_DATASET: dict(
     arch="test_resnet", small_stem=False, image_size=32, epochs=20, warmup_epochs=1.0, batch_size=256, lr=1.2,
     num_workers=1, log_every=20, save_every=200, mixed_precision="auto")}
 
 
 def check_config(cfg):
-    hvp.check_run_config(cfg)
-    hvp.check_arch(cfg.arch)
+    hvp_run.check_run_config(cfg)
+    hvp_run.check_arch(cfg.arch)
     if cfg.num_views < 2:
-        raise hvp.HVPError(f"--num_views must be at least 2 (2 = plain SimCLR), got {cfg.num_views}")
+        raise hvp_run.HVPError(f"--num_views must be at least 2 (2 = plain SimCLR), got {cfg.num_views}")
     if not 0 < cfg.hvp_select_res <= 1:
-        raise hvp.HVPError(f"--hvp_select_res must be in (0, 1], got {cfg.hvp_select_res}")
+        raise hvp_run.HVPError(f"--hvp_select_res must be in (0, 1], got {cfg.hvp_select_res}")
     if cfg.temperature <= 0:
-        raise hvp.HVPError(f"--temperature must be positive, got {cfg.temperature}")
+        raise hvp_run.HVPError(f"--temperature must be positive, got {cfg.temperature}")
     if cfg.epochs < 1 or not 0 <= cfg.warmup_epochs <= cfg.epochs:
-        raise hvp.HVPError(f"--epochs must be >= 1 and --warmup_epochs in [0, --epochs], got {cfg.epochs} "
+        raise hvp_run.HVPError(f"--epochs must be >= 1 and --warmup_epochs in [0, --epochs], got {cfg.epochs} "
                            f"and {cfg.warmup_epochs}")
     if cfg.hvp_every < 1 or cfg.batch_size < 2 or cfg.grad_accum < 1:
-        raise hvp.HVPError("--hvp_every and --grad_accum must be >= 1 and --batch_size >= 2 (BatchNorm)")
+        raise hvp_run.HVPError("--hvp_every and --grad_accum must be >= 1 and --batch_size >= 2 (BatchNorm)")
 
 
 # ----------------------------------------------------------------------------------- data
@@ -287,13 +288,13 @@ def train_step(model, optimizer, micro_batches, cfg, accelerator, step, epoch, l
 # ----------------------------------------------------------------------------------- main
 
 def main():
-    cfg, notes = hvp.parse_config(Config, presets=PRESETS, recipes=RECIPES, description=__doc__.splitlines()[0])
+    cfg, notes = hvp_run.parse_config(Config, presets=PRESETS, recipes=RECIPES, description=__doc__.splitlines()[0])
     check_config(cfg)
-    run = hvp.Run(cfg, "SimCLR", MODEL_FIELDS, notes)
+    run = hvp_run.Run(cfg, "SimCLR", MODEL_FIELDS, notes)
 
-    backbone = hvp.create_backbone(cfg.arch, cfg.image_size, cfg.small_stem)
+    backbone = hvp_run.create_backbone(cfg.arch, cfg.image_size, cfg.small_stem)
     if cfg.init_from and not run.resuming:
-        hvp.init_backbone(backbone, cfg.init_from)
+        hvp_run.init_backbone(backbone, cfg.init_from)
     model = SimCLR(backbone, cfg.proj_hidden_dim, cfg.proj_dim)
     model = model.to(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     if run.world > 1 and run.device.type == "cuda":
@@ -323,4 +324,4 @@ def main():
 
 
 if __name__ == "__main__":
-    hvp.run_main(main)
+    hvp_run.run_main(main)

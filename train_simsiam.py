@@ -29,12 +29,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import hvp_utils as hvp
+import hvp_run
 
 
 # ----------------------------------------------------------------------------------- config
 
 @dataclass
-class Config(hvp.RunConfig):  # + the data, output, lifecycle and Hub flags every script shares (hvp.RunConfig)
+class Config(hvp_run.RunConfig):  # + the data, output, lifecycle and Hub flags every script shares (hvp_run.RunConfig)
     output_dir: str = "outputs/simsiam"  # checkpoints, backbone export, metrics.jsonl, TensorBoard logs (one run per folder)
     arch: str = "resnet50"  # any timm model name; aliases vit_tiny/vit_small/vit_base
     small_stem: bool = False  # 28-64 px inputs: 3x3 stride-1 ResNet stem / ViT patch 4-8
@@ -88,25 +89,25 @@ RECIPES = {
 # (README, "Results"): timm's test_resnet (0.37 M parameters: a deep stem and 4 basic blocks) at
 # 32 px for 20 epochs beat ResNet-18 at 64 px for 2 epochs (75.3 %) by 7 points of k-NN accuracy;
 # batch 64 beat 128 and 256, lr 0.5 beat 0.3 and 1.0, and a narrow projector suits the 10 classes.
-PRESETS = {hvp.DEFAULT_DATASET: dict(
+PRESETS = {hvp_run.DEFAULT_DATASET: dict(
     arch="test_resnet", small_stem=False, image_size=32, epochs=20, batch_size=64, lr=0.5, lr_schedule="step",
     weight_decay=5e-4, proj_dim=512, pred_dim=128, num_workers=1, log_every=50, save_every=500,
     mixed_precision="auto")}
 
 
 def check_config(cfg):
-    hvp.check_run_config(cfg)
-    hvp.check_arch(cfg.arch)
+    hvp_run.check_run_config(cfg)
+    hvp_run.check_arch(cfg.arch)
     if cfg.num_views < 2:
-        raise hvp.HVPError(f"--num_views must be at least 2 (2 = plain SimSiam), got {cfg.num_views}")
+        raise hvp_run.HVPError(f"--num_views must be at least 2 (2 = plain SimSiam), got {cfg.num_views}")
     if not 0 < cfg.hvp_select_res <= 1:
-        raise hvp.HVPError(f"--hvp_select_res must be in (0, 1], got {cfg.hvp_select_res}")
+        raise hvp_run.HVPError(f"--hvp_select_res must be in (0, 1], got {cfg.hvp_select_res}")
     if cfg.proj_layers not in (2, 3):
-        raise hvp.HVPError(f"--proj_layers must be 2 or 3, got {cfg.proj_layers}")
+        raise hvp_run.HVPError(f"--proj_layers must be 2 or 3, got {cfg.proj_layers}")
     if cfg.hvp_every < 1 or cfg.batch_size < 2 or cfg.grad_accum < 1:
-        raise hvp.HVPError("--hvp_every and --grad_accum must be >= 1 and --batch_size >= 2 (BatchNorm)")
+        raise hvp_run.HVPError("--hvp_every and --grad_accum must be >= 1 and --batch_size >= 2 (BatchNorm)")
     if cfg.lr_schedule not in ("epoch", "step"):
-        raise hvp.HVPError(f"--lr_schedule must be epoch or step, got {cfg.lr_schedule!r}")
+        raise hvp_run.HVPError(f"--lr_schedule must be epoch or step, got {cfg.lr_schedule!r}")
 
 
 # ----------------------------------------------------------------------------------- data
@@ -220,13 +221,13 @@ def train_step(model, optimizer, micro_batches, cfg, accelerator, step, epoch, l
 # ----------------------------------------------------------------------------------- main
 
 def main():
-    cfg, notes = hvp.parse_config(Config, presets=PRESETS, recipes=RECIPES, description=__doc__.splitlines()[0])
+    cfg, notes = hvp_run.parse_config(Config, presets=PRESETS, recipes=RECIPES, description=__doc__.splitlines()[0])
     check_config(cfg)
-    run = hvp.Run(cfg, "SimSiam", MODEL_FIELDS, notes)
+    run = hvp_run.Run(cfg, "SimSiam", MODEL_FIELDS, notes)
 
-    backbone = hvp.create_backbone(cfg.arch, cfg.image_size, cfg.small_stem)
+    backbone = hvp_run.create_backbone(cfg.arch, cfg.image_size, cfg.small_stem)
     if cfg.init_from and not run.resuming:
-        hvp.init_backbone(backbone, cfg.init_from)
+        hvp_run.init_backbone(backbone, cfg.init_from)
     model = SimSiam(backbone, cfg.proj_dim, cfg.pred_dim, cfg.proj_layers)
     model = model.to(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     if run.world > 1 and run.device.type == "cuda":
@@ -258,4 +259,4 @@ def main():
 
 
 if __name__ == "__main__":
-    hvp.run_main(main)
+    hvp_run.run_main(main)

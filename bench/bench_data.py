@@ -51,6 +51,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import hvp_utils as hvp  # noqa: E402
+import hvp_run  # noqa: E402
 from bench import common  # noqa: E402
 
 BARS = {"worker_ms": 4.0, "ratio": 0.35}   # HVP-DINO device path: worker CPU per image, and new / old
@@ -122,17 +123,17 @@ def cpu_ms(fn, items):
 def worker_side(jpegs, groups, repeats):
     """Per-image worker CPU ms of both paths (median over repeats, interleaved), with the parts."""
     worker, device = hvp.MultiViewTransform(groups), hvp.MultiViewTransform(groups, crops="device")
-    sizes = [hvp.oriented_size(hvp.open_image(b)) for b in jpegs]
+    sizes = [hvp.oriented_size(hvp_run.open_image(b)) for b in jpegs]
     runs = {k: [] for k in ("decode", "params", "worker", "device", "collate_worker", "collate_device")}
     outputs = {}
     for transform in (worker, device):  # warm-up: imports, first-call initialisation
-        hvp.collate_views([transform(hvp.open_image(jpegs[0]), torch.Generator().manual_seed(0))])
+        hvp.collate_views([transform(hvp_run.open_image(jpegs[0]), torch.Generator().manual_seed(0))])
     for _ in range(repeats):
-        runs["decode"].append(cpu_ms(lambda i, b: hvp.decode_image(b), jpegs))
+        runs["decode"].append(cpu_ms(lambda i, b: hvp_run.decode_image(b), jpegs))
         runs["params"].append(cpu_ms(lambda i, hw: worker.sample_params(*hw, torch.Generator().manual_seed(i)), sizes))
         for mode, transform in (("worker", worker), ("device", device)):
             samples = []
-            runs[mode].append(cpu_ms(lambda i, b: samples.append(transform(hvp.open_image(b), torch.Generator().manual_seed(i))),
+            runs[mode].append(cpu_ms(lambda i, b: samples.append(transform(hvp_run.open_image(b), torch.Generator().manual_seed(i))),
                                      jpegs))
             start = time.process_time()
             hvp.collate_views(samples)
@@ -205,13 +206,13 @@ def loader_table(args, device):
     views per image, workers and crop path (worker: the workers cut the views; device: they send the
     decoded region and the views are cut here, by views_from_batch, timed as "device side")."""
     aug = hvp.ViewAug(size=args.image_size, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.5)
-    source = hvp.open_source(args.dataset, args.split)
+    source = hvp_run.open_source(args.dataset, args.split)
     batches_per_epoch = source.num_rows // args.batch_size
     rows, summary = [], {}
     for n, workers, crops in itertools.product(args.views, args.workers, args.crops):
         transform = hvp.MultiViewTransform({"views": [aug] * n}, crops=crops)
-        stream = hvp.BatchStream(source, transform, args.batch_size, batches=batches_per_epoch, shuffle_buffer=1000)
-        batches = iter(hvp.make_loader(stream, workers, pin_memory=device.type == "cuda"))
+        stream = hvp_run.BatchStream(source, transform, args.batch_size, batches=batches_per_epoch, shuffle_buffer=1000)
+        batches = iter(hvp_run.make_loader(stream, workers, pin_memory=device.type == "cuda"))
         for _ in range(1 + 2 * workers):  # warm-up: worker start-up, then drain what they prefetched (2 each)
             batch = next(batches)
         start = time.perf_counter()
@@ -249,7 +250,7 @@ def main():
     parser.add_argument("--device_repeats", type=int, default=2, help="repeats per device-side measurement")
     parser.add_argument("--sets", nargs="+", default=None, help="crop sets to run (names as in the table, first word)")
     parser.add_argument("--loader", action="store_true", help="also the shipped dataset through the DataLoader")
-    parser.add_argument("--dataset", default=hvp.DEFAULT_DATASET)
+    parser.add_argument("--dataset", default=hvp_run.DEFAULT_DATASET)
     parser.add_argument("--split", default="train")
     parser.add_argument("--image_size", type=int, default=32)
     parser.add_argument("--views", type=int, nargs="+", default=[2, 4, 8], help="--loader: views per image (N)")
@@ -324,4 +325,4 @@ def main():
 
 
 if __name__ == "__main__":
-    hvp.run_main(main)
+    hvp_run.run_main(main)

@@ -5,10 +5,10 @@
     python bench/bench_features.py --mixed_precision bf16 --output bench_features.md
 
 harness: what eval/linear.py and eval/knn.py do for one split: read the parquet split by row groups
-  (hvp.open_source + hvp.eval_loader: whole batches made by hvp.BatchStream), decode and
+  (hvp_run.open_source + hvp_run.eval_loader: whole batches made by hvp_run.BatchStream), decode and
   resize + centre-crop every image in the loader workers, run the probe feature model
   (linear.FeatureModel: pooled output, or for ViTs the concatenated [CLS] of the last 4 blocks)
-  through `hvp.extract_features`, which gathers features and labels.
+  through `hvp_run.extract_features`, which gathers features and labels.
 bare: `model(x)` of the same timm backbone on the same batches, already decoded and in memory.
 The two are interleaved (ABAB...) after a warm-up, so drifts of a shared machine hit both alike; the
 table reports the median images/s of each and the ratio harness / bare (1.0 = the harness adds
@@ -27,14 +27,14 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "eval"))
-import hvp_utils as hvp  # noqa: E402
+import hvp_run  # noqa: E402
 import linear  # noqa: E402
 
 
 def write_subset(folder, rows):
     """The first `rows` test images of the shipped dataset as a one-split parquet dataset."""
     import pyarrow.parquet as pq
-    source = pq.ParquetFile(Path(hvp.DEFAULT_DATASET) / "data" / "test-00000-of-00001.parquet")
+    source = pq.ParquetFile(Path(hvp_run.DEFAULT_DATASET) / "data" / "test-00000-of-00001.parquet")
     (folder / "data").mkdir(parents=True)
     table = source.read().slice(0, rows)
     pq.write_table(table.replace_schema_metadata(source.schema_arrow.metadata),
@@ -42,17 +42,17 @@ def write_subset(folder, rows):
 
 
 def bench_model(arch, size, args, accelerator, dataset, workdir):
-    backbone = hvp.create_backbone(arch, size)
-    export = hvp.export_backbone(backbone, workdir / f"{arch}-{size}", {"input_size": (3, size, size)}, "bench")
+    backbone = hvp_run.create_backbone(arch, size)
+    export = hvp_run.export_backbone(backbone, workdir / f"{arch}-{size}", {"input_size": (3, size, size)}, "bench")
     model, _ = linear.load_backbone(export)  # the harness loads the backbone as the eval scripts do
     extractor = linear.FeatureModel(model, n_last_blocks=4).to(accelerator.device).eval()
-    loader = hvp.eval_loader(hvp.open_source(str(dataset), "test"), size, accelerator, args.batch_size,
+    loader = hvp_run.eval_loader(hvp_run.open_source(str(dataset), "test"), size, accelerator, args.batch_size,
                              args.num_workers)
     batches = [b["image"] for b in loader]  # the same decoded batches, for the bare forward
     count = sum(len(b) for b in batches)
 
     def harness():
-        feats, _, _ = hvp.extract_features(extractor, loader, accelerator, desc=f"{arch} harness")
+        feats, _, _ = hvp_run.extract_features(extractor, loader, accelerator, desc=f"{arch} harness")
         assert len(feats) == count
 
     @torch.no_grad()
@@ -92,7 +92,7 @@ def main():
     parser.add_argument("--output", default="", help="also write the Markdown table to this file")
     args = parser.parse_args()
 
-    accelerator = hvp.make_accelerator(args.mixed_precision, 1, "none", ".")
+    accelerator = hvp_run.make_accelerator(args.mixed_precision, 1, "none", ".")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)

@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import hvp_utils as hvp  # noqa: E402
+import hvp_run  # noqa: E402
 import train_simclr as tc  # noqa: E402
 from bench import common  # noqa: E402
 
@@ -67,7 +68,7 @@ def main(argv=None):
 
     # as train_simclr.main: model, memory format, LARS (lr scaled by batch / 256), prepare
     torch.manual_seed(args.seed)
-    model = tc.SimCLR(hvp.create_backbone(cfg.arch, cfg.image_size, cfg.small_stem), cfg.proj_hidden_dim, cfg.proj_dim)
+    model = tc.SimCLR(hvp_run.create_backbone(cfg.arch, cfg.image_size, cfg.small_stem), cfg.proj_hidden_dim, cfg.proj_dim)
     model = model.to(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     init_lr = cfg.lr * cfg.batch_size / 256
     optimizer = tc.LARS(tc.lars_param_groups(model, cfg.weight_decay), lr=init_lr, momentum=cfg.momentum, eta=cfg.lars_eta)

@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import hvp_utils as hvp  # noqa: E402
+import hvp_run  # noqa: E402
 import train_simsiam as ts  # noqa: E402
 from bench import common  # noqa: E402
 
@@ -64,7 +65,7 @@ def main(argv=None):
 
     # as train_simsiam.main: model, memory format, SGD groups (lr scaled by batch / 256), prepare
     torch.manual_seed(args.seed)
-    model = ts.SimSiam(hvp.create_backbone(cfg.arch, cfg.image_size, cfg.small_stem), cfg.proj_dim, cfg.pred_dim,
+    model = ts.SimSiam(hvp_run.create_backbone(cfg.arch, cfg.image_size, cfg.small_stem), cfg.proj_dim, cfg.pred_dim,
                        cfg.proj_layers)
     model = model.to(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     init_lr = cfg.lr * cfg.batch_size / 256

@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import torch
 
 import hvp_utils as hvp
+import hvp_run
 
 
 def machine(device):
@@ -68,13 +69,13 @@ def pick_device(name):
 
 def make_accelerator(device, mixed_precision):
     """The Accelerator a training script would get on `device` (one process, no gradient
-    accumulation, no trackers), with the CUDA settings hvp.Run makes (TF32, cuDNN benchmark).
+    accumulation, no trackers), with the CUDA settings hvp_run.Run makes (TF32, cuDNN benchmark).
 
     Accelerate keeps one shared state per process and refuses a second Accelerator with other
     settings; benches called one after another in one process (tests, notebooks) reset it first."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
-    precision = hvp.resolve_precision(mixed_precision, device)[0] or "no"
+    precision = hvp_run.resolve_precision(mixed_precision, device)[0] or "no"
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -102,8 +103,8 @@ def random_images(n, size, seed):
 
 def make_batch(transform, images, seed, device):
     """One batch as the data loader makes it: transform(image, generator) per image, each with its
-    own seeded generator (as hvp.BatchStream), collated; pinned when the step copies it to a GPU."""
-    samples = [transform(image, torch.Generator().manual_seed(hvp.mix_seed(seed, i))) for i, image in enumerate(images)]
+    own seeded generator (as hvp_run.BatchStream), collated; pinned when the step copies it to a GPU."""
+    samples = [transform(image, torch.Generator().manual_seed(hvp_run.mix_seed(seed, i))) for i, image in enumerate(images)]
     batch = hvp.collate_views(samples)
     return {k: v.pin_memory() for k, v in batch.items()} if device.type == "cuda" else batch
 

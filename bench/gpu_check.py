@@ -20,7 +20,7 @@ leaves a report:
   train_fp16    the HVP runs in fp16, each with one injected overflow (the loss going into
                 accelerator.backward multiplied by inf at one step): the GradScaler must skip that
                 step (scale drops, parameters unchanged and finite) and training must go on
-  loader        the DINO HVP crop set through the real loader (hvp.BatchStream + make_loader) with
+  loader        the DINO HVP crop set through the real loader (hvp_run.BatchStream + make_loader) with
                 1, 4, 8 and 15 workers, crops in the workers vs on the device: images/s
   dino_crops    train_dino.py HVP with --crops worker vs the train_bf16 run (--crops device)
   benches       bench/bench_{simsiam,simclr,dino,ibot}.py with run_all.py's --gpu settings
@@ -28,7 +28,7 @@ leaves a report:
   train_fp16_plain  the plain runs in fp16 (last: the first part the budget drops)
 
 Each training run goes through this file's `_probe` mode: it imports the script as a module,
-wraps hvp.Run (start/log/finish: timings and peak memory), accelerate.Accelerator.backward (the
+wraps hvp_run.Run (start/log/finish: timings and peak memory), accelerate.Accelerator.backward (the
 injected overflow) and AcceleratedOptimizer.step (scale and skipped steps), then calls the
 script's main() with the command line it was given. The scripts themselves are not changed.
 
@@ -65,7 +65,7 @@ PARTS = ("train_bf16", "train_fp16", "loader", "dino_crops", "benches", "bench_d
 MODULES = ("torch", "torchvision", "timm", "accelerate", "safetensors", "huggingface_hub", "datasets", "pyarrow",
            "PIL", "numpy", "fsspec", "tqdm", "tensorboard", "pytest")
 DISTRIBUTIONS = {"PIL": "pillow", "huggingface_hub": "huggingface-hub"}
-PROJECT_MODULES = ("hvp_utils", "train_simsiam", "train_simclr", "train_dino", "train_ibot", "bench.common",
+PROJECT_MODULES = ("hvp_utils", "hvp_run", "train_simsiam", "train_simclr", "train_dino", "train_ibot", "bench.common",
                    "bench.bench_simsiam", "bench.bench_simclr", "bench.bench_dino", "bench.bench_ibot", "bench.bench_data")
 REQUIRED = ("torch", "torchvision", "timm", "accelerate", "safetensors", "huggingface_hub", "pyarrow", "PIL", "numpy",
             "fsspec", "tqdm")
@@ -219,7 +219,7 @@ def probe_main(argv):
     import torch
     from accelerate.optimizer import AcceleratedOptimizer
 
-    import hvp_utils as hvp
+    import hvp_run
     cuda = torch.cuda.is_available()
     rec = {"script": script, "argv": args, "inject_step": inject, "steps": [], "log_times": [], "times": {}}
     rec["times"]["imports"] = time.perf_counter() - t0
@@ -270,7 +270,7 @@ def probe_main(argv):
             save()
         return out
 
-    real_start, real_log, real_finish = hvp.Run.start, hvp.Run.log, hvp.Run.finish
+    real_start, real_log, real_finish = hvp_run.Run.start, hvp_run.Run.log, hvp_run.Run.finish
 
     def start(self, *a, **kw):
         out = real_start(self, *a, **kw)
@@ -304,11 +304,11 @@ def probe_main(argv):
         return result
 
     accelerate.Accelerator.backward, AcceleratedOptimizer.step = backward, step
-    hvp.Run.start, hvp.Run.log, hvp.Run.finish = start, log, finish
+    hvp_run.Run.start, hvp_run.Run.log, hvp_run.Run.finish = start, log, finish
     sys.argv = [script, *args]
     module = importlib.import_module(Path(script).stem)
     try:
-        hvp.run_main(module.main)
+        hvp_run.run_main(module.main)
     finally:
         rec["times"]["end"] = time.perf_counter() - t0
         save()
@@ -355,7 +355,7 @@ def env_main(argv):
 
 def loader_main(argv):
     """_loader RECORD DATASET BATCH SECONDS IMAGE LOCAL G L_LOADER CROPS,... WORKERS,...: images/s
-    of DINO's multi-crop transform through hvp.BatchStream + hvp.make_loader, per (crops, workers)."""
+    of DINO's multi-crop transform through hvp_run.BatchStream + hvp_run.make_loader, per (crops, workers)."""
     record_path, dataset = Path(argv[0]), argv[1]
     batch, seconds = int(argv[2]), float(argv[3])
     image_size, local_size, G, L_loader = map(int, argv[4:8])
@@ -364,18 +364,19 @@ def loader_main(argv):
     import torch
 
     import hvp_utils as hvp
+    import hvp_run
     import train_dino as td
     cfg = dataclasses.replace(td.Config(), image_size=image_size, local_size=local_size, global_views=G,
                               local_views=L_loader, local_crops_number=min(L_loader, 10))
-    source = hvp.open_source(dataset, "train")
+    source = hvp_run.open_source(dataset, "train")
     batches = source.num_rows // batch
     pin = torch.cuda.is_available()
     out = {"rows": source.num_rows, "batch": batch, "views_per_image": G + L_loader, "pin_memory": pin, "results": []}
     for crops in crops_list:
         transform = hvp.multicrop_transform(cfg, crops)
         for workers in workers_list:
-            stream = hvp.BatchStream(source, transform, batch, epoch=len(out["results"]), seed=0, batches=batches)
-            loader = hvp.make_loader(stream, workers, pin_memory=pin)
+            stream = hvp_run.BatchStream(source, transform, batch, epoch=len(out["results"]), seed=0, batches=batches)
+            loader = hvp_run.make_loader(stream, workers, pin_memory=pin)
             start = time.perf_counter()
             it = iter(loader)
             next(it)
@@ -1009,8 +1010,8 @@ def report(s):
     lines += ["## Data pipeline: loader workers", ""]
     ld = s.get("loader") or {}
     if ld.get("results"):
-        lines += [f"DINO HVP crop set ({ld['views_per_image']} views per image) through hvp.BatchStream + "
-                  f"hvp.make_loader, batch {ld['batch']}, pin_memory {ld['pin_memory']}, on the synthetic split; "
+        lines += [f"DINO HVP crop set ({ld['views_per_image']} views per image) through hvp_run.BatchStream + "
+                  f"hvp_run.make_loader, batch {ld['batch']}, pin_memory {ld['pin_memory']}, on the synthetic split; "
                   "images/s timed after the batches the workers prefetched while starting (2 per worker) and before the "
                   "epoch's last round of batches, for at most a few seconds. The device path's "
                   "crops and photometric work then run on the training device (see bench_data.py below).", "",

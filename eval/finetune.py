@@ -25,7 +25,7 @@ takes the DINO column:
         --backbone hf-hub:<org>/<repo> --dataset flowers102 --batch_size 64
 
 Every epoch streams the train split shuffled, in full batches with fresh augmentations
-(hvp.BatchStream's training mode, a new stream per epoch); the test split is read whole, in order,
+(hvp_run.BatchStream's training mode, a new stream per epoch); the test split is read whole, in order,
 after every epoch. Images that cannot be decoded are counted per split ("skipped_images" in the
 JSON, and on the result line): replaced in their training batch by another view of a decodable
 image (each epoch's count in its record, the most any epoch met at the top: an epoch reads every
@@ -62,6 +62,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import hvp_utils as hvp  # noqa: E402
+import hvp_run  # noqa: E402
 import linear  # noqa: E402  (eval/linear.py: backbone sources, training augmentation, accuracy)
 
 
@@ -72,7 +73,7 @@ class Config:
     backbone: str = ""  # training output folder, checkpoint folder, export folder (config.json + model.safetensors) or hf-hub:<id>
     checkpoint_key: str = ""  # take the backbone weights from this entry of the checkpoint state (e.g. teacher for DINO/iBOT)
     random_init: bool = False  # same architecture with freshly initialised weights (training from scratch)
-    dataset: str = hvp.DEFAULT_DATASET  # a preset name (cifar10, ...), Hub dataset id, local image folder, or parquet
+    dataset: str = hvp_run.DEFAULT_DATASET  # a preset name (cifar10, ...), Hub dataset id, local image folder, or parquet
     train_split: str = "train"  # split to fine-tune on
     test_split: str = "test"  # split evaluated after every epoch
     image_column: str = "image"  # dataset column holding images
@@ -122,7 +123,7 @@ def presets(protocol="simsiam"):
     """Defaults by --dataset, for the flags not given: the shipped Fashion-MNIST subset on 2 CPU
     cores (a few epochs with a larger lr), and every TRANSFER dataset, by name and by Hub id, with
     the lr / epochs of the --protocol column."""
-    table = {hvp.DEFAULT_DATASET: dict(lr=1e-3, epochs=3, batch_size=64, crop_scale=(0.5, 1.0), num_workers=1)}
+    table = {hvp_run.DEFAULT_DATASET: dict(lr=1e-3, epochs=3, batch_size=64, crop_scale=(0.5, 1.0), num_workers=1)}
     for name, (hub_id, *_) in TRANSFER.items():
         for key in (name, hub_id) if hub_id else (name,):
             table[key] = transfer_preset(name, protocol)
@@ -135,10 +136,10 @@ PRESETS = presets()  # the SimSiam column
 def parse_args(argv=None):
     """(config, start-up notes) from the command line. The preset table depends on --protocol, so
     --protocol is read first (a parse without presets) and the command line is then parsed with that
-    protocol's table: hvp.parse_config fills in preset values only for the flags not given."""
+    protocol's table: hvp_run.parse_config fills in preset values only for the flags not given."""
     description = __doc__.splitlines()[0]
-    protocol = hvp.parse_config(Config, argv, description=description)[0].protocol
-    return hvp.parse_config(Config, argv, presets=presets(protocol), description=description)
+    protocol = hvp_run.parse_config(Config, argv, description=description)[0].protocol
+    return hvp_run.parse_config(Config, argv, presets=presets(protocol), description=description)
 
 
 def resolve_config(cfg):
@@ -147,19 +148,19 @@ def resolve_config(cfg):
     preset = transfer_preset(cfg.dataset, cfg.protocol)
     if preset:
         if preset["dataset"] in TRANSFER:  # no public Hub copy known: the user must point at one
-            raise hvp.HVPError(f"--dataset {cfg.dataset}: no public Hub copy known; give a local copy or Hub id with --dataset, and "
+            raise hvp_run.HVPError(f"--dataset {cfg.dataset}: no public Hub copy known; give a local copy or Hub id with --dataset, and "
                                f"--lr {preset['lr']:g} --epochs {preset['epochs']} (preset table in --help)")
         cfg.dataset = preset["dataset"]
     if cfg.protocol not in ("simsiam", "dino"):
-        raise hvp.HVPError(f"--protocol must be simsiam or dino, got {cfg.protocol!r}")
+        raise hvp_run.HVPError(f"--protocol must be simsiam or dino, got {cfg.protocol!r}")
     if cfg.mixed_precision not in ("", "no", "fp16", "bf16"):
-        raise hvp.HVPError(f"--mixed_precision must be no, fp16 or bf16, got {cfg.mixed_precision!r}")
+        raise hvp_run.HVPError(f"--mixed_precision must be no, fp16 or bf16, got {cfg.mixed_precision!r}")
     if cfg.epochs < 1 or cfg.batch_size < 1 or not cfg.lr > 0 or not 0 < cfg.layer_decay <= 1:
-        raise hvp.HVPError("--epochs and --batch_size must be >= 1, --lr > 0 and --layer_decay in (0, 1]")
+        raise hvp_run.HVPError("--epochs and --batch_size must be >= 1, --lr > 0 and --layer_decay in (0, 1]")
     if not 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1:
-        raise hvp.HVPError(f"--crop_scale must be two numbers 0 < min <= max <= 1, got {cfg.crop_scale}")
+        raise hvp_run.HVPError(f"--crop_scale must be two numbers 0 < min <= max <= 1, got {cfg.crop_scale}")
     if cfg.push_to_hub and not cfg.save_model:
-        raise hvp.HVPError("--push_to_hub pushes the saved model: it cannot be combined with --no-save_model")
+        raise hvp_run.HVPError("--push_to_hub pushes the saved model: it cannot be combined with --no-save_model")
     return cfg
 
 
@@ -211,7 +212,7 @@ def class_names(source, num_classes):
 
 
 def count_classes(source):
-    """Number of classes of a labelled split (an hvp.Source): its image folder's classes, the
+    """Number of classes of a labelled split (an hvp_run.Source): its image folder's classes, the
     ClassLabel feature a Hugging Face parquet file records, else the largest label + 1."""
     if source.class_names:
         return len(source.class_names)
@@ -220,7 +221,7 @@ def count_classes(source):
         return feature.num_classes
     labels = [-1 if label is None else int(label) for label in split_labels(source)]
     if not labels or min(labels) < 0:
-        raise hvp.HVPError(f"split {source.split!r} is empty or has examples without a label")
+        raise hvp_run.HVPError(f"split {source.split!r} is empty or has examples without a label")
     return max(labels) + 1
 
 
@@ -230,7 +231,7 @@ def build_model(cfg, num_classes):
     """The backbone with a new linear classifier (N(0, 0.01), zero bias), all parameters trainable."""
     model, config = linear.load_backbone(cfg.backbone, cfg.checkpoint_key, cfg.random_init, cfg.seed)
     if not hasattr(model, "reset_classifier"):
-        raise hvp.HVPError(f"{cfg.backbone!r} is not a timm classifier model (no reset_classifier)")
+        raise hvp_run.HVPError(f"{cfg.backbone!r} is not a timm classifier model (no reset_classifier)")
     torch.manual_seed(cfg.seed)
     model.reset_classifier(num_classes)
     head = model.get_classifier()
@@ -272,7 +273,7 @@ def check_model_folder(folder):
     if not folder.exists():
         return
     if not folder.is_dir():
-        raise hvp.HVPError(f"--output_dir {folder} exists and is not a folder")
+        raise hvp_run.HVPError(f"--output_dir {folder} exists and is not a folder")
     if not any(folder.iterdir()):
         return
     try:
@@ -280,7 +281,7 @@ def check_model_folder(folder):
     except (OSError, ValueError, KeyError, TypeError):
         tag = None
     if tag != MODEL_TAG:
-        raise hvp.HVPError(f"--output_dir {folder} exists and does not hold a fine-tuned model: pick another "
+        raise hvp_run.HVPError(f"--output_dir {folder} exists and does not hold a fine-tuned model: pick another "
                            "folder (an earlier fine-tuned model there would be replaced)")
 
 
@@ -290,15 +291,15 @@ def hub_repo_id(cfg, folder):
     if not cfg.push_to_hub:
         given = [f for f in ("hub_model_id", "hub_private") if getattr(cfg, f)]
         if given:
-            raise hvp.HVPError(f"--{given[0]} only takes effect with --push_to_hub")
+            raise hvp_run.HVPError(f"--{given[0]} only takes effect with --push_to_hub")
         return None
     from huggingface_hub import constants, get_token
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
     if constants.HF_HUB_OFFLINE:
-        raise hvp.HVPError("--push_to_hub cannot push with HF_HUB_OFFLINE=1 set")
+        raise hvp_run.HVPError("--push_to_hub cannot push with HF_HUB_OFFLINE=1 set")
     if get_token() is None:  # whether a token exists
-        raise hvp.HVPError("--push_to_hub needs a Hugging Face token with write access: run `hf auth login` or set "
+        raise hvp_run.HVPError("--push_to_hub needs a Hugging Face token with write access: run `hf auth login` or set "
                            "HF_TOKEN" + ("" if cfg.hub_model_id else " (and pass --hub_model_id <user>/<name>, or the "
                                          "repo is <your user>/<--output_dir folder name>)"))
     repo_id = cfg.hub_model_id or re.sub(r"[^\w.-]+", "-", Path(folder).resolve().name).strip("-.")
@@ -306,7 +307,7 @@ def hub_repo_id(cfg, folder):
         validate_repo_id(repo_id)
     except HFValidationError:
         what = "--hub_model_id" if cfg.hub_model_id else "a repo name inferred from --output_dir"
-        raise hvp.HVPError(f"{what} {repo_id!r} is not a valid Hub repo id: pass --hub_model_id <user or org>/<name> "
+        raise hvp_run.HVPError(f"{what} {repo_id!r} is not a valid Hub repo id: pass --hub_model_id <user or org>/<name> "
                            "(letters, digits, '-', '_', '.')") from None
     return repo_id
 
@@ -344,14 +345,14 @@ def load_model(source):
     also for ResNets with the small stem, which plain timm cannot build."""
     import timm
     from safetensors.torch import load_file
-    path = hvp.download_hub_backbone(str(source)) if str(source).startswith("hf-hub:") else Path(source).expanduser()
+    path = hvp_run.download_hub_backbone(str(source)) if str(source).startswith("hf-hub:") else Path(source).expanduser()
     if not ((path / "config.json").is_file() and (path / "model.safetensors").is_file()):
-        raise hvp.HVPError(f"no fine-tuned model at {source!r}: expected a folder with config.json and model.safetensors")
+        raise hvp_run.HVPError(f"no fine-tuned model at {source!r}: expected a folder with config.json and model.safetensors")
     config = json.loads((path / "config.json").read_text())
     if not config.get("hvp_small_stem"):
         return timm.create_model(f"local-dir:{path}", pretrained=True).eval()
     args = {k: v for k, v in config.get("model_args", {}).items() if k not in ("num_classes", "in_chans", "global_pool")}
-    model = hvp.create_backbone(config["architecture"], small_stem=True, **args)
+    model = hvp_run.create_backbone(config["architecture"], small_stem=True, **args)
     model.reset_classifier(config["num_classes"])
     model.load_state_dict(load_file(path / "model.safetensors"))
     model.pretrained_cfg = model.default_cfg = dict(config.get("pretrained_cfg", {}), architecture=config["architecture"],
@@ -372,7 +373,7 @@ def model_card(repo_id, cfg, result, backbone_config, small_stem=False, folder_n
     from huggingface_hub import ModelCardData
     dataset = str(cfg.dataset)
     local = Path(dataset).expanduser().exists()
-    hub_dataset = hvp.HUB_DATASETS.get(dataset) or (None if local else dataset)
+    hub_dataset = hvp_run.HUB_DATASETS.get(dataset) or (None if local else dataset)
     dataset_name = (hub_dataset or Path(dataset).name).split("/")[-1]
     backbone = str(cfg.backbone)
     base_model = backbone[len("hf-hub:"):].split("@")[0] if backbone.startswith("hf-hub:") else None
@@ -386,7 +387,7 @@ def model_card(repo_id, cfg, result, backbone_config, small_stem=False, folder_n
             f", pretrained with self-supervised **{method}** and **Hard View Pretraining** (HVP; Ferreira et al., "
             "*Beyond Random Augmentations: Pretraining with Hard Views*, ICLR 2025)" if method else "")
     metadata = ModelCardData(
-        library_name=hvp.HUB_CUSTOM_LIBRARY if small_stem else "timm", license=hvp.HUB_LICENSE,
+        library_name=hvp_run.HUB_CUSTOM_LIBRARY if small_stem else "timm", license=hvp_run.HUB_LICENSE,
         pipeline_tag="image-classification", base_model=base_model, datasets=[hub_dataset] if hub_dataset else None,
         metrics=["accuracy"], tags=list(dict.fromkeys(filter(None, [
             "image-classification", "pytorch" if small_stem else "timm", "fine-tuned", "hard-view-pretraining" if method else None,
@@ -482,7 +483,7 @@ def push_model(folder, repo_id, private, write_card, retries=3, retry_wait=10.0)
 
 def run(cfg, accelerator=None):
     """The whole fine-tuning run; returns the result dict (every process gets it)."""
-    accelerator = accelerator or hvp.make_accelerator(cfg.mixed_precision, 1, "none", ".")
+    accelerator = accelerator or hvp_run.make_accelerator(cfg.mixed_precision, 1, "none", ".")
     is_main, device, world = accelerator.is_main_process, accelerator.device, accelerator.num_processes
     start_time = time.perf_counter()
     _, model_dir = default_paths(cfg)
@@ -496,15 +497,15 @@ def run(cfg, accelerator=None):
                                     "fine-tuning")
     global_batch = cfg.batch_size * world
     steps_per_epoch = linear.steps_per_epoch(train_source, global_batch)
-    num_classes, label_names = hvp.on_main(accelerator, lambda: _classes(train_source))
+    num_classes, label_names = hvp_run.on_main(accelerator, lambda: _classes(train_source))
     model, config = build_model(cfg, num_classes)
     pretrained = config.get("pretrained_cfg", {})
     size = cfg.image_size or pretrained.get("input_size", (3, 224, 224))[-1]
     mean, std = tuple(pretrained.get("mean", hvp.IMAGENET_MEAN)), tuple(pretrained.get("std", hvp.IMAGENET_STD))
 
-    # a new shuffled stream of full batches every epoch (hvp.training_batches starts the next one early)
+    # a new shuffled stream of full batches every epoch (hvp_run.training_batches starts the next one early)
     epoch_loader = linear.augmented_loaders(train_source, cfg, size, mean, std, accelerator, batches=steps_per_epoch)
-    test_loader = hvp.eval_loader(test_source, size, accelerator, cfg.batch_size, cfg.num_workers, mean, std)
+    test_loader = hvp_run.eval_loader(test_source, size, accelerator, cfg.batch_size, cfg.num_workers, mean, std)
     count = train_source.num_rows
     total_steps, warmup_steps = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
     peak_lr = cfg.lr * global_batch / 256
@@ -518,8 +519,8 @@ def run(cfg, accelerator=None):
               f"precision {accelerator.mixed_precision}", flush=True)
 
     history, step = [], 0
-    batches = hvp.training_batches(epoch_loader, steps_per_epoch)
-    bar = hvp.progress_bar(total_steps, 0, "fine-tune", is_main)
+    batches = hvp_run.training_batches(epoch_loader, steps_per_epoch)
+    bar = hvp_run.progress_bar(total_steps, 0, "fine-tune", is_main)
     for epoch in range(cfg.epochs):
         model.train()
         losses, skipped = [], 0
@@ -531,7 +532,7 @@ def run(cfg, accelerator=None):
             skipped += int(batch["skipped"])
             labels = batch["label"].to(device)
             if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
-                raise hvp.HVPError(f"split {cfg.train_split!r} has a label outside 0..{num_classes - 1}")
+                raise hvp_run.HVPError(f"split {cfg.train_split!r} has a label outside 0..{num_classes - 1}")
             with accelerator.autocast():
                 loss = F.cross_entropy(model(batch["image"].to(device, non_blocking=True)), labels)
             accelerator.backward(loss)
@@ -542,7 +543,7 @@ def run(cfg, accelerator=None):
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1].item():.3f}")
         model.eval()
-        logits, test_labels, test_skipped = hvp.extract_features(model, test_loader, accelerator, f"eval {cfg.test_split}")
+        logits, test_labels, test_skipped = hvp_run.extract_features(model, test_loader, accelerator, f"eval {cfg.test_split}")
         linear.check_labels(test_labels, cfg.test_split)
         top1, top5 = (v.item() for v in linear.accuracy(logits[None], test_labels))
         train_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
@@ -573,7 +574,7 @@ def run(cfg, accelerator=None):
         trained = accelerator.unwrap_model(model)
         small_stem = bool(getattr(trained, "hvp_small_stem", False))
         data_config = {"input_size": (3, size, size), "interpolation": "bicubic", "crop_pct": 0.875, "mean": mean,
-                       "std": std}  # what the evaluation above used (hvp.eval_loader)
+                       "std": std}  # what the evaluation above used (hvp_run.eval_loader)
 
         def card(repo):
             return model_card(repo, cfg, result, config, small_stem, model_dir.name)
@@ -597,11 +598,11 @@ def main():
     given_dataset = cfg.dataset
     cfg = resolve_config(cfg)
     if not cfg.backbone:
-        raise hvp.HVPError("give --backbone <training output | checkpoint | export folder | hf-hub:id>")
-    accelerator = hvp.make_accelerator(cfg.mixed_precision, 1, "none", ".")
+        raise hvp_run.HVPError("give --backbone <training output | checkpoint | export folder | hf-hub:id>")
+    accelerator = hvp_run.make_accelerator(cfg.mixed_precision, 1, "none", ".")
     if accelerator.is_main_process:
-        for note in notes:  # hvp.parse_config words its preset note for the shipped dataset, its only use there
-            if given_dataset != hvp.DEFAULT_DATASET:
+        for note in notes:  # hvp_run.parse_config words its preset note for the shipped dataset, its only use there
+            if given_dataset != hvp_run.DEFAULT_DATASET:
                 note = note.replace("preset for the shipped dataset", f"preset for {given_dataset}")
             print(note, flush=True)
     result = run(cfg, accelerator)
@@ -613,4 +614,4 @@ def main():
 
 
 if __name__ == "__main__":
-    hvp.run_main(main)
+    hvp_run.run_main(main)

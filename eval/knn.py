@@ -11,7 +11,7 @@ neighbours (cosine similarity on L2-normalised features), each voting with weigh
     accelerate launch --multi_gpu --num_processes 8 eval/knn.py --backbone ... --dataset ILSVRC/imagenet-1k \\
         --test_split validation
 
-Both splits are read whole, in order (hvp.eval_loader). Images that cannot be decoded are left out
+Both splits are read whole, in order (hvp_run.eval_loader). Images that cannot be decoded are left out
 and counted per split ("skipped_images" in the JSON and on every result line).
 
 Writes a JSON result (--output, default <backbone>/knn.json) and prints one line per k.
@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import hvp_utils as hvp  # noqa: E402
+import hvp_run  # noqa: E402
 import linear  # noqa: E402  (eval/linear.py: opening a labelled split once for every process)
 
 
@@ -30,7 +31,7 @@ import linear  # noqa: E402  (eval/linear.py: opening a labelled split once for 
 class Config:
     backbone: str = ""  # training output folder, checkpoint folder, export folder (config.json + model.safetensors) or hf-hub:<id>
     raw_pixels: bool = False  # use flattened normalised pixels as features instead of a backbone (the baseline floor)
-    dataset: str = hvp.DEFAULT_DATASET  # Hub dataset id, local image folder, or parquet file/folder
+    dataset: str = hvp_run.DEFAULT_DATASET  # Hub dataset id, local image folder, or parquet file/folder
     train_split: str = "train"  # memory bank split
     test_split: str = "test"  # query split
     image_column: str = "image"  # dataset column holding images
@@ -45,11 +46,11 @@ class Config:
 
 
 def main():
-    cfg, _ = hvp.parse_config(Config, description=__doc__.splitlines()[0])
+    cfg, _ = hvp_run.parse_config(Config, description=__doc__.splitlines()[0])
     if not cfg.backbone and not cfg.raw_pixels:
-        raise hvp.HVPError("give --backbone <folder | checkpoint | hf-hub:id> or --raw_pixels")
+        raise hvp_run.HVPError("give --backbone <folder | checkpoint | hf-hub:id> or --raw_pixels")
     ks = [int(k) for k in cfg.k.split(",")]
-    accelerator = hvp.make_accelerator(cfg.mixed_precision, 1, "none", ".")
+    accelerator = hvp_run.make_accelerator(cfg.mixed_precision, 1, "none", ".")
     sources = [linear.open_split(cfg.dataset, split, cfg.image_column, cfg.label_column, accelerator, "k-NN")
                for split in (cfg.train_split, cfg.test_split)]
     if cfg.raw_pixels:
@@ -57,7 +58,7 @@ def main():
         forward, mean, std, name = (lambda x: x.flatten(1)), hvp.IMAGENET_MEAN, hvp.IMAGENET_STD, "raw pixels"
         default_output = Path("knn_raw_pixels.json")
     else:
-        model, config = hvp.load_backbone(cfg.backbone)
+        model, config = hvp_run.load_backbone(cfg.backbone)
         pretrained = config.get("pretrained_cfg", {})
         size = cfg.image_size or pretrained.get("input_size", (3, 224, 224))[-1]
         mean, std = tuple(pretrained.get("mean", hvp.IMAGENET_MEAN)), tuple(pretrained.get("std", hvp.IMAGENET_STD))
@@ -67,10 +68,10 @@ def main():
         default_output = (source if source.is_dir() else Path(".")) / "knn.json"
 
     # One feature pass; every k is then a cheap vote over the same features.
-    loaders = [hvp.eval_loader(source, size, accelerator, cfg.batch_size, cfg.num_workers, mean, std)
+    loaders = [hvp_run.eval_loader(source, size, accelerator, cfg.batch_size, cfg.num_workers, mean, std)
                for source in sources]
-    train_feats, train_labels, train_skipped = hvp.extract_features(forward, loaders[0], accelerator, cfg.train_split)
-    test_feats, test_labels, test_skipped = hvp.extract_features(forward, loaders[1], accelerator, cfg.test_split)
+    train_feats, train_labels, train_skipped = hvp_run.extract_features(forward, loaders[0], accelerator, cfg.train_split)
+    test_feats, test_labels, test_skipped = hvp_run.extract_features(forward, loaders[1], accelerator, cfg.test_split)
     for labels, split in ((train_labels, cfg.train_split), (test_labels, cfg.test_split)):
         linear.check_labels(labels, split)
     skipped = {"train": train_skipped, "test": test_skipped}
@@ -78,7 +79,7 @@ def main():
                "train_samples": len(train_labels), "test_samples": len(test_labels), "skipped_images": skipped,
                "knn": {}}
     for k in ks:
-        top1, top5 = hvp.knn_accuracy(train_feats, train_labels, test_feats, test_labels, k, cfg.temperature)
+        top1, top5 = hvp_run.knn_accuracy(train_feats, train_labels, test_feats, test_labels, k, cfg.temperature)
         results["knn"][str(k)] = {"top1": top1, "top5": top5}
         if accelerator.is_main_process:
             print(f"k-NN {name} on {Path(cfg.dataset).name or cfg.dataset} [{cfg.test_split}] k={k}: "
@@ -90,4 +91,4 @@ def main():
 
 
 if __name__ == "__main__":
-    hvp.run_main(main)
+    hvp_run.run_main(main)

@@ -17,7 +17,7 @@ epochs). The DINO protocol: --optimizer sgd --lr 0.001 --epochs 100. Several com
 cycle through the copies: the backbone runs K times over the train split instead of once per
 epoch. On the shipped Fashion-MNIST subset a preset (see PRESETS) does this and the whole probe
 takes a few minutes on 2 CPU cores. Without a cache every epoch streams the train split shuffled,
-in full batches (hvp.BatchStream's training mode).
+in full batches (hvp_run.BatchStream's training mode).
 
 Images that cannot be decoded are skipped and counted, per split ("skipped_images" in the JSON, and
 on the result line): left out of the test split and of cached views; without a cache, replaced in
@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import hvp_utils as hvp  # noqa: E402
+import hvp_run  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------- config
@@ -56,7 +57,7 @@ class Config:
     backbone: str = ""  # training output folder, checkpoint folder, export folder (config.json + model.safetensors) or hf-hub:<id>
     checkpoint_key: str = ""  # take the backbone weights from this entry of the checkpoint state (e.g. teacher for DINO/iBOT)
     random_init: bool = False  # same architecture with freshly initialised weights (the baseline to beat)
-    dataset: str = hvp.DEFAULT_DATASET  # Hub dataset id, local image folder, or parquet file/folder
+    dataset: str = hvp_run.DEFAULT_DATASET  # Hub dataset id, local image folder, or parquet file/folder
     train_split: str = "train"  # split the head is trained on
     test_split: str = "test"  # split evaluated after every epoch
     image_column: str = "image"  # dataset column holding images
@@ -82,21 +83,21 @@ class Config:
 # The shipped Fashion-MNIST subset (10k train / 2k test, 28 px) on 2 CPU cores: cached features,
 # crops of at least half the (tiny) image, standardised (a random-init and a trained backbone differ in feature scale by orders of
 # magnitude, so the comparison is fair only then) and an lr grid.
-PRESETS = {hvp.DEFAULT_DATASET: dict(optimizer="sgd", lr="0.01,0.03,0.1,0.3,1", epochs=30, cache_views=2,
+PRESETS = {hvp_run.DEFAULT_DATASET: dict(optimizer="sgd", lr="0.01,0.03,0.1,0.3,1", epochs=30, cache_views=2,
                                      crop_scale=(0.5, 1.0), head_batchnorm=True, num_workers=1)}
 
 
 def check_config(cfg):
     if not cfg.backbone:
-        raise hvp.HVPError("give --backbone <training output | checkpoint | export folder | hf-hub:id>")
+        raise hvp_run.HVPError("give --backbone <training output | checkpoint | export folder | hf-hub:id>")
     if cfg.optimizer not in ("lars", "sgd"):
-        raise hvp.HVPError(f"--optimizer must be lars or sgd, got {cfg.optimizer!r}")
+        raise hvp_run.HVPError(f"--optimizer must be lars or sgd, got {cfg.optimizer!r}")
     if cfg.mixed_precision not in ("", "no", "fp16", "bf16"):
-        raise hvp.HVPError(f"--mixed_precision must be no, fp16 or bf16, got {cfg.mixed_precision!r}")
+        raise hvp_run.HVPError(f"--mixed_precision must be no, fp16 or bf16, got {cfg.mixed_precision!r}")
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.cache_views < 0 or cfg.n_last_blocks < 1:
-        raise hvp.HVPError("--epochs, --batch_size and --n_last_blocks must be >= 1, --cache_views >= 0")
+        raise hvp_run.HVPError("--epochs, --batch_size and --n_last_blocks must be >= 1, --cache_views >= 0")
     if not 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1:
-        raise hvp.HVPError(f"--crop_scale must be two numbers 0 < min <= max <= 1, got {cfg.crop_scale}")
+        raise hvp_run.HVPError(f"--crop_scale must be two numbers 0 < min <= max <= 1, got {cfg.crop_scale}")
     return parse_lrs(cfg.lr)
 
 
@@ -104,19 +105,19 @@ def parse_lrs(text):
     try:
         lrs = [float(v) for v in text.split(",")]
     except ValueError:
-        raise hvp.HVPError(f"--lr must be comma-separated numbers, got {text!r}") from None
+        raise hvp_run.HVPError(f"--lr must be comma-separated numbers, got {text!r}") from None
     if any(not lr > 0 for lr in lrs):
-        raise hvp.HVPError(f"--lr values must be > 0, got {text!r}")
+        raise hvp_run.HVPError(f"--lr values must be > 0, got {text!r}")
     return lrs
 
 
 # ----------------------------------------------------------------------------------- backbone
 
 def load_backbone(source, checkpoint_key="", random_init=False, seed=0):
-    """A frozen-eval backbone from any source `hvp.load_backbone` accepts, optionally with the
+    """A frozen-eval backbone from any source `hvp_run.load_backbone` accepts, optionally with the
     weights of one entry of the training state (`checkpoint_key`, e.g. the DINO/iBOT teacher) or
     freshly initialised. Returns (model in eval mode, config dict)."""
-    model, config = hvp.load_backbone(source)
+    model, config = hvp_run.load_backbone(source)
     if checkpoint_key:
         model.load_state_dict(checkpoint_backbone_weights(source, checkpoint_key))
     if random_init:
@@ -128,12 +129,12 @@ def checkpoint_backbone_weights(source, key):
     """Backbone weights stored under `key` in the newest checkpoint of `source`: a state dict of the
     whole network (keys "backbone.*", possibly behind "module.") or of the backbone alone."""
     path = Path(source).expanduser()
-    ckpt = hvp.latest_checkpoint(path) if path.is_dir() else None
+    ckpt = hvp_run.latest_checkpoint(path) if path.is_dir() else None
     if ckpt is None:
-        raise hvp.HVPError(f"--checkpoint_key needs a checkpoint or training output folder, got {source!r}")
-    state = hvp.load_checkpoint(ckpt)
+        raise hvp_run.HVPError(f"--checkpoint_key needs a checkpoint or training output folder, got {source!r}")
+    state = hvp_run.load_checkpoint(ckpt)
     if not isinstance(state.get(key), dict):
-        raise hvp.HVPError(f"checkpoint {ckpt} has no state {key!r} (it has: {', '.join(sorted(state))})")
+        raise hvp_run.HVPError(f"checkpoint {ckpt} has no state {key!r} (it has: {', '.join(sorted(state))})")
     weights = {k.removeprefix("module."): v for k, v in state[key].items() if torch.is_tensor(v)}
     if any(k.startswith("backbone.") for k in weights):
         weights = {k.removeprefix("backbone."): v for k, v in weights.items() if k.startswith("backbone.")}
@@ -170,7 +171,7 @@ class FeatureModel(nn.Module):
         self.backbone, self.n_last_blocks, self.avgpool = backbone, n_last_blocks, avgpool
         self.vit = is_vit(backbone)
         if self.vit and n_last_blocks > len(backbone.blocks):
-            raise hvp.HVPError(f"--n_last_blocks {n_last_blocks} but the ViT has {len(backbone.blocks)} blocks")
+            raise hvp_run.HVPError(f"--n_last_blocks {n_last_blocks} but the ViT has {len(backbone.blocks)} blocks")
         width = backbone.num_features
         self.dim = width * (n_last_blocks + avgpool) if self.vit else width
 
@@ -189,7 +190,7 @@ class FeatureModel(nn.Module):
 
 class TrainTransform:
     """Random-resized-crop (area 0.08-1) + horizontal flip, normalised: the linear-probe training
-    augmentation. Its randomness comes from the per-sample generator hvp.BatchStream passes in."""
+    augmentation. Its randomness comes from the per-sample generator hvp_run.BatchStream passes in."""
 
     def __init__(self, size, mean, std, scale=(0.08, 1.0)):
         self.aug = hvp.ViewAug(size=size, scale=scale, flip_p=0.5, jitter_p=0.0, gray_p=0.0, blur_p=0.0)
@@ -204,13 +205,13 @@ class TrainTransform:
 
 
 def open_split(dataset, split, image_column, label_column, accelerator, what):
-    """A labelled split as an hvp.Source: resolved once, by the main process (a format without row
+    """A labelled split as an hvp_run.Source: resolved once, by the main process (a format without row
     counts is counted once), and shared; a one-line error if it cannot be opened or has no integer
     label column (`what` needs labels)."""
-    source = hvp.Source(**hvp.on_main(accelerator, lambda: dataclasses.asdict(
-        hvp.open_source(dataset, split, image_column, label_column))))
+    source = hvp_run.Source(**hvp_run.on_main(accelerator, lambda: dataclasses.asdict(
+        hvp_run.open_source(dataset, split, image_column, label_column))))
     if source.label_column is None:
-        raise hvp.HVPError(f"dataset {dataset!r} split {split!r} has no label column {label_column!r}: {what} needs "
+        raise hvp_run.HVPError(f"dataset {dataset!r} split {split!r} has no label column {label_column!r}: {what} needs "
                            f"labels (an integer column; pass --label_column)")
     return source
 
@@ -219,14 +220,14 @@ def augmented_loaders(source, cfg, size, mean, std, accelerator, batches=None):
     """make_epoch_loader(epoch, skip=0) -> this process's loader of augmented (TrainTransform),
     labelled images of `source` for that epoch; the augmentation of every image is drawn from
     (--seed, epoch, row). batches None: every image once, in order (the views of a feature cache,
-    one per epoch); batches N: N full, shuffled batches per epoch (hvp.training_batches)."""
+    one per epoch); batches N: N full, shuffled batches per epoch (hvp_run.training_batches)."""
     transform = TrainTransform(size, mean, std, cfg.crop_scale)
     pin = accelerator.device.type == "cuda"
 
     def make_epoch_loader(epoch, skip=0):
-        stream = hvp.BatchStream(source, transform, cfg.batch_size, epoch, cfg.seed, accelerator.process_index,
+        stream = hvp_run.BatchStream(source, transform, cfg.batch_size, epoch, cfg.seed, accelerator.process_index,
                                  accelerator.num_processes, batches, skip)
-        return hvp.make_loader(stream, cfg.num_workers, pin_memory=pin)
+        return hvp_run.make_loader(stream, cfg.num_workers, pin_memory=pin)
 
     return make_epoch_loader
 
@@ -236,7 +237,7 @@ def steps_per_epoch(source, global_batch):
     split has fewer images than one."""
     steps = source.num_rows // global_batch
     if steps == 0:
-        raise hvp.HVPError(f"split {source.split!r} has {source.num_rows} images, fewer than one global batch "
+        raise hvp_run.HVPError(f"split {source.split!r} has {source.num_rows} images, fewer than one global batch "
                            f"({global_batch}): lower --batch_size")
     return steps
 
@@ -248,9 +249,9 @@ def skipped_text(skipped):
 
 def check_labels(labels, name):
     if len(labels) == 0:
-        raise hvp.HVPError(f"split {name!r} is empty")
+        raise hvp_run.HVPError(f"split {name!r} is empty")
     if (labels < 0).any():
-        raise hvp.HVPError(f"split {name!r} has {int((labels < 0).sum())} examples without a label")
+        raise hvp_run.HVPError(f"split {name!r} has {int((labels < 0).sum())} examples without a label")
 
 
 # ----------------------------------------------------------------------------------- head and optimizer
@@ -317,7 +318,7 @@ def accuracy(logits, labels):
 def run(cfg, accelerator=None):
     """The whole probe; returns the result dict (every process gets it)."""
     lrs = check_config(cfg)
-    accelerator = accelerator or hvp.make_accelerator(cfg.mixed_precision, 1, "none", ".")
+    accelerator = accelerator or hvp_run.make_accelerator(cfg.mixed_precision, 1, "none", ".")
     is_main, device, world = accelerator.is_main_process, accelerator.device, accelerator.num_processes
     start_time = time.perf_counter()
     # fail fast, before the model is built
@@ -340,8 +341,8 @@ def run(cfg, accelerator=None):
               flush=True)
 
     # Test features once: the backbone is frozen and the eval transform is deterministic.
-    test_loader = hvp.eval_loader(test_source, size, accelerator, cfg.batch_size, cfg.num_workers, mean, std)
-    test_feats, test_labels, test_skipped = hvp.extract_features(extractor, test_loader, accelerator,
+    test_loader = hvp_run.eval_loader(test_source, size, accelerator, cfg.batch_size, cfg.num_workers, mean, std)
+    test_feats, test_labels, test_skipped = hvp_run.extract_features(extractor, test_loader, accelerator,
                                                                  f"features {cfg.test_split}")
     check_labels(test_labels, cfg.test_split)
 
@@ -351,7 +352,7 @@ def run(cfg, accelerator=None):
         # images decode every time, so row i of every view is the same image
         cached = []
         for view in range(cfg.cache_views):
-            feats, labels, train_skipped = hvp.extract_features(
+            feats, labels, train_skipped = hvp_run.extract_features(
                 extractor, loaders(view), accelerator, f"features {cfg.train_split} view {view + 1}/{cfg.cache_views}")
             cached.append((feats, labels))
         train_labels = cached[0][1]
@@ -372,7 +373,7 @@ def run(cfg, accelerator=None):
 
     def train_step(features, labels, step):
         if int(labels.max()) >= num_classes or int(labels.min()) < 0:
-            raise hvp.HVPError(f"split {cfg.train_split!r} has labels outside 0..{num_classes - 1} (the test split's range)")
+            raise hvp_run.HVPError(f"split {cfg.train_split!r} has labels outside 0..{num_classes - 1} (the test split's range)")
         for group in optimizer.param_groups:
             group["lr"] = hvp.cosine(step, total_steps, group["base_lr"] * lr_scale)
         logits = heads(features.float())
@@ -389,12 +390,12 @@ def run(cfg, accelerator=None):
         def epoch_batches(epoch):
             """Global batches of one cached view in a seeded order; this process takes its slice."""
             feats, labels = cached[epoch % cfg.cache_views]
-            order = torch.randperm(count, generator=torch.Generator().manual_seed(hvp.mix_seed(cfg.seed, epoch)))
+            order = torch.randperm(count, generator=torch.Generator().manual_seed(hvp_run.mix_seed(cfg.seed, epoch)))
             for i in range(steps):
                 rows = order[i * global_batch:(i + 1) * global_batch][accelerator.process_index::world].to(device)
                 yield feats[rows], labels[rows]
     else:
-        stream = hvp.training_batches(loaders, steps)
+        stream = hvp_run.training_batches(loaders, steps)
 
         def epoch_batches(epoch):
             nonlocal skipped_now
@@ -406,7 +407,7 @@ def run(cfg, accelerator=None):
                 yield features, batch["label"].to(device)
 
     history, step = [], 0
-    bar = hvp.progress_bar(total_steps, 0, "linear probe", is_main)
+    bar = hvp_run.progress_bar(total_steps, 0, "linear probe", is_main)
     for epoch in range(cfg.epochs):
         heads.train()
         losses = []
@@ -461,8 +462,8 @@ def default_output(cfg, name):
 
 
 def main():
-    cfg, notes = hvp.parse_config(Config, presets=PRESETS, description=__doc__.splitlines()[0])
-    accelerator = hvp.make_accelerator(cfg.mixed_precision, 1, "none", ".")
+    cfg, notes = hvp_run.parse_config(Config, presets=PRESETS, description=__doc__.splitlines()[0])
+    accelerator = hvp_run.make_accelerator(cfg.mixed_precision, 1, "none", ".")
     if accelerator.is_main_process:
         for note in notes:  # "preset for the shipped dataset: ..."
             print(note, flush=True)
@@ -475,4 +476,4 @@ def main():
 
 
 if __name__ == "__main__":
-    hvp.run_main(main)
+    hvp_run.run_main(main)

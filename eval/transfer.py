@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import hvp_utils as hvp  # noqa: E402
+import hvp_run  # noqa: E402
 import finetune  # noqa: E402
 import linear  # noqa: E402
 
@@ -54,7 +54,7 @@ def dataset_flags(cfg, name):
     """Flags shared by both evaluations for one dataset: its preset, or the generic flags."""
     preset = finetune.transfer_preset(name, cfg.protocol)
     if preset and preset["dataset"] in finetune.TRANSFER:
-        raise hvp.HVPError(f"{name}: no public Hub copy known; pass a local copy's path in --datasets")
+        raise hvp_run.HVPError(f"{name}: no public Hub copy known; pass a local copy's path in --datasets")
     common = dict(backbone=cfg.backbone, checkpoint_key=cfg.checkpoint_key, image_size=cfg.image_size,
                   batch_size=cfg.batch_size, num_workers=cfg.num_workers, mixed_precision=cfg.mixed_precision)
     if preset:
@@ -69,9 +69,9 @@ def dataset_flags(cfg, name):
 
 
 def preset_for(presets, dataset):
-    """The entry of a script's preset table for `dataset`, looked up as hvp.parse_config does (local
+    """The entry of a script's preset table for `dataset`, looked up as hvp_run.parse_config does (local
     paths by their resolved form)."""
-    return {hvp.dataset_key(k): v for k, v in presets.items()}.get(hvp.dataset_key(dataset), {})
+    return {hvp_run.dataset_key(k): v for k, v in presets.items()}.get(hvp_run.dataset_key(dataset), {})
 
 
 def run_one(cfg, kind, name, accelerator):
@@ -107,16 +107,16 @@ def markdown(cfg, rows):
 
 
 def main():
-    cfg, _ = hvp.parse_config(Config, description=__doc__.splitlines()[0])
+    cfg, _ = hvp_run.parse_config(Config, description=__doc__.splitlines()[0])
     if not cfg.backbone:
-        raise hvp.HVPError("give --backbone <training output | checkpoint | export folder | hf-hub:id>")
+        raise hvp_run.HVPError("give --backbone <training output | checkpoint | export folder | hf-hub:id>")
     kinds = cfg.evals.split(",")
     if not kinds or any(k not in ("linear", "finetune") for k in kinds):
-        raise hvp.HVPError(f"--evals must be linear, finetune or linear,finetune, got {cfg.evals!r}")
+        raise hvp_run.HVPError(f"--evals must be linear, finetune or linear,finetune, got {cfg.evals!r}")
     if cfg.protocol not in ("simsiam", "dino"):
-        raise hvp.HVPError(f"--protocol must be simsiam or dino, got {cfg.protocol!r}")
-    hvp.load_backbone(cfg.backbone)  # a backbone that cannot be loaded stops here, not once per dataset
-    accelerator = hvp.make_accelerator(cfg.mixed_precision, 1, "none", ".")
+        raise hvp_run.HVPError(f"--protocol must be simsiam or dino, got {cfg.protocol!r}")
+    hvp_run.load_backbone(cfg.backbone)  # a backbone that cannot be loaded stops here, not once per dataset
+    accelerator = hvp_run.make_accelerator(cfg.mixed_precision, 1, "none", ".")
     source = Path(cfg.backbone).expanduser()
     output = Path(cfg.output) if cfg.output else (source if source.is_dir() else Path(".")) / "transfer.md"
     rows, start = {}, time.perf_counter()
@@ -125,7 +125,7 @@ def main():
         for kind in kinds:
             try:
                 rows[name][kind] = run_one(cfg, kind, name, accelerator)
-            except hvp.HVPError as e:  # one bad dataset does not lose the others' results
+            except hvp_run.HVPError as e:  # one bad dataset does not lose the others' results
                 rows[name][kind] = {"error": str(e)}
                 if accelerator.is_main_process:
                     print(f"error: {name} {kind}: {e}", file=sys.stderr, flush=True)
@@ -140,4 +140,4 @@ def main():
 
 
 if __name__ == "__main__":
-    hvp.run_main(main)
+    hvp_run.run_main(main)

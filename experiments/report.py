@@ -34,6 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import hvp_utils as hvp  # noqa: E402
+import hvp_run  # noqa: E402
 
 VARIANTS = {"hvp": "HVP", "plain": "plain, equal epochs", "plain_eqc": "plain, equal compute"}
 METRICS = {"knn_top1": "k-NN top-1", "linear_top1": "linear top-1 (best epoch)", "linear_top1_final": "linear top-1 (last epoch)"}
@@ -191,7 +192,7 @@ def main():
     output = Path(args.output) if args.output else ROOT / "experiments" / "RESULTS.md"
     notes = Path(args.notes) if args.notes else ROOT / "experiments" / "notes.md"
     if not (runs_dir / "runs.jsonl").exists():
-        raise hvp.HVPError(f"{runs_dir / 'runs.jsonl'} not found: run experiments/study.py --out {runs_dir} first, "
+        raise hvp_run.HVPError(f"{runs_dir / 'runs.jsonl'} not found: run experiments/study.py --out {runs_dir} first, "
                            "or rebuild from the shipped results with --runs experiments/results_files")
     rows = [json.loads(line) for line in (runs_dir / "runs.jsonl").read_text().splitlines() if line.strip()]
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -330,4 +331,4 @@ def main():
 
 
 if __name__ == "__main__":
-    hvp.run_main(main)
+    hvp_run.run_main(main)

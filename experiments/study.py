@@ -43,7 +43,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import hvp_utils as hvp  # noqa: E402
+import hvp_run  # noqa: E402
 
 # script, flags of the hvp run, flags that turn it into the plain run
 METHODS = {
@@ -70,14 +70,14 @@ def script_module(path):
 def resolved_config(method, flags):
     """The training config these flags give (the script's defaults and dataset preset included)."""
     module = script_module(METHODS[method][0])
-    return hvp.parse_config(module.Config, flags, presets=module.PRESETS)[0]
+    return hvp_run.parse_config(module.Config, flags, presets=module.PRESETS)[0]
 
 
 def preset_flags(script):
     """A script's preset for the shipped dataset as flags: with --dataset, the CPU budget then means
     the same settings on other data (the scripts apply presets to the shipped dataset only)."""
     flags = []
-    for key, value in script_module(script).PRESETS[hvp.DEFAULT_DATASET].items():
+    for key, value in script_module(script).PRESETS[hvp_run.DEFAULT_DATASET].items():
         if isinstance(value, bool):
             flags.append(f"--{key}" if value else f"--no-{key}")
         elif isinstance(value, tuple):
@@ -109,7 +109,7 @@ def run(command, log_path):
         code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     if code:
         tail = Path(log_path).read_text(errors="replace").replace("\r", "\n").strip().splitlines()[-5:]
-        raise hvp.HVPError(f"command failed (exit {code}), log {log_path}:\n" + "\n".join(tail))
+        raise hvp_run.HVPError(f"command failed (exit {code}), log {log_path}:\n" + "\n".join(tail))
     return time.perf_counter() - start
 
 
@@ -133,7 +133,7 @@ def main():
     for item in args.train_args:
         method, _, flags = item.partition("=")
         if method not in METHODS:
-            raise hvp.HVPError(f"--train_args: unknown method {method!r} (choose from {', '.join(METHODS)})")
+            raise hvp_run.HVPError(f"--train_args: unknown method {method!r} (choose from {', '.join(METHODS)})")
         extra[method] += " " + flags
     linear_args = args.linear_args if args.linear_args is not None else (CPU_LINEAR if args.cpu_budget else "")
     data = ["--dataset", args.dataset] if args.dataset else []
@@ -154,7 +154,7 @@ def main():
         run_dir = out / method / f"{variant}-seed{seed}"
         command = [*shlex.split(args.launch), METHODS[method][0], *flags, "--seed", str(seed),
                    "--output_dir", str(run_dir), "--report_to", "none", *data]
-        if hvp.latest_checkpoint(run_dir) is not None:
+        if hvp_run.latest_checkpoint(run_dir) is not None:
             command.append("--resume")
         if not (run_dir / "knn.json").exists():
             run(command, out / f"{method}-{variant}-seed{seed}.log")
@@ -194,4 +194,4 @@ def main():
 
 
 if __name__ == "__main__":
-    hvp.run_main(main)
+    hvp_run.run_main(main)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import hvp_utils as hvp  # noqa: E402
+import hvp_run  # noqa: E402
 
 # training script -> a config field only its checkpoints have (iBOT is tried before DINO: both have out_dim)
 SCRIPTS = {"train_simsiam": "proj_layers", "train_simclr": "temperature", "train_ibot": "patch_out_dim",
@@ -31,14 +32,14 @@ SCRIPTS = {"train_simsiam": "proj_layers", "train_simclr": "temperature", "train
 def load_run(path):
     """(training script module, its Config, the checkpoint state) for a run folder or checkpoint folder."""
     path = Path(path)
-    checkpoint = path if (path / "state.json").exists() else hvp.latest_checkpoint(path)
+    checkpoint = path if (path / "state.json").exists() else hvp_run.latest_checkpoint(path)
     if checkpoint is None:
-        raise hvp.HVPError(f"{path} holds no training checkpoint (checkpoint-*/state.json)")
-    state = hvp.load_checkpoint(checkpoint)
+        raise hvp_run.HVPError(f"{path} holds no training checkpoint (checkpoint-*/state.json)")
+    state = hvp_run.load_checkpoint(checkpoint)
     config = state.get("config") or {}
     name = next((script for script, key in SCRIPTS.items() if key in config), None)
     if name is None:
-        raise hvp.HVPError(f"{checkpoint} was not written by train_simsiam/simclr/dino/ibot.py")
+        raise hvp_run.HVPError(f"{checkpoint} was not written by train_simsiam/simclr/dino/ibot.py")
     module = importlib.import_module(name)
     fields = {f.name: f for f in dataclasses.fields(module.Config)}
     values = {k: tuple(v) if isinstance(fields[k].default, tuple) else v for k, v in config.items() if k in fields}
@@ -55,16 +56,16 @@ def enlarge(views, factor):
 def first_batch(cfg, transform, num_images, dataset, split):
     """The run's views of the first `num_images` decodable images of the split, in order, as one
     batch (epoch 0 of the run's seed; images that cannot be decoded are passed over)."""
-    source = hvp.open_source(dataset or cfg.dataset, split or cfg.split, cfg.image_column, cfg.label_column)
-    stream = hvp.BatchStream(source, transform, num_images, seed=cfg.seed)  # evaluation mode: every row once, in order
+    source = hvp_run.open_source(dataset or cfg.dataset, split or cfg.split, cfg.image_column, cfg.label_column)
+    stream = hvp_run.BatchStream(source, transform, num_images, seed=cfg.seed)  # evaluation mode: every row once, in order
     parts, count = [], 0
-    for batch in hvp.make_loader(stream, 0):
+    for batch in hvp_run.make_loader(stream, 0):
         parts.append(batch)
         count += len(batch["label"])
         if count >= num_images:
             break
     if not count:
-        raise hvp.HVPError(f"none of the images of {source.name!r} [{source.split}] can be decoded")
+        raise hvp_run.HVPError(f"none of the images of {source.name!r} [{source.split}] can be decoded")
     return {key: (sum(p[key] for p in parts) if parts[0][key].dim() == 0 else
                   torch.cat([p[key] for p in parts])[:num_images]) for key in parts[0]}
 
@@ -81,7 +82,7 @@ def main():
     module, cfg, state, checkpoint = load_run(args.run)
     output = Path(args.output or checkpoint.parent / "grids" / f"{checkpoint.name}.png")
     output.parent.mkdir(parents=True, exist_ok=True)
-    accelerator = hvp.make_accelerator("no", 1, "none", output.parent)
+    accelerator = hvp_run.make_accelerator("no", 1, "none", output.parent)
     torch.manual_seed(cfg.seed)
     method = module.__name__.removeprefix("train_")
 
@@ -89,7 +90,7 @@ def main():
         aug = module.simsiam_aug(cfg) if method == "simsiam" else module.simclr_aug(cfg)
         batch = first_batch(cfg, hvp.MultiViewTransform({"views": [aug] * max(cfg.num_views, 2)}), args.num_images,
                             args.dataset, args.split)
-        backbone = hvp.create_backbone(cfg.arch, cfg.image_size, cfg.small_stem)
+        backbone = hvp_run.create_backbone(cfg.arch, cfg.image_size, cfg.small_stem)
         model = (module.SimSiam(backbone, cfg.proj_dim, cfg.pred_dim, cfg.proj_layers) if method == "simsiam"
                  else module.SimCLR(backbone, cfg.proj_hidden_dim, cfg.proj_dim))
         model.load_state_dict(state["model"])
@@ -97,7 +98,7 @@ def main():
         views = hvp.photometric(batch["views"], batch["views_params"])
         with torch.no_grad():
             pair, _, scores = module.select_hard_pair(model, views, cfg, accelerator)
-        hvp.save_view_grid(output, enlarge(views, args.zoom), pair, max_images=args.num_images)
+        hvp_run.save_view_grid(output, enlarge(views, args.zoom), pair, max_images=args.num_images)
         written = [output]
         summary = f"selected pair loss {scores.max(1).values.mean():.3f} vs pair (0, 1) {scores[:, 0].mean():.3f}"
     else:
@@ -124,11 +125,11 @@ def main():
             chosen = module.select_hard_views(student, teacher, global_views, batch["masks"], local_views,
                                               (state["center"], state["patch_center"]),
                                               (cfg.teacher_temp, cfg.teacher_patch_temp), cfg, accelerator, patch)
-        hvp.save_view_grid(output, enlarge(global_views, args.zoom), chosen["globals"], max_images=args.num_images)
+        hvp_run.save_view_grid(output, enlarge(global_views, args.zoom), chosen["globals"], max_images=args.num_images)
         written = [output]
         if cfg.local_views:
             local_output = output.with_name(output.stem + "-locals.png")
-            hvp.save_view_grid(local_output, enlarge(local_views, args.zoom), chosen["locals"], max_images=args.num_images)
+            hvp_run.save_view_grid(local_output, enlarge(local_views, args.zoom), chosen["locals"], max_images=args.num_images)
             written.append(local_output)
         summary = (f"selected tuple loss {chosen['score'].mean():.3f} vs plain tuple "
                    f"{chosen['plain_score'].mean():.3f}")
@@ -136,4 +137,4 @@ def main():
 
 
 if __name__ == "__main__":
-    hvp.run_main(main)
+    hvp_run.run_main(main)

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import hvp_utils as hvp  # noqa: E402
+import hvp_run  # noqa: E402
 
 script, args = sys.argv[1], sys.argv[2:]
 output_dir = Path(args[args.index("--output_dir") + 1])
@@ -40,8 +40,8 @@ def dump(run, when):
     save_file(tensors, record_dir / f"state-{when}-rank{rank}.safetensors")
 
 
-original_init, original_start, original_finish = hvp.Run.__init__, hvp.Run.start, hvp.Run.finish
-original_micro = hvp.Run._micro_batches
+original_init, original_start, original_finish = hvp_run.Run.__init__, hvp_run.Run.start, hvp_run.Run.finish
+original_micro = hvp_run.Run._micro_batches
 
 
 def init(self, cfg, *a, **kw):
@@ -67,7 +67,7 @@ def finish(self):
     return original_finish(self)
 
 
-hvp.Run.__init__, hvp.Run.start, hvp.Run.finish, hvp.Run._micro_batches = init, start, finish, micro_batches
+hvp_run.Run.__init__, hvp_run.Run.start, hvp_run.Run.finish, hvp_run.Run._micro_batches = init, start, finish, micro_batches
 sys.argv = [script, *args]
 module = importlib.import_module(Path(script).stem)
-hvp.run_main(module.main)
+hvp_run.run_main(module.main)

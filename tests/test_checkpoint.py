@@ -6,6 +6,7 @@ import timm
 import torch
 
 import hvp_utils as hvp
+import hvp_run
 
 
 def nested_state():
@@ -34,27 +35,27 @@ def assert_same(a, b):
 
 def test_checkpoint_round_trip_keeps_every_value_and_type(tmp_path):
     state = nested_state()
-    path = hvp.save_checkpoint(tmp_path, 7, state)
+    path = hvp_run.save_checkpoint(tmp_path, 7, state)
     assert path.name == "checkpoint-00000007"
     assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "state.json", "state.safetensors"]  # no pickle
-    assert_same(state, hvp.load_checkpoint(path))
+    assert_same(state, hvp_run.load_checkpoint(path))
     opt = torch.optim.AdamW(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3)).parameters())
-    opt.load_state_dict(hvp.load_checkpoint(path)["optimizer"])  # int keys survive JSON
+    opt.load_state_dict(hvp_run.load_checkpoint(path)["optimizer"])  # int keys survive JSON
 
 
 def test_latest_checkpoint_and_pruning(tmp_path):
     for step in (5, 10, 15):
-        hvp.save_checkpoint(tmp_path, step, {"step": step}, keep=2)
+        hvp_run.save_checkpoint(tmp_path, step, {"step": step}, keep=2)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["checkpoint-00000010", "checkpoint-00000015"]
-    assert hvp.latest_checkpoint(tmp_path).name == "checkpoint-00000015"
-    assert hvp.latest_checkpoint(tmp_path / "checkpoint-00000010").name == "checkpoint-00000010"
-    assert hvp.latest_checkpoint(tmp_path / "nothing-here") is None
+    assert hvp_run.latest_checkpoint(tmp_path).name == "checkpoint-00000015"
+    assert hvp_run.latest_checkpoint(tmp_path / "checkpoint-00000010").name == "checkpoint-00000010"
+    assert hvp_run.latest_checkpoint(tmp_path / "nothing-here") is None
 
 
 @pytest.mark.parametrize("fail_in", ["save_file", "_replace_dir"])
 def test_a_crash_while_saving_leaves_the_previous_checkpoint_as_latest(tmp_path, monkeypatch, fail_in):
-    hvp.save_checkpoint(tmp_path, 1, {"step": 1, "w": torch.ones(3)})
+    hvp_run.save_checkpoint(tmp_path, 1, {"step": 1, "w": torch.ones(3)})
 
     def boom(*args, **kwargs):
         raise KeyboardInterrupt("killed while saving")
@@ -63,34 +64,34 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_as_latest(tmp_path,
         import safetensors.torch
         monkeypatch.setattr(safetensors.torch, "save_file", boom)
     else:
-        monkeypatch.setattr(hvp, "_replace_dir", boom)
+        monkeypatch.setattr(hvp_run.checkpoints, "_replace_dir", boom)
     with pytest.raises(KeyboardInterrupt):
-        hvp.save_checkpoint(tmp_path, 2, {"step": 2, "w": torch.zeros(3)})
-    latest = hvp.latest_checkpoint(tmp_path)
+        hvp_run.save_checkpoint(tmp_path, 2, {"step": 2, "w": torch.zeros(3)})
+    latest = hvp_run.latest_checkpoint(tmp_path)
     assert latest.name == "checkpoint-00000001"
-    assert torch.equal(hvp.load_checkpoint(latest)["w"], torch.ones(3))
-    hvp.cleanup_partial_checkpoints(tmp_path)
+    assert torch.equal(hvp_run.load_checkpoint(latest)["w"], torch.ones(3))
+    hvp_run.cleanup_partial_checkpoints(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-00000001"]
 
 
 def test_a_checkpoint_changed_after_saving_is_found_by_its_checksums(tmp_path):
-    path = hvp.save_checkpoint(tmp_path, 3, {"w": torch.arange(64.0)})
-    assert hvp.checkpoint_problem(path) is None
+    path = hvp_run.save_checkpoint(tmp_path, 3, {"w": torch.arange(64.0)})
+    assert hvp_run.checkpoint_problem(path) is None
     data = bytearray((path / "state.safetensors").read_bytes())
     data[-8:] = bytes(8)  # the same size, other values: damaged in place
     (path / "state.safetensors").write_bytes(bytes(data))
-    assert "does not match its checksum" in hvp.checkpoint_problem(path)
+    assert "does not match its checksum" in hvp_run.checkpoint_problem(path)
     (path / "state.json").write_text((path / "state.json").read_text() + " ")
-    assert "state.json has" in hvp.checkpoint_problem(path) or "checksum" in hvp.checkpoint_problem(path)
+    assert "state.json has" in hvp_run.checkpoint_problem(path) or "checksum" in hvp_run.checkpoint_problem(path)
     (path / "state.safetensors").unlink()
-    assert "missing" in hvp.checkpoint_problem(path)
+    assert "missing" in hvp_run.checkpoint_problem(path)
 
 
 def test_a_corrupt_checkpoint_is_a_clear_error(tmp_path):
-    path = hvp.save_checkpoint(tmp_path, 3, {"w": torch.ones(2)})
+    path = hvp_run.save_checkpoint(tmp_path, 3, {"w": torch.ones(2)})
     (path / "state.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(hvp.HVPError, match="cannot read checkpoint"):
-        hvp.load_checkpoint(path)
+    with pytest.raises(hvp_run.HVPError, match="cannot read checkpoint"):
+        hvp_run.load_checkpoint(path)
 
 
 DATA = {"input_size": (3, 32, 32), "interpolation": "bicubic", "crop_pct": 0.875,
@@ -99,8 +100,8 @@ DATA = {"input_size": (3, 32, 32), "interpolation": "bicubic", "crop_pct": 0.875
 
 @pytest.mark.parametrize("arch,small_stem", [("resnet18", False), ("vit_tiny", True)])
 def test_exported_backbone_loads_with_plain_timm(tmp_path, arch, small_stem):
-    backbone = hvp.create_backbone(arch, 32, small_stem).eval()
-    out = hvp.export_backbone(backbone, tmp_path / "backbone", DATA, "hvp_test")
+    backbone = hvp_run.create_backbone(arch, 32, small_stem).eval()
+    out = hvp_run.export_backbone(backbone, tmp_path / "backbone", DATA, "hvp_test")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     config = json.loads((out / "config.json").read_text())
     assert config["pretrained_cfg"]["tag"] == "hvp_test" and config["num_classes"] == 0
@@ -111,32 +112,32 @@ def test_exported_backbone_loads_with_plain_timm(tmp_path, arch, small_stem):
 
 
 def test_small_stem_resnet_round_trips_through_load_backbone(tmp_path):
-    backbone = hvp.create_backbone("resnet18", 28, small_stem=True).eval()
+    backbone = hvp_run.create_backbone("resnet18", 28, small_stem=True).eval()
     assert backbone.conv1.stride == (1, 1) and isinstance(backbone.maxpool, torch.nn.Identity)
-    hvp.export_backbone(backbone, tmp_path / "backbone", DATA, "hvp_test")
+    hvp_run.export_backbone(backbone, tmp_path / "backbone", DATA, "hvp_test")
     for source in (tmp_path / "backbone", tmp_path):  # export folder, or the output folder holding it
-        loaded, config = hvp.load_backbone(source)
+        loaded, config = hvp_run.load_backbone(source)
         x = torch.randn(2, 3, 28, 28)
         with torch.no_grad():
             assert torch.equal(backbone(x), loaded.eval()(x))
 
 
 def test_checkpoint_folder_holds_the_backbone_export(tmp_path):
-    backbone = hvp.create_backbone("resnet18", 32).eval()
-    path = hvp.save_checkpoint(tmp_path, 4, {"step": 4}, backbone, DATA, "hvp_test")
-    loaded, _ = hvp.load_backbone(path)
+    backbone = hvp_run.create_backbone("resnet18", 32).eval()
+    path = hvp_run.save_checkpoint(tmp_path, 4, {"step": 4}, backbone, DATA, "hvp_test")
+    loaded, _ = hvp_run.load_backbone(path)
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(backbone(x), loaded.eval()(x))
 
 
 def test_unknown_arch_and_unsupported_small_stem_are_clear_errors():
-    with pytest.raises(hvp.HVPError, match="unknown --arch 'resnet_does_not_exist'"):
-        hvp.create_backbone("resnet_does_not_exist")
-    with pytest.raises(hvp.HVPError, match="--small_stem supports"):
-        hvp.create_backbone("convnext_atto", 32, small_stem=True)
+    with pytest.raises(hvp_run.HVPError, match="unknown --arch 'resnet_does_not_exist'"):
+        hvp_run.create_backbone("resnet_does_not_exist")
+    with pytest.raises(hvp_run.HVPError, match="--small_stem supports"):
+        hvp_run.create_backbone("convnext_atto", 32, small_stem=True)
 
 
 def test_no_backbone_at_path_is_a_clear_error(tmp_path):
-    with pytest.raises(hvp.HVPError, match="no backbone found"):
-        hvp.load_backbone(tmp_path)
+    with pytest.raises(hvp_run.HVPError, match="no backbone found"):
+        hvp_run.load_backbone(tmp_path)

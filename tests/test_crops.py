@@ -17,6 +17,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageOps
 
 import hvp_utils as hvp
+import hvp_run
 
 PLAIN = dict(jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
 # (height, width) of the photo variants: landscape and portrait ImageNet shapes, a square, a small
@@ -122,7 +123,7 @@ def test_both_modes_draw_identical_parameters_and_statistics(photos):
     for i, image in enumerate(photos[:6]):
         data = jpeg(image)
         gw, gd = torch.Generator().manual_seed(i), torch.Generator().manual_seed(i)
-        w, d = worker(hvp.open_image(data), gw), device(hvp.open_image(data), gd)
+        w, d = worker(hvp_run.open_image(data), gw), device(hvp_run.open_image(data), gd)
         assert set(d) == {"image", "image_box", "globals_params", "locals_params"}
         for name in ("globals_params", "locals_params"):
             assert torch.equal(w[name], d[name])
@@ -174,19 +175,19 @@ def test_draft_decoding_is_used_only_when_the_rule_allows_it(photos):
         transform = hvp.MultiViewTransform(groups, crops="device", draft=True if margin == 1 else margin)
         sizes = [aug.size for aug in groups["v"]]
         for i in range(4):
-            out = transform(hvp.open_image(jpeg(photo)), torch.Generator().manual_seed(i))
+            out = transform(hvp_run.open_image(jpeg(photo)), torch.Generator().manual_seed(i))
             s = out["image_box"][2] / out["image"].shape[1]
             assert s == out["image_box"][3] / out["image"].shape[2]
             assert s == hvp.draft_reduction(out["v_params"], sizes, margin)
             p = out["v_params"]
             assert (torch.minimum(p[:, 2], p[:, 3]) / s >= margin * torch.tensor(sizes)).all()
-    out = hvp.MultiViewTransform({"v": [small] * 4}, crops="device")(hvp.open_image(jpeg(photo)),
+    out = hvp.MultiViewTransform({"v": [small] * 4}, crops="device")(hvp_run.open_image(jpeg(photo)),
                                                                      torch.Generator().manual_seed(0))
     assert out["image_box"][2] >= 4 * out["image"].shape[1]            # the rule allows it here: used
     # never for other formats, already decoded images or with draft=False
     png = io.BytesIO()
     photo.save(png, format="PNG")
-    for image, draft in ((hvp.open_image(png.getvalue()), True), (photo, True), (hvp.open_image(jpeg(photo)), False)):
+    for image, draft in ((hvp_run.open_image(png.getvalue()), True), (photo, True), (hvp_run.open_image(jpeg(photo)), False)):
         out = hvp.MultiViewTransform({"v": [small] * 4}, crops="device", draft=draft)(image, torch.Generator().manual_seed(0))
         assert out["image_box"][2] == out["image"].shape[1] and out["image_box"][3] == out["image"].shape[2]
 
@@ -198,8 +199,8 @@ def test_draft_decoded_crops_stay_within_the_bound(photos, interpolation):
     worker = hvp.MultiViewTransform({"v": [aug] * 4})
     device = hvp.MultiViewTransform({"v": [aug] * 4}, crops="device")
     data = [jpeg(image) for image in photos if min(image.size) >= 200]
-    w = [worker(hvp.open_image(b), torch.Generator().manual_seed(i)) for i, b in enumerate(data)]
-    d = [device(hvp.open_image(b), torch.Generator().manual_seed(i)) for i, b in enumerate(data)]
+    w = [worker(hvp_run.open_image(b), torch.Generator().manual_seed(i)) for i, b in enumerate(data)]
+    d = [device(hvp_run.open_image(b), torch.Generator().manual_seed(i)) for i, b in enumerate(data)]
     reduced = [float(s["image_box"][2] / s["image"].shape[1]) for s in d]
     assert max(reduced) >= 4 and min(reduced) >= 1
     got = summary(differences(device_crops(d, "v", aug), torch.stack([s["v"] for s in w])))
@@ -225,15 +226,15 @@ def test_exif_orientation_is_applied():
     stored.paste((0, 0, 255), (40, 0, 80, 40))
     exif = Image.Exif()
     exif[0x0112] = 6
-    decoded = hvp.decode_image(jpeg(stored, quality=95, exif=exif.tobytes()))
+    decoded = hvp_run.decode_image(jpeg(stored, quality=95, exif=exif.tobytes()))
     assert decoded.size == (40, 80)
     top, bottom = decoded.getpixel((20, 10)), decoded.getpixel((20, 70))
     assert top[0] > 200 and top[2] < 50 and bottom[2] > 200 and bottom[0] < 50
-    assert hvp.oriented_size(hvp.open_image(jpeg(stored, exif=exif.tobytes()))) == (80, 40)
+    assert hvp.oriented_size(hvp_run.open_image(jpeg(stored, exif=exif.tobytes()))) == (80, 40)
     for orientation in range(1, 9):   # every tag, as PIL's own exif_transpose of the file
         data = with_orientation(stored, orientation)
         expected = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
-        assert TF.pil_to_tensor(hvp.decode_image(data)).equal(TF.pil_to_tensor(expected))
+        assert TF.pil_to_tensor(hvp_run.decode_image(data)).equal(TF.pil_to_tensor(expected))
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
@@ -245,8 +246,8 @@ def test_device_crops_of_oriented_reduced_jpegs(photos, orientation):
     worker = hvp.MultiViewTransform({"v": [aug] * 4})
     device = hvp.MultiViewTransform({"v": [aug] * 4}, crops="device")
     data = with_orientation(upright, orientation)
-    w = [worker(hvp.open_image(data), torch.Generator().manual_seed(i)) for i in range(3)]
-    d = [device(hvp.open_image(data), torch.Generator().manual_seed(i)) for i in range(3)]
+    w = [worker(hvp_run.open_image(data), torch.Generator().manual_seed(i)) for i in range(3)]
+    d = [device(hvp_run.open_image(data), torch.Generator().manual_seed(i)) for i in range(3)]
     assert all(s["v_params"][0, hvp.P["src_height"]] == 413 for s in d)
     assert max(float(s["image_box"][2] / s["image"].shape[1]) for s in d) >= 2
     got = summary(differences(device_crops(d, "v", aug), torch.stack([s["v"] for s in w])))
@@ -255,11 +256,11 @@ def test_device_crops_of_oriented_reduced_jpegs(photos, orientation):
 
 @pytest.mark.parametrize("crops", ["worker", "device"])
 def test_lazily_opened_images_that_do_not_decode_give_none(photos, crops):
-    assert hvp.open_image(b"not an image") is None and hvp.open_image({"bytes": None, "path": "/no/such.jpg"}) is None
+    assert hvp_run.open_image(b"not an image") is None and hvp_run.open_image({"bytes": None, "path": "/no/such.jpg"}) is None
     data = jpeg(photos[5])
     transform = hvp.MultiViewTransform({"v": [hvp.ViewAug(size=16)] * 2}, crops=crops)
-    assert transform(hvp.open_image(data[: len(data) // 3]), torch.Generator().manual_seed(0)) is None  # truncated
-    assert transform(hvp.open_image(data), torch.Generator().manual_seed(0)) is not None
+    assert transform(hvp_run.open_image(data[: len(data) // 3]), torch.Generator().manual_seed(0)) is None  # truncated
+    assert transform(hvp_run.open_image(data), torch.Generator().manual_seed(0)) is not None
 
 
 def test_collate_views_pads_and_stacks():

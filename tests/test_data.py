@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import hvp_utils as hvp
+import hvp_run
 from conftest import SHIPPED
 
 
@@ -32,24 +33,24 @@ def uneven_parquet(folder, sizes=(100, 300, 601), row_group_size=64):
 
 
 def batches_of(source, batch_size, epoch=0, rank=0, world=1, batches=None, workers=0, skip=0, seed=0, transform=None):
-    stream = hvp.BatchStream(source, transform or tiny_aug(), batch_size, epoch, seed, rank, world, batches, skip,
+    stream = hvp_run.BatchStream(source, transform or tiny_aug(), batch_size, epoch, seed, rank, world, batches, skip,
                              shuffle_buffer=64)
-    return list(hvp.epoch_batches(lambda e, s: hvp.make_loader(stream, workers), epoch, skip))
+    return list(hvp_run.epoch_batches(lambda e, s: hvp_run.make_loader(stream, workers), epoch, skip))
 
 
 def test_shipped_dataset_is_the_default_and_has_row_counts_from_its_parquet_footers():
-    assert hvp.DEFAULT_DATASET == str(SHIPPED)
-    train = hvp.open_source(hvp.DEFAULT_DATASET, "train")
+    assert hvp_run.DEFAULT_DATASET == str(SHIPPED)
+    train = hvp_run.open_source(hvp_run.DEFAULT_DATASET, "train")
     assert train.kind == "parquet" and train.label_column == "label" and train.num_rows == 10000
     assert len(train.pieces) == 16  # one piece per row group
-    assert hvp.open_source(hvp.DEFAULT_DATASET, "test").num_rows == 2000
+    assert hvp_run.open_source(hvp_run.DEFAULT_DATASET, "test").num_rows == 2000
     assert (SHIPPED / "LICENSE").read_text().count("Zalando") >= 1
 
 
 def test_a_single_parquet_file_and_a_glob_are_accepted(tiny_dataset):
     file = tiny_dataset / "data" / "test-00000-of-00001.parquet"
     for name in (str(file), str(tiny_dataset / "data" / "test-*.parquet")):
-        source = hvp.open_source(name, "ignored")
+        source = hvp_run.open_source(name, "ignored")
         assert source.label_column == "label" and source.num_rows == 48
 
 
@@ -59,16 +60,16 @@ def test_a_single_parquet_file_and_a_glob_are_accepted(tiny_dataset):
     ("/no/such/*.parquet", "cannot open dataset '/no/such/*.parquet': no file matches"),
 ])
 def test_missing_dataset_is_a_one_line_error(name, message):
-    with pytest.raises(hvp.HVPError) as err:
-        hvp.open_source(name, "train")
+    with pytest.raises(hvp_run.HVPError) as err:
+        hvp_run.open_source(name, "train")
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
 def test_missing_split_and_image_column_are_one_line_errors(tiny_dataset):
-    with pytest.raises(hvp.HVPError, match="no split 'validation' \\(it has: test, train\\)"):
-        hvp.open_source(str(tiny_dataset), "validation")
-    with pytest.raises(hvp.HVPError, match="no image column 'img'.*--image_column"):
-        hvp.open_source(str(tiny_dataset), "train", image_column="img")
+    with pytest.raises(hvp_run.HVPError, match="no split 'validation' \\(it has: test, train\\)"):
+        hvp_run.open_source(str(tiny_dataset), "validation")
+    with pytest.raises(hvp_run.HVPError, match="no image column 'img'.*--image_column"):
+        hvp_run.open_source(str(tiny_dataset), "train", image_column="img")
 
 
 @pytest.mark.parametrize("sizes", [(100, 300, 601), (7, 1, 30, 12), (64,)])
@@ -80,7 +81,7 @@ def test_every_row_is_planned_once_per_epoch_across_processes_and_workers(sizes,
         seen, per_worker = [], []
         for rank in range(world):
             for worker in range(workers):
-                ranges = hvp.epoch_ranges(list(sizes), epoch, 0, rank, world, worker, workers, batch_size, batches)
+                ranges = hvp_run.epoch_ranges(list(sizes), epoch, 0, rank, world, worker, workers, batch_size, batches)
                 rows = [(p, i) for p, first, end in ranges for i in range(first, end)]
                 seen += rows
                 per_worker.append(len(rows))
@@ -95,7 +96,7 @@ def test_the_rows_left_out_of_an_epoch_differ_between_epochs():
     sizes = [10] * 10
     left_out = []
     for epoch in range(4):
-        ranges = hvp.epoch_ranges(sizes, epoch, 0, 0, 1, 0, 1, 8, 100 // 8)
+        ranges = hvp_run.epoch_ranges(sizes, epoch, 0, 0, 1, 0, 1, 8, 100 // 8)
         planned = {(p, i) for p, first, end in ranges for i in range(first, end)}
         left_out.append(frozenset(set(itertools.product(range(10), range(10))) - planned))
     assert len(set(left_out)) > 1
@@ -107,7 +108,7 @@ def test_evaluation_reads_every_row_once_in_order_whatever_the_split():
         rows = []
         for rank in range(world):
             for worker in range(workers):
-                ranges = hvp.epoch_ranges(sizes, 0, 0, rank, world, worker, workers, 4, None)
+                ranges = hvp_run.epoch_ranges(sizes, 0, 0, rank, world, worker, workers, 4, None)
                 rows += [(p, i) for p, first, end in ranges for i in range(first, end)]
         assert rows == [(p, i) for p, n in enumerate(sizes) for i in range(n)]
 
@@ -116,7 +117,7 @@ def test_evaluation_reads_every_row_once_in_order_whatever_the_split():
 def test_two_processes_train_on_disjoint_rows_of_uneven_shards_and_read_only_their_own(tmp_path, workers):
     """1001 rows in shards of 100/300/601, 2 processes, batch 8: each trains on 62 x 8 rows of its
     own, no row twice, and reads (almost) nothing but its own rows."""
-    source = hvp.open_source(str(uneven_parquet(tmp_path)), "train")
+    source = hvp_run.open_source(str(uneven_parquet(tmp_path)), "train")
     batches = source.num_rows // 16
     read_by = collections.Counter()
     original_read = source.read
@@ -144,7 +145,7 @@ def test_image_folder_with_odd_modes_and_a_corrupt_file_is_read_in_eval_mode(tmp
             img = Image.new("RGB", (20 + i, 18), (40 * i, 100, 200)).convert(mode)
             img.save(tmp_path / cls / f"{i}.{'jpg' if mode == 'CMYK' else 'png'}")
     (tmp_path / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
-    source = hvp.open_source(str(tmp_path), "train")
+    source = hvp_run.open_source(str(tmp_path), "train")
     assert source.kind == "imagefolder" and source.class_names == ["cat", "dog"] and source.num_rows == 7
     batches = batches_of(source, 5)
     assert sum(int(b["skipped"]) for b in batches) == 1
@@ -161,7 +162,7 @@ def test_training_batches_replace_an_undecodable_image_and_stay_full(tmp_path):
     for i in (3, 4, 5):
         images[i] = {"bytes": b"not an image", "path": None}
     pq.write_table(table.set_column(0, "image", pa.array(images, type=table.schema.field("image").type)), path)
-    source = hvp.open_source(str(data), "train")
+    source = hvp_run.open_source(str(data), "train")
     trained = batches_of(source, 8, batches=5, workers=0)
     assert all(len(b["label"]) == 8 for b in trained)
     assert sum(int(b["skipped"]) for b in trained) == 3
@@ -170,7 +171,7 @@ def test_training_batches_replace_an_undecodable_image_and_stay_full(tmp_path):
 
 
 def test_loader_batches_are_batch_major_with_params(tiny_dataset):
-    source = hvp.open_source(str(tiny_dataset), "train")
+    source = hvp_run.open_source(str(tiny_dataset), "train")
     batch = batches_of(source, 4, batches=2)[0]
     assert batch["views"].shape == (4, 2, 3, 8, 8) and batch["views"].dtype == torch.uint8
     assert batch["views_params"].shape == (4, 2, len(hvp.PARAM_NAMES))
@@ -178,7 +179,7 @@ def test_loader_batches_are_batch_major_with_params(tiny_dataset):
 
 
 def test_a_row_gets_the_same_views_whatever_the_number_of_processes_and_workers(tmp_path):
-    source = hvp.open_source(str(uneven_parquet(tmp_path, sizes=(40, 56))), "train")
+    source = hvp_run.open_source(str(uneven_parquet(tmp_path, sizes=(40, 56))), "train")
 
     def views_by_label(world, workers):
         out = {}
@@ -194,7 +195,7 @@ def test_a_row_gets_the_same_views_whatever_the_number_of_processes_and_workers(
 
 @pytest.mark.parametrize("workers,crops", [(0, "worker"), (2, "worker"), (3, "worker"), (2, "device")])
 def test_resuming_the_stream_mid_epoch_gives_exactly_the_remaining_batches(tiny_dataset, workers, crops):
-    source = hvp.open_source(str(tiny_dataset), "train")
+    source = hvp_run.open_source(str(tiny_dataset), "train")
     transform = hvp.MultiViewTransform({"views": [hvp.ViewAug(size=8)] * 2}, crops=crops)
     pixels = "views" if crops == "worker" else "image"
     full = batches_of(source, 4, epoch=1, batches=20, workers=workers, seed=3, transform=transform)
@@ -207,21 +208,21 @@ def test_resuming_the_stream_mid_epoch_gives_exactly_the_remaining_batches(tiny_
 
 
 def test_epochs_reshuffle(tiny_dataset):
-    source = hvp.open_source(str(tiny_dataset), "train")
+    source = hvp_run.open_source(str(tiny_dataset), "train")
     first = [torch.cat([b["label"] for b in batches_of(source, 8, epoch=e, batches=12)]) for e in (0, 1)]
     assert sorted(first[0].tolist()) == sorted(first[1].tolist()) and not torch.equal(first[0], first[1])
 
 
 def test_training_batches_cross_epochs_and_resume_exactly(tiny_dataset):
     """96 images, batch 8, 2 grad-accumulation micro-steps: 6 optimizer steps per epoch."""
-    source = hvp.open_source(str(tiny_dataset), "train")
+    source = hvp_run.open_source(str(tiny_dataset), "train")
 
     def make_epoch_loader(epoch, skip):
-        stream = hvp.BatchStream(source, tiny_aug(), 8, epoch, 1, 0, 1, 12, skip, shuffle_buffer=64)
-        return hvp.make_loader(stream, 2)
+        stream = hvp_run.BatchStream(source, tiny_aug(), 8, epoch, 1, 0, 1, 12, skip, shuffle_buffer=64)
+        return hvp_run.make_loader(stream, 2)
 
     def run(start_step, count):
-        gen = hvp.training_batches(make_epoch_loader, steps_per_epoch=6, start_step=start_step, grad_accum=2)
+        gen = hvp_run.training_batches(make_epoch_loader, steps_per_epoch=6, start_step=start_step, grad_accum=2)
         return [next(gen) for _ in range(count)]
 
     full = run(0, 30)  # 2.5 epochs of micro-batches
@@ -232,5 +233,5 @@ def test_training_batches_cross_epochs_and_resume_exactly(tiny_dataset):
 
 
 def test_default_workers_leave_a_core_for_the_training_loop():
-    assert hvp.default_workers(1) >= 1
-    assert hvp.default_workers(10_000) == 1
+    assert hvp_run.default_workers(1) >= 1
+    assert hvp_run.default_workers(10_000) == 1

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import hvp_utils as hvp
+import hvp_run
 from conftest import REPO, run_script
 
 sys.path.insert(0, str(REPO / "eval"))
@@ -65,16 +66,16 @@ def corrupt_dataset(tmp_path_factory):
 
 def tiny_resnet(seed=0):
     torch.manual_seed(seed)
-    return hvp.create_backbone("resnet18", 12, small_stem=True).eval()
+    return hvp_run.create_backbone("resnet18", 12, small_stem=True).eval()
 
 
 def tiny_vit(depth=3):
     torch.manual_seed(0)
-    return hvp.create_backbone("vit_tiny", 12, small_stem=True, depth=depth, embed_dim=32, num_heads=2).eval()
+    return hvp_run.create_backbone("vit_tiny", 12, small_stem=True, depth=depth, embed_dim=32, num_heads=2).eval()
 
 
 def export(model, folder):
-    return hvp.export_backbone(model, folder, {"input_size": (3, 12, 12)}, "hvp_test")
+    return hvp_run.export_backbone(model, folder, {"input_size": (3, 12, 12)}, "hvp_test")
 
 
 def features(model, x, **kw):
@@ -106,7 +107,7 @@ def test_non_vit_features_are_the_pooled_backbone_output():
 
 
 def test_more_last_blocks_than_the_vit_has_is_an_error():
-    with pytest.raises(hvp.HVPError, match="--n_last_blocks 4 but the ViT has 3 blocks"):
+    with pytest.raises(hvp_run.HVPError, match="--n_last_blocks 4 but the ViT has 3 blocks"):
         linear.FeatureModel(tiny_vit(depth=3), n_last_blocks=4)
 
 
@@ -117,7 +118,7 @@ def test_every_backbone_source_gives_identical_features(tmp_path):
     reference = features(model, x)
     export(model, tmp_path / "export")
     run = tmp_path / "run"  # a training output folder: checkpoints + the latest export
-    ckpt = hvp.save_checkpoint(run, 7, {"model": {"backbone." + k: v for k, v in model.state_dict().items()}, "step": 7},
+    ckpt = hvp_run.save_checkpoint(run, 7, {"model": {"backbone." + k: v for k, v in model.state_dict().items()}, "step": 7},
                                model, {"input_size": (3, 12, 12)}, "hvp_test")
     export(model, run / "backbone")
     for source in (tmp_path / "export", run, ckpt):
@@ -132,12 +133,12 @@ def test_checkpoint_key_loads_the_teacher_instead_of_the_exported_student(tmp_pa
     state = {"student": {f"backbone.{k}": v for k, v in student.state_dict().items()},
              "teacher": {f"module.backbone.{k}": v for k, v in teacher.state_dict().items()}
              | {"module.head.weight": torch.zeros(2, 2)}, "step": 3}
-    ckpt = hvp.save_checkpoint(tmp_path / "dino", 3, state, student, {"input_size": (3, 12, 12)}, "hvp_test")
+    ckpt = hvp_run.save_checkpoint(tmp_path / "dino", 3, state, student, {"input_size": (3, 12, 12)}, "hvp_test")
     loaded, _ = linear.load_backbone(tmp_path / "dino", checkpoint_key="teacher")
     torch.testing.assert_close(features(loaded, x), features(teacher, x))
     loaded, _ = linear.load_backbone(ckpt)  # without the key: the export (student)
     torch.testing.assert_close(features(loaded, x), features(student, x))
-    with pytest.raises(hvp.HVPError, match="has no state 'ema'"):
+    with pytest.raises(hvp_run.HVPError, match="has no state 'ema'"):
         linear.load_backbone(ckpt, checkpoint_key="ema")
 
 
@@ -176,7 +177,7 @@ def test_linear_probe_without_cache_runs_the_backbone_on_fresh_augmentations(col
 
 
 def test_cached_views_are_the_train_split_in_order_augmented_differently_per_view(colour_dataset):
-    accelerator = hvp.make_accelerator("no", 1, "none", ".")
+    accelerator = hvp_run.make_accelerator("no", 1, "none", ".")
     cfg = linear.Config(backbone="x", batch_size=10, num_workers=0, crop_scale=(0.3, 1.0))
     source = linear.open_split(str(colour_dataset), "train", "image", "label", accelerator, "a linear probe")
     loaders = linear.augmented_loaders(source, cfg, 12, hvp.IMAGENET_MEAN, hvp.IMAGENET_STD, accelerator)
@@ -192,12 +193,12 @@ def test_cached_views_are_the_train_split_in_order_augmented_differently_per_vie
 
 
 def test_finetuning_epochs_are_full_shuffled_batches_of_a_new_stream_each(colour_dataset):
-    accelerator = hvp.make_accelerator("no", 1, "none", ".")
+    accelerator = hvp_run.make_accelerator("no", 1, "none", ".")
     cfg = finetune.Config(backbone="x", batch_size=16, num_workers=0)
     source = linear.open_split(str(colour_dataset), "train", "image", "label", accelerator, "fine-tuning")
     steps = linear.steps_per_epoch(source, 16)
     loaders = linear.augmented_loaders(source, cfg, 12, hvp.IMAGENET_MEAN, hvp.IMAGENET_STD, accelerator, steps)
-    batches = hvp.training_batches(loaders, steps)
+    batches = hvp_run.training_batches(loaders, steps)
     epochs = [[next(batches) for _ in range(steps)] for _ in range(2)]
     batches.close()
     assert steps == 4 and [[e for e, _ in epoch] for epoch in epochs] == [[0] * 4, [1] * 4]
@@ -366,15 +367,15 @@ def test_finetuning_replaces_only_a_folder_it_wrote_and_checks_the_hub_flags_fir
     for folder in (tmp_path / "backbone", tmp_path / "other"):
         cfg = finetune.Config(backbone=str(tmp_path / "backbone"), dataset=str(colour_dataset), epochs=1,
                               batch_size=16, num_workers=0, output_dir=str(folder))
-        with pytest.raises(hvp.HVPError, match="exists and does not hold a fine-tuned model"):
+        with pytest.raises(hvp_run.HVPError, match="exists and does not hold a fine-tuned model"):
             finetune.run(cfg)
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
     base = dict(backbone=str(tmp_path / "backbone"), dataset=str(colour_dataset), num_workers=0)
-    with pytest.raises(hvp.HVPError, match="--hub_model_id only takes effect with --push_to_hub"):
+    with pytest.raises(hvp_run.HVPError, match="--hub_model_id only takes effect with --push_to_hub"):
         finetune.run(finetune.Config(**base, hub_model_id="me/x"))
-    with pytest.raises(hvp.HVPError, match="cannot push with HF_HUB_OFFLINE=1"):  # the tests run offline
+    with pytest.raises(hvp_run.HVPError, match="cannot push with HF_HUB_OFFLINE=1"):  # the tests run offline
         finetune.run(finetune.Config(**base, push_to_hub=True, hub_model_id="me/x"))
-    with pytest.raises(hvp.HVPError, match="cannot be combined with --no-save_model"):
+    with pytest.raises(hvp_run.HVPError, match="cannot be combined with --no-save_model"):
         finetune.resolve_config(finetune.Config(**base, push_to_hub=True, save_model=False))
     assert not (tmp_path / "backbone" / f"finetune_{colour_dataset.name}").exists()
 
@@ -486,14 +487,14 @@ def test_finetune_presets_follow_protocol_and_never_override_a_given_flag():
     assert (cfg.lr, cfg.epochs, cfg.image_column) == (7.5e-6, 100, "img")
     assert finetune.resolve_config(cfg).dataset == "uoft-cs/cifar10"
     cfg, notes = finetune.parse_args(["--batch_size", "32"])  # the shipped dataset: its CPU preset
-    assert (cfg.lr, cfg.epochs, cfg.batch_size, cfg.dataset) == (1e-3, 3, 32, hvp.DEFAULT_DATASET)
+    assert (cfg.lr, cfg.epochs, cfg.batch_size, cfg.dataset) == (1e-3, 3, 32, hvp_run.DEFAULT_DATASET)
     assert len(notes) == 1 and "batch_size" not in notes[0] and "lr=0.001" in notes[0]
     cfg, notes = finetune.parse_args(["--dataset", "some/other"])
     assert (cfg.lr, cfg.epochs, notes) == (5e-5, 100, [])
 
 
 def test_finetuning_a_split_smaller_than_one_global_batch_is_a_one_line_error(colour_dataset):
-    with pytest.raises(hvp.HVPError, match="has 64 images, fewer than one global batch"):
+    with pytest.raises(hvp_run.HVPError, match="has 64 images, fewer than one global batch"):
         finetune.run(finetune.Config(backbone="x", dataset=str(colour_dataset), batch_size=128, num_workers=0))
 
 
@@ -516,9 +517,9 @@ def test_a_dataset_without_labels_is_a_one_line_error(tmp_path):
         datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()})).to_parquet(
             tmp_path / "nolabels" / "data" / f"{split}-00000-of-00001.parquet")
     export(tiny_resnet(), tmp_path / "b")
-    with pytest.raises(hvp.HVPError, match="has no label column 'label': a linear probe needs labels"):
+    with pytest.raises(hvp_run.HVPError, match="has no label column 'label': a linear probe needs labels"):
         linear.run(probe_config(tmp_path / "b", tmp_path / "nolabels", tmp_path))
-    with pytest.raises(hvp.HVPError, match="fine-tuning needs labels"):
+    with pytest.raises(hvp_run.HVPError, match="fine-tuning needs labels"):
         finetune.run(finetune.Config(backbone=str(tmp_path / "b"), dataset=str(tmp_path / "nolabels"), num_workers=0))
 
 
@@ -530,11 +531,11 @@ def test_a_backbone_that_cannot_be_loaded_is_a_one_line_error(script, tmp_path, 
 
 
 def test_bad_flags_are_errors():
-    with pytest.raises(hvp.HVPError, match="--optimizer must be lars or sgd"):
+    with pytest.raises(hvp_run.HVPError, match="--optimizer must be lars or sgd"):
         linear.check_config(linear.Config(backbone="x", optimizer="adam"))
-    with pytest.raises(hvp.HVPError, match="--lr must be comma-separated numbers"):
+    with pytest.raises(hvp_run.HVPError, match="--lr must be comma-separated numbers"):
         linear.check_config(linear.Config(backbone="x", lr="0.1,fast"))
-    with pytest.raises(hvp.HVPError, match="no public Hub copy known"):
+    with pytest.raises(hvp_run.HVPError, match="no public Hub copy known"):
         finetune.resolve_config(finetune.Config(backbone="x", dataset="inat21"))
-    with pytest.raises(hvp.HVPError, match="--checkpoint_key needs a checkpoint"):
+    with pytest.raises(hvp_run.HVPError, match="--checkpoint_key needs a checkpoint"):
         linear.checkpoint_backbone_weights("hf-hub:org/name", "teacher")

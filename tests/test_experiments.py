@@ -272,7 +272,7 @@ def test_view_grid_shows_the_first_decodable_images_of_the_split_in_order(tmp_pa
     import types
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import hvp_utils as hvp
+    import hvp_run
     data = tmp_path / "data"
     write_parquet_split(data, "train", 12, 4)
     path = data / "data" / "train-00000-of-00001.parquet"
@@ -283,7 +283,7 @@ def test_view_grid_shows_the_first_decodable_images_of_the_split_in_order(tmp_pa
     labels = table.column("label").to_pylist()
     view_grid = load_module("experiments/view_grid.py", "view_grid_under_test")
     cfg = types.SimpleNamespace(dataset=str(data), split="train", image_column="image", label_column="label", seed=0)
-    batch = view_grid.first_batch(cfg, hvp.EvalTransform(28), 5, "", "")
+    batch = view_grid.first_batch(cfg, hvp_run.EvalTransform(28), 5, "", "")
     assert batch["image"].shape == (5, 3, 28, 28) and int(batch["skipped"]) == 1
     assert batch["label"].tolist() == [labels[i] for i in (0, 1, 3, 4, 5)]
 

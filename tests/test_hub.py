@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import hvp_utils as hvp
+import hvp_run
 from conftest import REPO, script_env
 from hub_server import HubServer
 
@@ -76,13 +77,14 @@ import json, sys
 import timm, torch
 from huggingface_hub import HfApi, ModelCard
 import hvp_utils as hvp
+import hvp_run
 
 repo, local = sys.argv[1], sys.argv[2]
 x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 with torch.no_grad():
     from_timm = timm.create_model(f"hf-hub:{repo}", pretrained=True).eval()(x)
-    from_hvp = hvp.load_backbone(f"hf-hub:{repo}")[0].eval()(x)
-    from_local = hvp.load_backbone(local)[0].eval()(x)
+    from_hvp = hvp_run.load_backbone(f"hf-hub:{repo}")[0].eval()(x)
+    from_local = hvp_run.load_backbone(local)[0].eval()(x)
 api = HfApi()
 info = api.model_info(repo)
 print(json.dumps({
@@ -135,8 +137,8 @@ def test_a_pushed_backbone_loads_in_a_fresh_process_with_timm_and_gives_identica
 def test_the_model_card_has_hub_metadata_settings_results_and_a_usage_snippet(hub, tiny_dataset, tmp_path):
     from huggingface_hub import ModelCard
     from train_simsiam import Config
-    cfg = Config(dataset=hvp.DEFAULT_DATASET, arch="resnet18", image_size=64, num_views=4, hvp_select_res=0.5)
-    text = hvp.model_card("me/hvp-simsiam", "SimSiam", cfg, step=156, processes=2, precision="bf16",
+    cfg = Config(dataset=hvp_run.DEFAULT_DATASET, arch="resnet18", image_size=64, num_views=4, hvp_select_res=0.5)
+    text = hvp_run.model_card("me/hvp-simsiam", "SimSiam", cfg, step=156, processes=2, precision="bf16",
                           results={"knn_top1": 81.25, "knn_top5": 98.5, "k": 20})
     card = ModelCard(text)
     assert card.data.library_name == "timm" and card.data.license == "mit"
@@ -146,13 +148,13 @@ def test_the_model_card_has_hub_metadata_settings_results_and_a_usage_snippet(hu
     assert 'timm.create_model("hf-hub:me/hvp-simsiam", pretrained=True)' in card.text
     assert "| knn_top1 | 81.25 |" in card.text and '"hvp_select_res": 0.5' in card.text
     assert '"lr": 0.05' in card.text and "156 optimizer steps on 2 process(es)" in card.text
-    assert str(hvp.REPO_DIR) not in card.text, "no local paths on a public card"
-    small = hvp.model_card("me/tiny", "DINO", dict(arch="vit_small", small_stem=True, dataset="/no/such/dir"), 1)
-    assert 'hvp_utils.load_backbone("hf-hub:me/tiny")' in ModelCard(small).text
+    assert str(hvp_run.REPO_DIR) not in card.text, "no local paths on a public card"
+    small = hvp_run.model_card("me/tiny", "DINO", dict(arch="vit_small", small_stem=True, dataset="/no/such/dir"), 1)
+    assert 'hvp_run.load_backbone("hf-hub:me/tiny")' in ModelCard(small).text
     # a small-stem ViT is a plain timm ViT (patch and image size in config.json); a small-stem ResNet is not
     assert ModelCard(small).data.library_name == "timm" and 'timm.create_model("hf-hub:me/tiny"' in small
-    resnet = ModelCard(hvp.model_card("me/r", "SimCLR", dict(arch="resnet18", small_stem=True, dataset="x/y"), 1))
-    assert resnet.data.library_name == hvp.HUB_CUSTOM_LIBRARY and "timm" not in resnet.data.tags
+    resnet = ModelCard(hvp_run.model_card("me/r", "SimCLR", dict(arch="resnet18", small_stem=True, dataset="x/y"), 1))
+    assert resnet.data.library_name == hvp_run.HUB_CUSTOM_LIBRARY and "timm" not in resnet.data.tags
     assert 'timm.create_model("hf-hub:me/r", pretrained=True)' in resnet.text and "fails" in resnet.text
 
 
@@ -162,8 +164,9 @@ TRAINING_DATA_CONFIG = {"input_size": (3, 32, 32), "interpolation": "bicubic", "
 PUSH_THE_SAME_EXPORT_TWICE = r"""
 import sys
 import hvp_utils as hvp
+import hvp_run
 for step in (1, 2):
-    pusher = hvp.HubPusher("hvp-tester/lfs", "SimSiam", {"arch": "test_resnet", "image_size": 32}, sys.argv[1], retries=1)
+    pusher = hvp_run.HubPusher("hvp-tester/lfs", "SimSiam", {"arch": "test_resnet", "image_size": 32}, sys.argv[1], retries=1)
     pusher.push(sys.argv[2], step=step)
     print("pushed:", pusher.close())
 """
@@ -174,18 +177,19 @@ from pathlib import Path
 import torch
 from huggingface_hub import hf_hub_download
 import hvp_utils as hvp
+import hvp_run
 repo, local = sys.argv[1], sys.argv[2]
 weights = Path(hf_hub_download(repo, "model.safetensors"))
 x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 with torch.no_grad():
-    same = torch.equal(hvp.load_backbone(f"hf-hub:{repo}")[0].eval()(x), hvp.load_backbone(local)[0].eval()(x))
+    same = torch.equal(hvp_run.load_backbone(f"hf-hub:{repo}")[0].eval()(x), hvp_run.load_backbone(local)[0].eval()(x))
 print(json.dumps({"bytes": weights.read_bytes() == (Path(local) / "model.safetensors").read_bytes(),
                   "cache_blob": weights.resolve().name, "features_equal": same}))
 """
 
 
 def test_the_weights_go_through_git_lfs_and_a_fresh_download_gives_identical_weights(hub, tmp_path):
-    export = hvp.export_backbone(hvp.create_backbone("test_resnet", 32), tmp_path / "backbone", TRAINING_DATA_CONFIG,
+    export = hvp_run.export_backbone(hvp_run.create_backbone("test_resnet", 32), tmp_path / "backbone", TRAINING_DATA_CONFIG,
                                  "hvp_simsiam")
     weights = (export / "model.safetensors").read_bytes()
     sha = hashlib.sha256(weights).hexdigest()
@@ -272,9 +276,10 @@ CARD_EXPORTS = {  # name: (arch, image_size, small_stem)
 PUSH_EXPORTS = r"""
 import json, sys
 import hvp_utils as hvp
+import hvp_run
 for name, (arch, size, small_stem, export) in json.loads(sys.argv[2]).items():
     config = {"arch": arch, "image_size": size, "small_stem": small_stem, "dataset": "zalando-datasets/fashion_mnist"}
-    pusher = hvp.HubPusher(f"hvp-tester/card-{name}", "DINO", config, sys.argv[1], retries=1)
+    pusher = hvp_run.HubPusher(f"hvp-tester/card-{name}", "DINO", config, sys.argv[1], retries=1)
     pusher.push(export, step=5)
     print(name, "pushed:", pusher.close())
 """
@@ -311,9 +316,9 @@ def test_each_model_card_loads_its_architecture_with_identical_features(hub, tmp
     torch.manual_seed(0)
     models, exports, features = {}, {}, {}
     for name, (arch, size, small_stem) in CARD_EXPORTS.items():
-        models[name] = hvp.create_backbone(arch, size, small_stem).eval()
+        models[name] = hvp_run.create_backbone(arch, size, small_stem).eval()
         data = dict(TRAINING_DATA_CONFIG, input_size=(3, size, size))
-        exports[name] = hvp.export_backbone(models[name], tmp_path / name / "backbone", data, "hvp_dino")
+        exports[name] = hvp_run.export_backbone(models[name], tmp_path / name / "backbone", data, "hvp_dino")
         with torch.no_grad():
             features[name] = models[name](torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)))
     jobs = {name: [*CARD_EXPORTS[name], str(exports[name])] for name in CARD_EXPORTS}
@@ -332,8 +337,8 @@ def test_each_model_card_loads_its_architecture_with_identical_features(hub, tmp
             assert run["transform_ok"], (name, i)
         first, second = (run["code"] for run in runs)
         if name == "resnet-small-stem":  # plain timm cannot build it: say so, and load it another way
-            assert facts[name]["library"] == hvp.HUB_CUSTOM_LIBRARY
-            assert 'hvp_utils.load_backbone("hf-hub:hvp-tester/card-resnet-small-stem")' in first
+            assert facts[name]["library"] == hvp_run.HUB_CUSTOM_LIBRARY
+            assert 'hvp_run.load_backbone("hf-hub:hvp-tester/card-resnet-small-stem")' in first
             assert "timm.create_model(\"hf-hub:" not in first + second and "nn.Identity()" in second
         else:
             assert facts[name]["library"] == "timm"
@@ -350,7 +355,7 @@ def test_each_model_card_loads_its_architecture_with_identical_features(hub, tmp
             local = timm.create_model(f"local-dir:{exports[name]}", pretrained=True).eval()
             assert torch.equal(local(x), features[name])
     with torch.no_grad():
-        assert torch.equal(hvp.load_backbone(exports["resnet-small-stem"])[0].eval()(x), features["resnet-small-stem"])
+        assert torch.equal(hvp_run.load_backbone(exports["resnet-small-stem"])[0].eval()(x), features["resnet-small-stem"])
     with pytest.raises(RuntimeError, match="conv1.weight"):
         timm.create_model(f"local-dir:{exports['resnet-small-stem']}", pretrained=True)
     by_name_only = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=0,
@@ -360,7 +365,7 @@ def test_each_model_card_loads_its_architecture_with_identical_features(hub, tmp
 
 def test_a_failing_hub_is_retried_and_reported_and_training_and_checkpoints_stay_intact(hub, tiny_dataset, tmp_path):
     # a repo to start from (--init_from hf-hub:...) that the server still serves while every write fails
-    hvp.export_backbone(hvp.create_backbone("test_resnet", 32), tmp_path / "init", {"input_size": (3, 32, 32)}, "init")
+    hvp_run.export_backbone(hvp_run.create_backbone("test_resnet", 32), tmp_path / "init", {"input_size": (3, 32, 32)}, "init")
     hub.add_files("hvp-tester/init", {p.name: p.read_bytes() for p in (tmp_path / "init").iterdir()})
     hub.fail(500, methods={"POST"})
     out = tmp_path / "run"
@@ -374,8 +379,8 @@ def test_a_failing_hub_is_retried_and_reported_and_training_and_checkpoints_stay
     assert "Traceback" not in result.stderr and TOKEN not in result.stdout + result.stderr
     assert sum(1 for m, p, _ in hub.requests if p == "/api/repos/create") >= 3, "retried"
     assert "hvp-tester/failing" not in hub.repos
-    assert hvp.load_checkpoint(hvp.latest_checkpoint(out))["step"] == 2
-    hvp.load_backbone(out)
+    assert hvp_run.load_checkpoint(hvp_run.latest_checkpoint(out))["step"] == 2
+    hvp_run.load_backbone(out)
     kept = sorted(p.name for p in (out / "hub_upload" / "backbone").iterdir())
     assert kept == ["README.md", "config.json", "model.safetensors"], "what the last push would have uploaded"
     assert files_containing(out, TOKEN) == [], "the kept card and config do not hold the token"
@@ -391,14 +396,15 @@ def test_a_failing_hub_is_retried_and_reported_and_training_and_checkpoints_stay
 PUSH_TO_A_DOWN_HUB = r"""
 import sys
 import hvp_utils as hvp
-pusher = hvp.HubPusher("hvp-tester/down", "SimSiam", {"arch": "test_resnet"}, sys.argv[1], retries=2)
+import hvp_run
+pusher = hvp_run.HubPusher("hvp-tester/down", "SimSiam", {"arch": "test_resnet"}, sys.argv[1], retries=2)
 pusher.push(sys.argv[2], step=7)
 print("pushed:", pusher.close())
 """
 
 
 def test_a_hub_that_is_down_is_reported_and_the_export_is_kept(hub, tmp_path):
-    export = hvp.export_backbone(hvp.create_backbone("test_resnet", 32), tmp_path / "backbone", {}, "t")
+    export = hvp_run.export_backbone(hvp_run.create_backbone("test_resnet", 32), tmp_path / "backbone", {}, "t")
     before = {p.name: p.read_bytes() for p in export.iterdir()}
     hub.stop()
     result = ok(run_with_hub(["-c", PUSH_TO_A_DOWN_HUB, tmp_path, export], hub.url, tmp_path / "hf"))
@@ -443,8 +449,8 @@ def test_bad_hub_flags_are_one_line_errors(flags, message, monkeypatch, tmp_path
     from train_simsiam import Config
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    with pytest.raises(hvp.HVPError, match="^" + re.escape(message)):
-        hvp.HubPusher.from_config(Config(output_dir=str(tmp_path / "out"), **flags), FakeAccelerator(), "SimSiam")
+    with pytest.raises(hvp_run.HVPError, match="^" + re.escape(message)):
+        hvp_run.HubPusher.from_config(Config(output_dir=str(tmp_path / "out"), **flags), FakeAccelerator(), "SimSiam")
 
 
 def test_the_repo_name_defaults_to_the_output_folder_and_pushes_are_due_every_n_steps(monkeypatch, tmp_path):
@@ -452,31 +458,32 @@ def test_the_repo_name_defaults_to_the_output_folder_and_pushes_are_due_every_n_
     from train_simsiam import Config
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    pusher = hvp.HubPusher.from_config(Config(output_dir=str(tmp_path / "hvp simsiam"), push_to_hub=True, hub_every=10),
+    pusher = hvp_run.HubPusher.from_config(Config(output_dir=str(tmp_path / "hvp simsiam"), push_to_hub=True, hub_every=10),
                                        FakeAccelerator(), "SimSiam")
     assert pusher.repo_id == "hvp-simsiam"  # create_repo puts a bare name in the token owner's namespace
     assert [pusher.due(s) for s in (5, 10)] == [False, True]
     not_main = type("Worker", (FakeAccelerator,), {"is_main_process": False})()
-    assert not hvp.HubPusher.from_config(Config(push_to_hub=True), not_main, "SimSiam").due(10)
+    assert not hvp_run.HubPusher.from_config(Config(push_to_hub=True), not_main, "SimSiam").due(10)
 
 
 def test_init_from_copies_the_weights_and_rejects_another_architecture(tmp_path):
-    source = hvp.create_backbone("test_resnet", 32)
-    hvp.export_backbone(source, tmp_path / "export", {}, "t")
-    target = hvp.init_backbone(hvp.create_backbone("test_resnet", 32), tmp_path / "export")
+    source = hvp_run.create_backbone("test_resnet", 32)
+    hvp_run.export_backbone(source, tmp_path / "export", {}, "t")
+    target = hvp_run.init_backbone(hvp_run.create_backbone("test_resnet", 32), tmp_path / "export")
     for name, value in source.state_dict().items():
         assert torch.equal(value, target.state_dict()[name]), name
-    with pytest.raises(hvp.HVPError, match="does not fit --arch"):
-        hvp.init_backbone(hvp.create_backbone("resnet18", 32), tmp_path / "export")
+    with pytest.raises(hvp_run.HVPError, match="does not fit --arch"):
+        hvp_run.init_backbone(hvp_run.create_backbone("resnet18", 32), tmp_path / "export")
 
 
 LOAD_HVP_IN_A_FRESH_PROCESS = r"""
 import sys, torch
 import hvp_utils as hvp
+import hvp_run
 repo, local = sys.argv[1], sys.argv[2]
 x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 with torch.no_grad():
-    print(torch.equal(hvp.load_backbone(f"hf-hub:{repo}")[0].eval()(x), hvp.load_backbone(local)[0].eval()(x)))
+    print(torch.equal(hvp_run.load_backbone(f"hf-hub:{repo}")[0].eval()(x), hvp_run.load_backbone(local)[0].eval()(x)))
 """
 
 OTHER_SCRIPTS = {
@@ -489,7 +496,7 @@ OTHER_SCRIPTS = {
 }
 
 
-@pytest.mark.parametrize("script", sorted(OTHER_SCRIPTS))  # SimSiam above; SimCLR pushes through the same hvp.Run
+@pytest.mark.parametrize("script", sorted(OTHER_SCRIPTS))  # SimSiam above; SimCLR pushes through the same hvp_run.Run
 def test_the_vit_scripts_push_their_exported_teacher(script, hub, tiny_dataset, tmp_path):
     out, repo = tmp_path / "run", f"hvp-tester/{script[6:-3]}-tiny"
     ok(run_with_hub([script, "--dataset", tiny_dataset, "--output_dir", out, *OTHER_SCRIPTS[script], "--max_steps", 1,

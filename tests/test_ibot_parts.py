@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import hvp_utils as hvp
+import hvp_run
 import train_ibot as ti
 
 
@@ -242,13 +243,13 @@ def test_no_masks_before_pred_start_epoch():
 
 
 def test_mask_ratio_flags_take_one_number_or_several():
-    cfg, _ = hvp.parse_config(ti.Config, ["--pred_ratio", "0", "0.3", "--pred_ratio_var", "0", "0.2",
+    cfg, _ = hvp_run.parse_config(ti.Config, ["--pred_ratio", "0", "0.3", "--pred_ratio_var", "0", "0.2",
                                           "--pred_start_epoch", "5"])
     assert (cfg.pred_ratio, cfg.pred_ratio_var, cfg.pred_start_epoch) == ((0.0, 0.3), (0.0, 0.2), 5)
-    cfg, _ = hvp.parse_config(ti.Config, ["--pred_ratio", "0.4"])
+    cfg, _ = hvp_run.parse_config(ti.Config, ["--pred_ratio", "0.4"])
     assert cfg.pred_ratio == (0.4,) and cfg.pred_ratio_var == (0.0,)
     with pytest.raises(SystemExit):  # tuples with a longer default keep its length
-        hvp.parse_config(ti.Config, ["--pred_aspect", "0.3"])
+        hvp_run.parse_config(ti.Config, ["--pred_aspect", "0.3"])
 
 
 @pytest.mark.parametrize("settings,message", [
@@ -262,7 +263,7 @@ def test_mask_ratio_flags_take_one_number_or_several():
     (dict(shared_head=True, patch_out_dim=64), "--shared_head needs --shared_head_teacher"),
 ])
 def test_bad_mask_or_teacher_head_settings_are_one_line_errors(settings, message):
-    with pytest.raises(hvp.HVPError) as error:
+    with pytest.raises(hvp_run.HVPError) as error:
         ti.check_config(tiny_cfg(**settings))
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
 

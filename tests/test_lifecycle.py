@@ -1,4 +1,4 @@
-"""The run lifecycle the four scripts share (hvp.Run): one teacher on every process, every example once
+"""The run lifecycle the four scripts share (hvp_run.Run): one teacher on every process, every example once
 per epoch, resume across nodes, preemption, one run per folder, checks before the model is built.
 Real subprocesses and the real CLI; SimSiam stands in for all scripts where the lifecycle is the point."""
 import json
@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-import hvp_utils as hvp
+import hvp_run
 from conftest import (REPO, TINY_TRAIN, probe_records, run_script, run_two_processes, script_env,
                       two_process_command)
 from test_data import uneven_parquet
@@ -31,7 +31,7 @@ def steps_logged(output_dir):
 
 
 def final_model(output_dir):
-    return hvp.load_checkpoint(hvp.latest_checkpoint(output_dir))["model"]
+    return hvp_run.load_checkpoint(hvp_run.latest_checkpoint(output_dir))["model"]
 
 
 def assert_same_tensors(a, b, buffers=True):
@@ -102,7 +102,7 @@ def test_sigterm_to_the_process_group_saves_and_resuming_on_per_rank_folders_equ
     stdout, stderr = proc.communicate(timeout=240)
     assert "SIGTERM: saved" in stdout, stderr[-3000:]
     assert "DataLoader worker" not in stderr, "the loader workers outlived the signal"
-    stopped_at = hvp.load_checkpoint(hvp.latest_checkpoint(interrupted))["step"]
+    stopped_at = hvp_run.load_checkpoint(hvp_run.latest_checkpoint(interrupted))["step"]
     assert 3 <= stopped_at < 12
 
     resumed = run_two_processes(simsiam(interrupted, tiny_dataset, *extra, "--resume"), timeout=300,
@@ -120,7 +120,7 @@ def test_sigterm_to_the_process_group_saves_and_resuming_on_per_rank_folders_equ
 def test_a_folder_in_use_is_a_one_line_error_and_the_lock_of_a_dead_run_is_free(tiny_dataset, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    held = hvp.RunLock(out)  # another run holds the folder
+    held = hvp_run.RunLock(out)  # another run holds the folder
     result = run_script(simsiam(out, tiny_dataset, "--max_steps", 1), check=False)
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: {out} is in use by another run (pid {os.getpid()}")
@@ -141,7 +141,7 @@ def test_after_a_kill_resume_logs_each_step_once_and_falls_back_from_a_damaged_c
     proc.kill()  # SIGKILL: no chance to save
     proc.communicate(timeout=60)
     assert arrived
-    latest = hvp.latest_checkpoint(killed)
+    latest = hvp_run.latest_checkpoint(killed)
     tensors = latest / "state.safetensors"
     data = bytearray(tensors.read_bytes())
     data[-64:] = bytes(64)  # damaged in place, same size
@@ -198,17 +198,17 @@ def test_resuming_with_another_architecture_names_the_mismatch(tiny_dataset, tmp
     result = run_script(simsiam(out, tiny_dataset, "--max_steps", 2, "--resume", "--arch", "resnet34"), check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
-        f"error: --resume: {hvp.latest_checkpoint(out)} holds a model with --arch resnet18; this command asks for "
+        f"error: --resume: {hvp_run.latest_checkpoint(out)} holds a model with --arch resnet18; this command asks for "
         "--arch resnet34")
 
 
 def test_an_output_folder_without_room_for_a_checkpoint_stops_at_start(tiny_dataset, tmp_path, monkeypatch):
     import train_simsiam as ts
-    cfg, notes = hvp.parse_config(ts.Config, [str(a) for a in simsiam(tmp_path / "out", tiny_dataset)[1:]])
-    run = hvp.Run(cfg, "SimSiam", ts.MODEL_FIELDS, notes)
-    model = ts.SimSiam(hvp.create_backbone("resnet18", 28, True), 64, 16)
+    cfg, notes = hvp_run.parse_config(ts.Config, [str(a) for a in simsiam(tmp_path / "out", tiny_dataset)[1:]])
+    run = hvp_run.Run(cfg, "SimSiam", ts.MODEL_FIELDS, notes)
+    model = ts.SimSiam(hvp_run.create_backbone("resnet18", 28, True), 64, 16)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 5 * 2**20, 5 * 2**20))
-    with pytest.raises(hvp.HVPError, match=r"has 0\.00 GiB free; a checkpoint needs about 0\.\d\d GiB"):
+    with pytest.raises(hvp_run.HVPError, match=r"has 0\.00 GiB free; a checkpoint needs about 0\.\d\d GiB"):
         run.start({"model": model}, ts.hvp.MultiViewTransform({"views": [ts.simsiam_aug(cfg)] * 2}),
                   export=model.backbone)
     run.lock.release()

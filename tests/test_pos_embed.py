@@ -1,12 +1,12 @@
 """Position embeddings of crops at other sizes (DESIGN.md, "Position embeddings of local crops").
 
-The ViTs of hvp.create_backbone use timm's dynamic_img_size: for a 96 px local crop the 14 x 14 grid
+The ViTs of hvp_run.create_backbone use timm's dynamic_img_size: for a 96 px local crop the 14 x 14 grid
 of learned position embeddings (224 px, patch 16) is resampled to 6 x 6 by
 timm.layers.resample_abs_pos_embed, bicubic *with antialiasing*. DINO and iBOT (interpolate_pos_encoding
 in their vision_transformer.py) resample it bicubic *without* antialiasing, by the scale factor
 (new grid + 0.1) / old grid. The first tests pin what the code does now and the size of the
 difference; the last ones specify the option that makes the ViTs resample DINO's way, and are marked
-xfail until hvp.create_backbone has it.
+xfail until hvp_run.create_backbone has it.
 """
 import copy
 import inspect
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 
-import hvp_utils as hvp
+import hvp_run
 
 
 def dino_interpolate(pos_embed, grid, old_grid, num_prefix=1):
@@ -55,7 +55,7 @@ def dino_forward(vit, x):
 
 def vit_small(seed=0, **kw):
     torch.manual_seed(seed)
-    return hvp.create_backbone("vit_small", 224, **kw).eval()
+    return hvp_run.create_backbone("vit_small", 224, **kw).eval()
 
 
 def difference(a, b):
@@ -99,13 +99,13 @@ def test_the_difference_to_dino_at_96_px_is_what_design_md_states():
 
 
 # ----------------------------------------------------------------------------------- the option (pending)
-# hvp.create_backbone(..., pos_embed_resample="dino") makes a timm ViT resample its position embedding
+# hvp_run.create_backbone(..., pos_embed_resample="dino") makes a timm ViT resample its position embedding
 # as DINO/iBOT do; "timm" (the default) keeps timm's. Until it exists these tests are expected to fail
 # (strictly: once the option lands they run as ordinary tests and must pass).
 
-HAS_OPTION = "pos_embed_resample" in inspect.signature(hvp.create_backbone).parameters
+HAS_OPTION = "pos_embed_resample" in inspect.signature(hvp_run.create_backbone).parameters
 pending = pytest.mark.xfail(not HAS_OPTION, strict=True,
-                            reason="hvp.create_backbone(..., pos_embed_resample='dino') does not exist yet")
+                            reason="hvp_run.create_backbone(..., pos_embed_resample='dino') does not exist yet")
 
 
 @pending
@@ -130,7 +130,7 @@ def test_the_dino_option_resamples_the_position_embedding_as_dino_does(size):
 @pending
 def test_the_dino_option_works_for_small_stems_copies_and_gradients():
     torch.manual_seed(0)  # the CPU preset's ViT: patch 8, 32 px globals, 16 px locals (a 4 x 4 grid -> 2 x 2)
-    vit = hvp.create_backbone("vit_tiny", 32, small_stem=True, pos_embed_resample="dino")
+    vit = hvp_run.create_backbone("vit_tiny", 32, small_stem=True, pos_embed_resample="dino")
     x = torch.randn(3, 3, 16, 16)
     torch.testing.assert_close(vit.eval()(x), dino_forward(vit, x))
     twin = copy.deepcopy(vit)  # a copy resamples its own position embedding, not the original's
@@ -146,12 +146,12 @@ def test_the_dino_option_works_for_small_stems_copies_and_gradients():
 def test_an_export_remembers_the_option_and_plain_timm_agrees_at_the_native_size(tmp_path):
     import timm
     vit = vit_small(pos_embed_resample="dino")
-    folder = hvp.export_backbone(vit, tmp_path / "export", {"input_size": (3, 224, 224)}, "hvp_dino")
-    loaded, _ = hvp.load_backbone(folder)
+    folder = hvp_run.export_backbone(vit, tmp_path / "export", {"input_size": (3, 224, 224)}, "hvp_dino")
+    loaded, _ = hvp_run.load_backbone(folder)
     by_timm = timm.create_model(f"local-dir:{folder}", pretrained=True, num_classes=0).eval()
     local, native = torch.randn(2, 3, 96, 96), torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(local), dino_forward(vit, local))  # hvp's loader re-applies it
         torch.testing.assert_close(by_timm(native), vit(native))  # plain timm: the same at 224 px (no resampling)
-    with pytest.raises(hvp.HVPError, match="pos_embed_resample"):
-        hvp.create_backbone("vit_small", 224, pos_embed_resample="nearest")
+    with pytest.raises(hvp_run.HVPError, match="pos_embed_resample"):
+        hvp_run.create_backbone("vit_small", 224, pos_embed_resample="nearest")

@@ -1,5 +1,5 @@
 """Published recipes (--recipe NAME): the README table is what the code gives, every recipe resolves
-through hvp.parse_config to its values (command-line flags still win, no CPU preset under a recipe),
+through hvp_run.parse_config to its values (command-line flags still win, no CPU preset under a recipe),
 and the named published runs have exactly the values their sources document (the specification is
 written out below, independently of the RECIPES dicts)."""
 import dataclasses
@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-import hvp_utils as hvp
+import hvp_run
 from conftest import REPO, run_script
 
 _spec = importlib.util.spec_from_file_location("recipes_table", REPO / "tools" / "recipes_table.py")
@@ -23,7 +23,7 @@ ALL_RECIPES = [(script, name) for script in SCRIPTS for name in MODULES[script].
 
 def resolve(script, argv):
     module = MODULES[script]
-    return hvp.parse_config(module.Config, argv, presets=module.PRESETS, recipes=module.RECIPES)
+    return hvp_run.parse_config(module.Config, argv, presets=module.PRESETS, recipes=module.RECIPES)
 
 
 def shown(value):
@@ -137,13 +137,13 @@ def test_command_line_flags_win_over_the_recipe(script, name):
 
 def test_without_a_recipe_the_shipped_dataset_still_gets_its_cpu_preset():
     cfg, notes = resolve("train_dino.py", [])
-    preset = MODULES["train_dino.py"].PRESETS[hvp.DEFAULT_DATASET]
+    preset = MODULES["train_dino.py"].PRESETS[hvp_run.DEFAULT_DATASET]
     assert all(getattr(cfg, k) == v for k, v in preset.items())
     assert len(notes) == 1 and notes[0].startswith("preset for the shipped dataset: ")
 
 
 def test_an_unknown_recipe_is_a_one_line_error_naming_the_recipes():
-    with pytest.raises(hvp.HVPError, match=r"unknown --recipe 'dino_vitb8' \(recipes: dino_vitb16_400ep, "):
+    with pytest.raises(hvp_run.HVPError, match=r"unknown --recipe 'dino_vitb8' \(recipes: dino_vitb16_400ep, "):
         resolve("train_dino.py", ["--recipe", "dino_vitb8"])
 
 

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-import hvp_utils as hvp
+import hvp_run
 from conftest import REPO, run_script, script_env
 
 # a ViT small enough for tests: 16 px globals, 8 px locals, 4 px patches, a 64-prototype head
@@ -28,7 +28,7 @@ def records(output_dir):
 
 
 def final_state(output_dir):
-    return hvp.load_checkpoint(hvp.latest_checkpoint(output_dir))
+    return hvp_run.load_checkpoint(hvp_run.latest_checkpoint(output_dir))
 
 
 def test_vit_smoke_run_selects_tuples_logs_exports_the_teacher_and_prints_knn(tiny_dataset, tmp_path):
@@ -50,7 +50,7 @@ def test_vit_smoke_run_selects_tuples_logs_exports_the_teacher_and_prints_knn(ti
     assert {"student", "teacher", "center", "optimizer", "step"} <= state.keys()
     assert state["center"].abs().sum() > 0, "the centre is updated"
     # the exported backbone is the teacher's
-    backbone, config = hvp.load_backbone(out)
+    backbone, config = hvp_run.load_backbone(out)
     assert config["pretrained_cfg"]["tag"] == "hvp_dino"
     for name, value in backbone.state_dict().items():
         assert torch.equal(value, state["teacher"]["backbone." + name]), name

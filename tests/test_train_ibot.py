@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-import hvp_utils as hvp
+import hvp_run
 from conftest import run_script
 
 # a ViT small enough for tests: 16 px globals (4 x 4 patches of 4 px), 8 px locals, 64-prototype heads
@@ -26,7 +26,7 @@ def records(output_dir):
 
 
 def final_state(output_dir):
-    return hvp.load_checkpoint(hvp.latest_checkpoint(output_dir))
+    return hvp_run.load_checkpoint(hvp_run.latest_checkpoint(output_dir))
 
 
 def test_smoke_run_selects_tuples_with_masks_logs_both_losses_exports_the_teacher_and_prints_knn(tiny_dataset, tmp_path):
@@ -47,7 +47,7 @@ def test_smoke_run_selects_tuples_with_masks_logs_both_losses_exports_the_teache
     assert {"student", "teacher", "center", "patch_center", "optimizer", "step"} <= state.keys()
     assert state["center"].abs().sum() > 0 and state["patch_center"].abs().sum() > 0
     assert "mask_token" in state["student"] and state["student"]["mask_token"].abs().sum() > 0  # trained
-    backbone, config = hvp.load_backbone(out)
+    backbone, config = hvp_run.load_backbone(out)
     assert config["pretrained_cfg"]["tag"] == "hvp_ibot"
     for name, value in backbone.state_dict().items():
         assert torch.equal(value, state["teacher"]["backbone." + name]), name

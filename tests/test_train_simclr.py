@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-import hvp_utils as hvp
+import hvp_run
 from conftest import probe_records, run_script, run_two_processes
 
 # Small and fast: the standard ResNet stem at 32 px leaves 8 x 8 maps after the stem.
@@ -26,7 +26,7 @@ def records(output_dir):
 
 
 def final_model(output_dir):
-    return hvp.load_checkpoint(hvp.latest_checkpoint(output_dir))["model"]
+    return hvp_run.load_checkpoint(hvp_run.latest_checkpoint(output_dir))["model"]
 
 
 def test_smoke_run_selects_hard_pairs_logs_exports_the_backbone_and_prints_knn(tiny_dataset, tmp_path):
@@ -40,7 +40,7 @@ def test_smoke_run_selects_hard_pairs_logs_exports_the_backbone_and_prints_knn(t
     # the selected pair is the per-sample maximum over candidates that include the plain pair (0, 1)
     assert all(r["hard_score"] >= r["random_score"] > 0 for r in logged)
     assert "k-NN (k=20, T=0.07)" in result.stdout and json.loads((out / "knn.json").read_text())["knn_top1"] > 0
-    backbone, config = hvp.load_backbone(out)
+    backbone, config = hvp_run.load_backbone(out)
     assert config["architecture"] == "resnet18" and config["pretrained_cfg"]["tag"] == "hvp_simclr"
     assert json.loads((out / "config.json").read_text())["config"]["temperature"] == 0.1
     grid = np.asarray(Image.open(next((out / "grids").glob("*.png"))).convert("RGB")).astype(float)

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-import hvp_utils as hvp
+import hvp_run
 from conftest import TINY_TRAIN, run_script, write_parquet_split
 
 
@@ -30,18 +30,18 @@ def test_smoke_run_logs_metrics_exports_the_backbone_and_prints_knn(tiny_dataset
     # the selected pair is the per-sample maximum over candidates that include the plain pair (0, 1)
     assert all(r["hard_score"] >= r["random_score"] for r in logged)
     assert "k-NN (k=20, T=0.07)" in result.stdout and json.loads((out / "knn.json").read_text())["knn_top1"] > 0
-    backbone, config = hvp.load_backbone(out)
+    backbone, config = hvp_run.load_backbone(out)
     assert config["architecture"] == "resnet18" and config["pretrained_cfg"]["tag"] == "hvp_simsiam"
     assert (out / "config.json").exists()
     grid = np.asarray(Image.open(next((out / "grids").glob("*.png"))).convert("RGB")).astype(float)
     assert grid.std() > 20, "the view grid shows images, not a blank canvas"
     green = (grid[..., 1] > 200) & (grid[..., 0] < 50) & (grid[..., 2] < 50)
     assert green.sum() > 0, "the selected pair is framed in green"
-    checkpoint = hvp.latest_checkpoint(out)
+    checkpoint = hvp_run.latest_checkpoint(out)
     files = sorted(str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.is_file())
     assert files == ["backbone/config.json", "backbone/model.safetensors", "manifest.json", "state.json",
                      "state.safetensors"]
-    assert hvp.checkpoint_problem(checkpoint) is None
+    assert hvp_run.checkpoint_problem(checkpoint) is None
 
 
 def test_two_views_is_plain_simsiam_without_a_selection_pass(tiny_dataset, tmp_path):

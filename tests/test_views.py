@@ -7,6 +7,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 import hvp_utils as hvp
+import hvp_run
 
 PLAIN = dict(jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
 
@@ -138,17 +139,17 @@ def test_every_image_mode_decodes_to_rgb(mode):
         image = Image.fromarray((torch.arange(20 * 24).view(20, 24) * 100).numpy().astype("uint16"))
     buf = io.BytesIO()
     image.save(buf, format="TIFF" if mode in ("CMYK", "I;16") else "PNG")
-    decoded = hvp.decode_image({"bytes": buf.getvalue(), "path": None})
+    decoded = hvp_run.decode_image({"bytes": buf.getvalue(), "path": None})
     assert decoded.mode == "RGB" and decoded.size == (24, 20)
     if mode == "I;16":  # 16-bit values are rescaled, not clipped to white
         assert decoded.getextrema()[0] == (0, 255)
 
 
 def test_undecodable_image_gives_none():
-    assert hvp.decode_image({"bytes": b"\x89PNG\r\n\x1a\nnot really", "path": None}) is None
+    assert hvp_run.decode_image({"bytes": b"\x89PNG\r\n\x1a\nnot really", "path": None}) is None
     buf = io.BytesIO()
     random_image().save(buf, format="JPEG")
-    assert hvp.decode_image(buf.getvalue()[: len(buf.getvalue()) // 3]) is None  # truncated JPEG
+    assert hvp_run.decode_image(buf.getvalue()[: len(buf.getvalue()) // 3]) is None  # truncated JPEG
 
 
 def test_resize_views_keeps_leading_dims():

@@ -1,0 +1,181 @@
+"""The scripts' shared flags (`RunConfig`), their command line, one-line errors and seeds."""
+import argparse
+import dataclasses
+import hashlib
+import inspect
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+
+REPO_DIR = Path(__file__).resolve().parent.parent  # the repository: hvp_run/ lies in it
+
+
+DEFAULT_DATASET = str(REPO_DIR / "data" / "fashion_mnist_small")
+
+
+class HVPError(Exception):
+    """A user-facing error: printed as one line, exit status 2, nothing half-written."""
+
+
+def run_main(main):
+    """Run `main()`, turning HVPError into a one-line message (printed by the main process only:
+    every process raises the same one) and exit status 2."""
+    try:
+        main()
+    except HVPError as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------- config / CLI
+
+@dataclasses.dataclass
+class RunConfig:
+    """The flags every training script shares (data, outputs, run lifecycle, Hub). Each script's
+    Config adds its method's own fields and sets output_dir's default."""
+    dataset: str = DEFAULT_DATASET  # Hub dataset id, local image folder, parquet file/folder/glob
+    split: str = "train"  # split to pretrain on
+    eval_split: str = "test"  # labelled split for k-NN queries (the train split is the memory bank); "" = no k-NN
+    image_column: str = "image"  # dataset column holding images
+    label_column: str = "label"  # dataset column holding labels (k-NN only)
+    output_dir: str = "outputs/hvp"  # checkpoints, backbone export, metrics.jsonl, TensorBoard logs (one run per folder)
+    recipe: str = ""  # a named published recipe (see RECIPES in the script) replacing the defaults of flags not given
+    global_batch: int = 0  # if > 0: images per optimizer step over all processes; sets --grad_accum from the process count
+    mixed_precision: str = ""  # auto (bf16 where native, else fp32) | no | fp16 | bf16; "" = as `accelerate launch` says
+    num_workers: int = -1  # loader workers per process; -1 = the process's share of the CPU cores, minus one
+    crops: str = "auto"  # where views are cut and resized: worker (loader workers), device (batched on the training device), auto (device on CUDA, worker on CPU)
+    shuffle_buffer: int = 5000  # rows each loader worker shuffles among (pieces are shuffled too)
+    seed: int = 0  # seeds every random source; a CPU run is reproducible
+    log_every: int = 20  # steps between metrics.jsonl records
+    save_every: int = 1000  # steps between checkpoints (plus one at the end and on SIGTERM/SIGINT)
+    keep_checkpoints: int = 2  # checkpoints kept in output_dir
+    resume: str = dataclasses.field(default="", metadata={"const": "yes"})  # --resume: continue the run in output_dir; --resume auto: continue one if there is one, else start
+    knn_every: int = 0  # epochs between k-NN evaluations during training (0 = only at the end)
+    knn_k: int = 20  # neighbours for k-NN
+    report_to: str = "tensorboard"  # Accelerate tracker(s), comma-separated, or "none"
+    init_from: str = ""  # start the backbone from these weights: export/output folder or hf-hub:<user>/<repo>
+    push_to_hub: bool = False  # push the backbone (DINO/iBOT: the teacher's) + model card to the Hugging Face Hub
+    hub_model_id: str = ""  # <user or org>/<name>; default <your user>/<--output_dir folder name>
+    hub_private: bool = False  # create the Hub repo private
+    hub_every: int = 0  # also push at the first checkpoint after every N steps (0 = only at the end)
+    hub_push_state: bool = False  # also push the full training state to the repo's "training-state" branch
+
+
+def check_run_config(cfg):
+    """One-line errors for the shared flags (each script's check_config calls it)."""
+    if cfg.mixed_precision not in ("", "auto", "no", "fp16", "bf16"):
+        raise HVPError(f"--mixed_precision must be auto, no, fp16 or bf16, got {cfg.mixed_precision!r}")
+    if cfg.crops not in ("auto", "worker", "device"):
+        raise HVPError(f"--crops must be auto, worker or device, got {cfg.crops!r}")
+    if cfg.resume not in ("", "yes", "auto"):
+        raise HVPError(f"--resume takes no value or 'auto', got {cfg.resume!r}")
+    if cfg.global_batch < 0 or cfg.log_every < 1 or cfg.save_every < 1 or cfg.shuffle_buffer < 1:
+        raise HVPError("--global_batch must be >= 0 and --log_every, --save_every, --shuffle_buffer >= 1")
+
+
+def _field_comments(cls):
+    """The `# comment` after each dataclass field (of the class and its bases), used as --help text."""
+    comments = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        for line in inspect.getsource(klass).splitlines():
+            m = re.match(r"\s*(\w+)\s*:[^#]*#\s*(.*)$", line)
+            if m:
+                comments[m.group(1)] = m.group(2)
+    return comments
+
+
+def dataset_key(name):
+    """One spelling per dataset: an existing local path as its absolute, resolved form; anything
+    else (a Hub id) as given. Presets and model cards look datasets up by this key."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
+def parse_config(cls, argv=None, presets=None, recipes=None, description=None):
+    """Turn a @dataclass into a CLI (one flag per field, its `# comment` as help).
+
+    Values come, later ones winning, from: the dataclass defaults; the named --recipe (`recipes`:
+    name -> values); the CPU preset of the dataset (`presets`: dataset -> values; used only without
+    --recipe); the flags on the command line. A bool becomes --flag/--no-flag; a tuple takes as
+    many values as its default has, except a tuple default of length 1, which means "one number or
+    more" (e.g. --pred_ratio 0 0.3); a field with metadata {"const": v} may be given bare (--resume
+    means --resume yes). Local dataset paths are stored resolved.
+    Returns (config, notes): notes are start-up lines naming what a recipe or preset set.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    comments = _field_comments(cls)
+    for f in dataclasses.fields(cls):
+        kwargs = dict(default=argparse.SUPPRESS, help=f"{comments.get(f.name, '')} (default: {f.default})")
+        if isinstance(f.default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif isinstance(f.default, tuple):
+            kwargs.update(nargs=len(f.default) if len(f.default) > 1 else "+", type=type(f.default[0]))
+        else:
+            kwargs["type"] = type(f.default) if f.default is not None else str
+            if "const" in f.metadata:
+                kwargs.update(nargs="?", const=f.metadata["const"])
+        parser.add_argument(f"--{f.name}", **kwargs)
+    given = vars(parser.parse_args(argv))  # only the flags on the command line
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+    values = {f.name: f.default for f in dataclasses.fields(cls)}
+    notes = []
+    recipe_name = given.get("recipe", values.get("recipe", ""))
+    if recipe_name:
+        if recipe_name not in (recipes or {}):
+            raise HVPError(f"unknown --recipe {recipe_name!r} (recipes: {', '.join(sorted(recipes or {})) or 'none'})")
+        recipe = recipes[recipe_name]
+        values.update(recipe)
+        notes.append(f"recipe {recipe_name}: " + ", ".join(f"{k}={_show(v)}" for k, v in recipe.items() if k not in given))
+    if "dataset" in values:
+        dataset = given.get("dataset", values["dataset"])
+        if dataset == DEFAULT_DATASET and not Path(dataset).exists():
+            raise HVPError(f"the shipped dataset is not at {DEFAULT_DATASET} (it lives in data/ next to hvp_run/ "
+                           "in the HVP repository): pass --dataset <Hub id | image folder | parquet files>, e.g. "
+                           "--dataset zalando-datasets/fashion_mnist")
+        given["dataset"] = dataset_key(dataset)
+        if not recipe_name:
+            preset = {dataset_key(k): v for k, v in (presets or {}).items()}.get(given["dataset"], {})
+            values.update(preset)
+            used = [k for k in preset if k not in given]
+            if used:
+                what = "the shipped dataset" if dataset == DEFAULT_DATASET else Path(given["dataset"]).name
+                notes.append(f"preset for {what}: " + ", ".join(f"{k}={_show(preset[k])}" for k in used))
+    values.update(given)
+    return cls(**values), notes
+
+
+def _show(value):
+    return " ".join(map(str, value)) if isinstance(value, tuple) else value
+
+
+def seed_all(seed):
+    """Seed python `random`, numpy and torch (DESIGN.md, D8)."""
+    import random
+    import numpy as np
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def mix_seed(*parts):
+    """A 63-bit seed derived from integers; different tuples give unrelated streams."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def _first_error_line(e):
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def progress_bar(total, initial=0, desc="", enabled=True):
+    """tqdm that honours TQDM_DISABLE and, outside a terminal (CI logs, files), redraws at most
+    every 30 s instead of once per step."""
+    from tqdm.auto import tqdm
+    off = os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
+    return tqdm(total=total, initial=initial, desc=desc, disable=off or not enabled, dynamic_ncols=True,
+                mininterval=0.1 if sys.stderr.isatty() else 30.0)

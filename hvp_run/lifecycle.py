@@ -1,0 +1,682 @@
+"""The lifecycle of a training run around the method's step: precision, the Accelerator, the run
+lock, stop signals, metrics, checkpoints, k-NN, export and Hub push (`Run`)."""
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from hvp_utils import IMAGENET_MEAN, IMAGENET_STD
+from .config import _first_error_line, HVPError, mix_seed, progress_bar, seed_all
+from .data import BatchStream, default_workers, make_loader, open_source, Source, training_batches
+from .checkpoints import checkpoint_config, checkpoint_problem, checkpoints, cleanup_partial_checkpoints, _flatten, load_checkpoint, _replace_dir, save_checkpoint, _unflatten
+from .knn import knn_eval
+from .hub import HubPusher, _link_tree
+
+
+# ----------------------------------------------------------------------------------- run lifecycle
+#
+# What happens around the training steps, the same for every method and written once: checks that
+# fail in a second instead of after hours, one run per output folder, the resume decision, state
+# shared from the main process, metrics, checkpoints, stop on a signal, k-NN, export and push.
+
+def native_bf16(device):
+    """True where bf16 autocast runs on native bf16 units: CUDA GPUs that support it, CPUs with
+    AVX512-BF16 or AMX-BF16. (Elsewhere CPUs emulate it, 1.7-3.3x slower than fp32 on Ice Lake.)"""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    caps = getattr(torch.cpu, "get_capabilities", lambda: {})()
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+
+
+def resolve_precision(mixed_precision, device):
+    """--mixed_precision: "auto" is bf16 where it is native (see native_bf16), otherwise fp32 ("no");
+    "" leaves it to `accelerate launch --mixed_precision` (or its config). Returns (value for
+    Accelerate, or None; a note saying why, or "")."""
+    if mixed_precision != "auto":
+        return mixed_precision or None, ""
+    if native_bf16(device):
+        return "bf16", f"auto: this {'GPU' if device.type == 'cuda' else 'CPU'} has native bf16"
+    return "no", f"auto: fp32, this {'GPU' if device.type == 'cuda' else 'CPU'} has no native bf16 (emulated bf16 is slower)"
+
+
+def make_accelerator(mixed_precision, grad_accum, report_to, output_dir):
+    """Accelerator for CUDA, or CPU (also several CPU processes over gloo under accelerate launch)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    on_cpu = not torch.cuda.is_available()
+    trackers = None if report_to in ("", "none") else report_to.split(",")
+    return Accelerator(cpu=on_cpu, mixed_precision=mixed_precision or None,
+                       gradient_accumulation_steps=grad_accum, log_with=trackers,
+                       project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir)))
+
+
+class RunLock:
+    """One run per output folder: an exclusive lock on <folder>/.lock (flock), held by the main
+    process for the whole run. The kernel drops it when the process ends, however it ends, so a
+    lock left by a killed run is simply free again. On file systems without flock, a pid file:
+    a lock whose process is gone on this host is taken over."""
+
+    def __init__(self, folder):
+        import fcntl
+        import socket
+        self.path = Path(folder) / ".lock"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        me = f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(self.fd)
+            raise HVPError(f"{folder} is in use by another run ({holder}): wait for it to end, or choose "
+                           "another --output_dir") from None
+        except OSError:  # no flock here
+            holder = os.pread(self.fd, 200, 0).decode(errors="replace").split()
+            if len(holder) > 3 and holder[3].rstrip(",") == socket.gethostname() and _alive(int(holder[1])):
+                os.close(self.fd)
+                raise HVPError(f"{folder} is in use by another run ({' '.join(holder)}): wait for it to end, or "
+                               "choose another --output_dir") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, me.encode(), 0)
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class StopRequest:
+    """SIGTERM and SIGINT (as a scheduler, systemd or a terminal's Ctrl-C send them to the whole
+    process group) become a flag; the run saves after the current step and exits 0. A second
+    Ctrl-C more than 3 s after the first quits at once, without saving.
+
+    Processes agree on the step to stop at without a host-device sync: each step starts an
+    asynchronous all-reduce of its flag over a CPU (gloo) group and reads the one of the step
+    before, so every process sees a request at the same step, one step after it arrived."""
+
+    def __init__(self, accelerator):
+        self.requested, self.first_at, self.signal_name = False, None, None
+        self.accelerator, self.group, self.pending = accelerator, None, None
+        if accelerator.num_processes > 1:
+            import torch.distributed as dist
+            self.group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread
+            pass
+
+    def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.first_at is not None and time.monotonic() - self.first_at > 3:
+            raise KeyboardInterrupt
+        if not self.requested and self.accelerator.is_main_process:
+            print(f"\n{signal.Signals(signum).name}: saving after this step, then stopping"
+                  + (" (Ctrl-C again quits without saving)" if signum == signal.SIGINT else ""), file=sys.stderr, flush=True)
+        self.requested, self.signal_name = True, self.signal_name or signal.Signals(signum).name
+        self.first_at = self.first_at or time.monotonic()
+
+    def agreed(self):
+        """Call once per step on every process: True on all of them at the same step once any got a signal."""
+        if self.group is None:
+            return self.requested
+        import torch.distributed as dist
+        stop = False
+        if self.pending is not None:
+            work, flag = self.pending
+            work.wait()
+            stop = bool(flag.item() > 0)
+        flag = torch.tensor([float(self.requested)])
+        self.pending = (dist.all_reduce(flag, group=self.group, async_op=True), flag)
+        return stop
+
+    def close(self):
+        if self.pending is not None:
+            self.pending[0].wait()
+            self.pending = None
+
+
+def tracker_name(key):
+    """TensorBoard (or other tracker) name of a metrics.jsonl key, grouped by prefix; None for what
+    is not a time series (constants such as k or sample counts, histograms)."""
+    if key in ("step", "epoch", "k", "temperature", "train_samples", "test_samples") or key.endswith("_hist"):
+        return None
+    if key.startswith(("hard_", "random_")):
+        return f"hvp/{key}"
+    if key.startswith("knn_"):
+        return f"knn/{key[4:]}"
+    if key in ("images_per_s", "select_s", "train_s"):
+        return f"speed/{key}"
+    if key == "skipped_images":
+        return f"data/{key}"
+    return f"train/{key}"
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per logged step) + the Accelerate trackers, main process only.
+    Opening it at `resume_step` first drops the records of later steps (replayed after a resume),
+    so every step appears once."""
+
+    def __init__(self, accelerator, output_dir, resume_step=0):
+        self.accelerator = accelerator
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.file = None
+        if accelerator.is_main_process:
+            if self.path.exists():
+                kept = [line for line in self.path.read_text().splitlines()
+                        if line.strip() and _record_step(line) <= resume_step]
+                tmp = self.path.with_name(f"metrics.jsonl.tmp-{os.getpid()}")
+                tmp.write_text("".join(line + "\n" for line in kept))
+                os.replace(tmp, self.path)
+            self.file = open(self.path, "a")
+
+    def log(self, record):
+        if self.file is None:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        scalars = {tracker_name(k): v for k, v in record.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and tracker_name(k)}
+        if scalars:
+            self.accelerator.log(scalars, step=record["step"])
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def _record_step(line):
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:  # a line cut by a kill
+        return float("inf")
+
+
+def write_run_info(output_dir, config):
+    """Record the resolved config, versions and the command line next to the results."""
+    import platform
+    info = {"config": dataclasses.asdict(config), "argv": sys.argv, "processes": int(os.environ.get("WORLD_SIZE", 1)),
+            "python": platform.python_version(), "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for mod in ("timm", "accelerate", "datasets"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    Path(output_dir, "config.json").write_text(json.dumps(info, indent=2))
+
+
+def save_view_grid(path, views, hard_pair, mean=IMAGENET_MEAN, std=IMAGENET_STD, max_images=8):
+    """PNG grid: one row per image, all its candidate views; the selected pair is framed green."""
+    import torchvision
+    views = views[:max_images].float().cpu()
+    B, N = views.shape[:2]
+    x = views * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
+    x = F.pad(x.clamp(0, 1), (2, 2, 2, 2), value=0.0)
+    chosen = torch.zeros(B, N, dtype=torch.bool)
+    chosen[torch.arange(B)[:, None], hard_pair[:B].cpu()] = True
+    frame = torch.zeros_like(x[0, 0])
+    frame[1, :2], frame[1, -2:], frame[1, :, :2], frame[1, :, -2:] = 1, 1, 1, 1
+    mask = frame.sum(0, keepdim=True) > 0
+    x = torch.where(chosen[:, :, None, None, None] & mask, frame, x)
+    torchvision.utils.save_image(x.flatten(0, 1), path, nrow=N, padding=2)
+
+
+def broadcast_state(state, accelerator):
+    """Give every process the main process's version of a nested state (tensors, dicts, lists,
+    numbers): the structure travels first, then each tensor. Returns the state received."""
+    from accelerate.utils import broadcast_object_list
+    import torch.distributed as dist
+    tensors = {}
+    skeleton = _flatten(state, tensors, "") if accelerator.is_main_process else None
+    shapes = {k: (str(t.dtype).removeprefix("torch."), list(t.shape)) for k, t in tensors.items()}
+    box = [skeleton, shapes]
+    broadcast_object_list(box, from_process=0)
+    skeleton, shapes = box
+    device = accelerator.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    received = {}
+    for key, (dtype, shape) in shapes.items():
+        t = tensors[key].to(device) if key in tensors else torch.empty(shape, dtype=getattr(torch, dtype), device=device)
+        dist.broadcast(t, src=0)
+        received[key] = t
+    return _unflatten(skeleton, received)
+
+
+def broadcast_object(accelerator, value):
+    """The main process's `value` (a picklable object), on every process."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def on_main(accelerator, fn):
+    """fn() on the main process only, its result handed to every process; an HVPError there stops
+    every process with the same line (instead of leaving the others waiting at the next collective)."""
+    result, error = None, None
+    if accelerator.is_main_process:
+        try:
+            result = fn()
+        except HVPError as e:
+            error = str(e)
+    result, error = broadcast_object(accelerator, (result, error))
+    if error is not None:
+        raise HVPError(error)
+    return result
+
+
+def _state_of(obj):
+    return obj.detach() if torch.is_tensor(obj) else obj.state_dict()
+
+
+def _load_state(obj, state):
+    if torch.is_tensor(obj):
+        obj.copy_(state)
+    else:
+        obj.load_state_dict(state)
+
+
+def _same(a, b):
+    """Config values compared across a JSON round trip (tuples come back as lists)."""
+    return json.loads(json.dumps(a)) == json.loads(json.dumps(b))
+
+
+class Run:
+    """The lifecycle of one training run, shared by the four scripts:
+
+        run = hvp.Run(cfg, "DINO", MODEL_FIELDS)    # accelerator, every check that needs no model
+        ...build the models (the same on every process: torch is seeded with --seed until start)...
+        model, optimizer = run.prepare(model, optimizer)
+        run.start({"student": ..., "teacher": ..., "optimizer": optimizer}, transform, export=teacher.backbone)
+        for epoch, micro_batches in run.steps():
+            record = train_step(...)                 # the method's step; run.log_now says if it is logged
+            run.log(record)
+        run.finish()                                  # final checkpoint, k-NN, export, Hub push
+
+    Checked before any model is built, each failing with one line (exit status 2) on every process:
+    the output folder (writable, not used by another run, resumable or new as --resume says), the
+    Hub settings, the dataset, its training split and the labelled evaluation split. The decisions
+    (which checkpoint, which step) are made by the main process and shared; at start the main
+    process's state (fresh or resumed) is sent to every process, so no process needs to read the
+    checkpoint and all start identical (students and teachers alike), with or without a shared file
+    system. Only the main process writes to --output_dir.
+    """
+
+    def __init__(self, cfg, method, model_fields=(), notes=()):
+        self.cfg, self.method, self.model_fields, self.notes = cfg, method, tuple(model_fields), list(notes)
+        self.tag = f"hvp_{method.lower()}"
+        self.output_dir = Path(cfg.output_dir)
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        if getattr(cfg, "global_batch", 0):
+            per_step = cfg.batch_size * world
+            if cfg.global_batch % per_step:
+                raise HVPError(f"--global_batch {cfg.global_batch} is not a multiple of --batch_size {cfg.batch_size} "
+                               f"x {world} process(es)")
+            cfg.grad_accum = cfg.global_batch // per_step
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        precision, self.precision_note = resolve_precision(cfg.mixed_precision, device)
+        self.accelerator = acc = make_accelerator(precision, cfg.grad_accum, cfg.report_to, self.output_dir)
+        self.rank, self.world, self.device, self.is_main = acc.process_index, acc.num_processes, acc.device, acc.is_main_process
+        if self.device.type == "cuda":  # TF32 matmuls/convolutions (fp32 runs) and the fastest kernels for fixed shapes
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
+        self.lock, self.stopped, self.state, self.step = None, False, {}, 0
+        self.pusher = self._everywhere(lambda: HubPusher.from_config(cfg, acc, method))
+        self.source = Source(**self._on_main(lambda: dataclasses.asdict(
+            open_source(cfg.dataset, cfg.split, cfg.image_column, cfg.label_column))))
+        self.eval_source = self._on_main(self._open_eval_split)
+        self.eval_source = Source(**self.eval_source) if self.eval_source else None
+        self.decision = self._on_main(self._claim_output_dir)
+        self.global_batch = cfg.batch_size * self.world * cfg.grad_accum
+        self.steps_per_epoch = self.source.num_rows // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise HVPError(f"split {cfg.split!r} has {self.source.num_rows} images, fewer than one global batch "
+                           f"({self.global_batch})")
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        self.num_workers = cfg.num_workers if cfg.num_workers >= 0 else default_workers(
+            int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        # where views are cut: batched on a GPU; on a CPU the workers' resizes are cheaper (bench_data.py)
+        self.crops = cfg.crops if cfg.crops != "auto" else ("device" if self.device.type == "cuda" else "worker")
+        torch.manual_seed(cfg.seed)  # the same initial weights on every process
+
+    @property
+    def resuming(self):
+        """True when this run continues from a checkpoint (decided at construction)."""
+        return self.decision["checkpoint"] is not None
+
+    # --- agreement between processes
+
+    def _on_main(self, fn):
+        return on_main(self.accelerator, fn)
+
+    def _everywhere(self, fn):
+        """fn() on every process; if it raises HVPError anywhere, every process stops."""
+        result, error = None, None
+        try:
+            result = fn()
+        except HVPError as e:
+            error = str(e)
+        if self.world > 1:
+            failed = self.accelerator.reduce(torch.tensor([float(error is not None)], device=self.device), "sum")
+            if failed.item() and error is None:
+                error = "another process stopped at start (its error is printed above)"
+        if error is not None:
+            raise HVPError(error)
+        return result
+
+    def _claim_output_dir(self):
+        """Main process: the output folder is writable and ours; which checkpoint to resume from.
+        A folder that does not exist yet is created (and locked) by `start`, so that bad input
+        found before then leaves nothing behind."""
+        cfg, out = self.cfg, self.output_dir
+        if not out.exists():
+            parent = next(p for p in [out, *out.parents] if p.exists())
+            if not (parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)):
+                raise HVPError(f"cannot create --output_dir {out}: {parent} is not a writable folder")
+            if cfg.resume == "yes":
+                raise HVPError(f"--resume: {out} does not exist, there is no run to continue (a new run starts "
+                               "without --resume; --resume auto continues a run if there is one)")
+            return {"checkpoint": None, "step": 0, "notes": []}
+        self._lock_output_dir()
+        found = checkpoints(out)
+        if not found:
+            if cfg.resume == "yes":
+                raise HVPError(f"--resume: no checkpoint in {out} to continue (a new run starts without --resume; "
+                               "--resume auto continues a run if there is one)")
+            return {"checkpoint": None, "step": 0, "notes": []}
+        if not cfg.resume:
+            raise HVPError(f"{out} already holds a run ({found[0].name}): pass --resume to continue it, or choose "
+                           "another --output_dir")
+        notes = []
+        for ckpt in found:
+            problem = checkpoint_problem(ckpt)
+            if problem is None:
+                break
+            notes.append(f"warning: {ckpt.name} is damaged ({problem}): not resuming from it")
+        else:
+            raise HVPError(f"--resume: every checkpoint in {out} is damaged (last problem: {problem})")
+        if notes:
+            notes.append(f"resuming from the previous good checkpoint, {ckpt.name}")
+        saved = checkpoint_config(ckpt)
+        mine = dataclasses.asdict(cfg)
+        differ = [f for f in self.model_fields if f in saved and not _same(saved[f], mine[f])]
+        if differ:
+            raise HVPError(f"--resume: {ckpt} holds a model with " + ", ".join(f"--{f} {saved[f]}" for f in differ)
+                           + "; this command asks for " + ", ".join(f"--{f} {mine[f]}" for f in differ))
+        quiet = {"resume", "output_dir", "max_steps", "epochs", "num_workers", "log_every", "save_every", "knn_every",
+                 "report_to", "push_to_hub", "hub_model_id", "hub_private", "hub_every", "hub_push_state", "init_from"}
+        changed = [f"{f} {saved[f]} -> {mine[f]}" for f in mine if f in saved and f not in quiet and not _same(saved[f], mine[f])]
+        if changed:
+            notes.append("note: resuming with changed settings: " + ", ".join(changed))
+        step = json.loads((ckpt / "state.json").read_text())["step"]
+        return {"checkpoint": str(ckpt), "step": step, "notes": notes}
+
+    def _lock_output_dir(self):
+        out = self.output_dir
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as e:
+            raise HVPError(f"cannot write to --output_dir {out}: {e.strerror or e}") from None
+        self.lock = RunLock(out)
+        cleanup_partial_checkpoints(out)
+
+    def _open_eval_split(self):
+        cfg = self.cfg
+        if not cfg.eval_split:
+            return None
+        if not self.source.label_column:
+            print(f"note: split {cfg.split!r} has no integer label column {cfg.label_column!r}: no k-NN evaluation",
+                  flush=True)
+            return None
+        source = open_source(cfg.dataset, cfg.eval_split, cfg.image_column, cfg.label_column)
+        if not source.label_column:
+            raise HVPError(f"evaluation split {cfg.eval_split!r} of {cfg.dataset!r} has no integer label column "
+                           f"{cfg.label_column!r} for the k-NN evaluation (--eval_split '' skips it)")
+        return dataclasses.asdict(source)
+
+    # --- start
+
+    def prepare(self, *objects):
+        """accelerator.prepare (DDP, autocast, fp16 scaler) of the trained model and its optimizer."""
+        return self.accelerator.prepare(*objects)
+
+    def start(self, state, transform, export, evaluate=None, banner="", data_config=None):
+        """Begin (or resume) training.
+
+        state: what a checkpoint holds, {name: module, optimizer or tensor}; export: the backbone
+        written as the timm export (and pushed); evaluate: the backbone k-NN evaluates (default
+        export); transform: the training views of one image, transform(image, generator) -> dict;
+        banner: the method's part of the start-up line."""
+        cfg, acc = self.cfg, self.accelerator
+        self.state, self.export, self.evaluate = dict(state), export, evaluate or export
+        if acc.scaler is not None:
+            self.state["scaler"] = acc.scaler
+        self.data_config = data_config or {"input_size": (3, cfg.image_size, cfg.image_size), "interpolation": "bicubic",
+                                           "crop_pct": 0.875, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+        self.step = self.decision["step"]
+        self._on_main(self._load_and_check_room)
+        if self.world > 1:  # everyone starts from the main process's state, fresh or resumed
+            received = broadcast_state({k: _state_of(v) for k, v in self.state.items()}, acc)
+            for name, value in received.items():
+                _load_state(self.state[name], value)
+        seed_all(cfg.seed + self.rank)
+        self.metrics = MetricsLog(acc, self.output_dir, self.step)
+        if self.is_main:
+            write_run_info(self.output_dir, cfg)
+        hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in dataclasses.asdict(cfg).items()}
+        purge = {"tensorboard": {"purge_step": self.step + 1}} if self.step and "tensorboard" in cfg.report_to else {}
+        acc.init_trackers(self.tag, config=hparams, init_kwargs=purge)
+        if self.is_main:
+            self._print_banner(banner)
+        self._stop = StopRequest(acc)
+        pin = self.device.type == "cuda"
+        batches = self.steps_per_epoch * cfg.grad_accum
+
+        def epoch_loader(epoch, skip):
+            stream = BatchStream(self.source, transform, cfg.batch_size, epoch, cfg.seed, self.rank, self.world,
+                                 batches, skip, cfg.shuffle_buffer)
+            return make_loader(stream, self.num_workers, pin_memory=pin)
+
+        self._batches = training_batches(epoch_loader, self.steps_per_epoch, self.step, cfg.grad_accum,
+                                         total_steps=self.total_steps)
+        self.bar = progress_bar(self.total_steps, self.step, self.method, self.is_main)
+        self.skipped, self._last_log = 0, (time.perf_counter(), self.step)
+
+    def _load_and_check_room(self):
+        """Main process: load the chosen checkpoint into the state; check there is room for the next."""
+        if self.lock is None:
+            self._lock_output_dir()
+        ckpt = self.decision["checkpoint"]
+        for note in self.decision["notes"]:
+            print(note, flush=True)
+        if ckpt is not None:
+            saved = load_checkpoint(ckpt)
+            for name, obj in self.state.items():
+                if name not in saved or saved[name] is None:
+                    if name == "scaler":
+                        continue
+                    raise HVPError(f"--resume: {ckpt} has no {name!r} state (saved by another script?)")
+                try:
+                    _load_state(obj, saved[name])
+                except (RuntimeError, ValueError, KeyError) as e:
+                    raise HVPError(f"--resume: {ckpt} does not fit this {name}: {_first_error_line(e)[:300]}") from None
+        size = sum(t.numel() * t.element_size() for obj in self.state.values()
+                   for t in _tensors_in(_state_of(obj))) + sum(p.numel() * p.element_size() for p in self.export.state_dict().values())
+        free = shutil.disk_usage(self.output_dir).free
+        if free < 1.2 * size + 2**20:
+            raise HVPError(f"--output_dir {self.output_dir} has {free / 2**30:.2f} GiB free; a checkpoint needs "
+                           f"about {size / 2**30:.2f} GiB")
+
+    def _print_banner(self, banner):
+        cfg = self.cfg
+        precision = self.accelerator.mixed_precision
+        line = (f"{self.method} {banner} | {self.world} process(es) on {self.device.type} | global batch "
+                f"{self.global_batch} ({cfg.batch_size} x {self.world} x {cfg.grad_accum} accumulated) | "
+                f"{self.steps_per_epoch} steps/epoch | {self.total_steps} steps | precision {precision}"
+                + (f" ({self.precision_note})" if self.precision_note else "")
+                + f" | {self.num_workers} loader workers, crops on the {self.crops}"
+                + (f" | resumed at step {self.step}" if self.step else ""))
+        print(line, flush=True)
+        for note in self.notes:
+            print(note, flush=True)
+        if self.device.type == "cuda" and precision == "no":
+            print("warning: training on CUDA in fp32 (TF32 matmuls); bf16 is usually ~2x faster: pass "
+                  "--mixed_precision bf16 (or accelerate launch --mixed_precision bf16)", flush=True)
+
+    # --- the loop
+
+    def steps(self):
+        """Yield (epoch, micro_batches) for each remaining optimizer step. micro_batches yields the
+        step's --grad_accum batches and seeds torch from (seed, rank, step, micro-step) before each,
+        so drop-path and other randomness inside a step replay exactly after a resume. Between
+        steps: progress bar, periodic checkpoint and k-NN, and the stop check."""
+        cfg = self.cfg
+        while self.step < self.total_steps:
+            last = self.step + 1 == self.total_steps
+            self.log_now = (self.step + 1) % cfg.log_every == 0 or last
+            self.grid_now = self.log_now and self.is_main and self.step % self.steps_per_epoch < cfg.log_every
+            self._used = 0
+            yield self.step // self.steps_per_epoch, self._micro_batches()
+            if self._used != cfg.grad_accum:
+                raise RuntimeError(f"the training step used {self._used} of its {cfg.grad_accum} micro-batches")
+            self.step += 1
+            self.bar.update(1)
+            if self.step % cfg.save_every == 0 and self.step < self.total_steps:
+                self.save()
+            if cfg.knn_every and self.step % (cfg.knn_every * self.steps_per_epoch) == 0 and self.step < self.total_steps:
+                result = self.knn()
+                if result:
+                    self.metrics.log({"step": self.step, "epoch": self.step / self.steps_per_epoch, **result})
+            if self._stop.agreed():
+                self.stopped = True
+                return
+
+    def _micro_batches(self):
+        for micro in range(self.cfg.grad_accum):
+            _, batch = next(self._batches)
+            # seeded after the fetch: starting a loader draws from torch's generator too
+            torch.manual_seed(mix_seed(self.cfg.seed, self.rank, self.step, micro))
+            self.skipped += int(batch["skipped"])
+            self._used += 1
+            yield batch
+
+    def log(self, record):
+        """Write a logged step's record (call when run.log_now): `loss` (a tensor) is averaged over
+        processes and must be finite; tensors become numbers; speed and skipped images are added."""
+        if not self.log_now:
+            return
+        loss = self.accelerator.reduce(record.pop("loss").detach().float(), reduction="mean").item()
+        if not math.isfinite(loss):
+            raise HVPError(f"loss became {loss} at step {self.step + 1}: training diverged; the last checkpoint in "
+                           f"{self.output_dir} is intact (try a lower --lr)")
+        (since, from_step), now = self._last_log, time.perf_counter()
+        full = {"step": self.step + 1, "epoch": round((self.step + 1) / self.steps_per_epoch, 4), "loss": loss}
+        for key, value in record.items():
+            full[key] = float(value) if torch.is_tensor(value) and value.numel() == 1 else value
+        full.update(images_per_s=(self.step + 1 - from_step) * self.global_batch / (now - since),
+                    skipped_images=self.skipped)
+        self.metrics.log(full)
+        self.bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{full['images_per_s']:.0f}")
+        self._last_log = (now, self.step + 1)
+
+    def save_grid(self, name, views, chosen):
+        """grids/step-<step><name>.png: a few images' candidate views, the chosen ones framed (main process)."""
+        if self.is_main:
+            (self.output_dir / "grids").mkdir(exist_ok=True)
+            save_view_grid(self.output_dir / "grids" / f"step-{self.step + 1:08d}{name}.png", views, chosen)
+
+    # --- checkpoints, evaluation, the end
+
+    def save(self):
+        """Checkpoint the state (main process), refresh <output_dir>/backbone, push when due."""
+        self.accelerator.wait_for_everyone()
+        path = self.output_dir / f"checkpoint-{self.step:08d}"
+        if self.is_main:
+            state = {name: _state_of(obj) for name, obj in self.state.items()}
+            state.update(step=self.step, config=dataclasses.asdict(self.cfg))
+            save_checkpoint(self.output_dir, self.step, state, self.export, self.data_config, self.tag,
+                            self.cfg.keep_checkpoints)
+            tmp = self.output_dir / f"backbone.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            _link_tree(path / "backbone", tmp)  # the checkpoint's export, by hard links
+            _replace_dir(tmp, self.output_dir / "backbone")
+            if self.pusher.due(self.step) and self.step < self.total_steps:
+                self.pusher.push(self.output_dir / "backbone", self.step, state_dir=path)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def knn(self):
+        """k-NN accuracy of the evaluated backbone (train split = memory bank, eval split = queries)."""
+        if self.eval_source is None:
+            return None
+        cfg, model = self.cfg, self.evaluate
+        was_training = model.training
+        model.eval()
+        result = knn_eval(model, self.accelerator, self.source, self.eval_source, cfg.image_size,
+                          batch_size=2 * cfg.batch_size, num_workers=self.num_workers, k=cfg.knn_k)
+        model.train(was_training)
+        return result
+
+    def finish(self):
+        """Final checkpoint; then, unless stopped by a signal: k-NN (knn.json), export, Hub push."""
+        cfg = self.cfg
+        self.bar.close()
+        self._batches = None  # ends the loader workers before evaluation starts its own
+        path = self.save()
+        result = None
+        if self.stopped:
+            if self.is_main:
+                print(f"{self._stop.signal_name}: saved {path}; continue with the same command and --resume", flush=True)
+        else:
+            result = self.knn()
+            if result is not None and self.is_main:
+                self.metrics.log({"step": self.step, "epoch": self.step / self.steps_per_epoch, **result})
+                (self.output_dir / "knn.json").write_text(json.dumps(result, indent=2))
+                skipped = f" ({result['skipped_images']} images could not be decoded)" if result["skipped_images"] else ""
+                print(f"k-NN (k={cfg.knn_k}, T=0.07) on {Path(cfg.dataset).name or cfg.dataset} [{cfg.eval_split}]: "
+                      f"top-1 {result['knn_top1']:.2f} %, top-5 {result['knn_top5']:.2f} %{skipped}", flush=True)
+            if self.is_main:
+                export = self.output_dir / "backbone"
+                print(f"{'teacher ' if 'teacher' in self.state else ''}backbone exported to {export} (timm: "
+                      f"create_model('local-dir:{export}', pretrained=True))", flush=True)
+            self.pusher.push(self.output_dir / "backbone", self.step, results=result, state_dir=path)
+        self.pusher.close()
+        self.metrics.close()
+        self._stop.close()
+        self.accelerator.end_training()
+        if self.lock is not None:
+            self.lock.release()
+        return result
+
+
+def _tensors_in(obj):
+    if torch.is_tensor(obj):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors_in(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors_in(v)

@@ -1,22 +1,33 @@
-"""Hard View Pretraining (HVP), the part to copy: hard-view selection and multi-view augmentation.
+"""Hard View Pretraining (HVP), the part to copy: multi-view augmentation and hard-view selection.
 
 HVP (Ferreira et al., "Beyond Random Augmentations: Pretraining with Hard Views", ICLR 2025) draws
 more augmented views per image than the method trains on, scores every candidate pair (or multi-crop
 tuple) with the method's own per-sample loss in one no-grad forward, and trains on the hardest.
-This file holds:
 
-- views: `ViewAug` recipes and `MultiViewTransform`, which draws N views per image with their
-  parameters recorded (crop box, flip, colour factors); `views_from_batch` cuts, resizes and
-  colour-augments them batched on the training device (`crop_views`, `photometric`).
-- selection: `select_hard_pairs` (two-view methods: per-sample loss of every pair -> hardest pair)
-  and `select_multicrop` (DINO-style: global pair x top-L locals from a cross-entropy table), with
-  `gather_views` to pick the chosen views and `selection_stats` to log what was chosen.
-- self-distillation parts DINO and iBOT share: multi-crop recipes, the head, EMA, centre, the
-  cross-entropy table, schedules.
+The sections, in file order:
+- images: `load_image` decodes a PIL image to upright RGB (EXIF orientation, 16-bit, transparency).
+- views: `ViewAug` (one augmentation recipe) and `MultiViewTransform`, which draws N views per image
+  with every random parameter recorded (crop box, flip, colour factors); `collate_views` batches
+  them; `views_from_batch` makes the batch's views on the training device (`crop_views`, `photometric`).
+- selection: `select_hard_pairs` (two-view methods: the per-sample loss of every pair -> the hardest
+  pair) and `select_multicrop` (DINO-style: the (even, odd) global pair and the exact top-L locals
+  from a cross-entropy table); `gather_views` takes the chosen views, `selection_stats` describes them.
+- schedules and step timing: `cosine`, `linear_warmup`, `clock`.
+- self-distillation (DINO, iBOT): `dino_augs`, `DINOHead`, `ema_update`, `teacher_probs`,
+  `cross_entropy_table`, the centre, the optimizer groups and per-step schedules.
 
-It needs torch only (torchvision and PIL inside the functions that use them) and knows no training
-loop, launcher, dataset library or Hub: copy it into your own trainer (README, "Use HVP in your own
-training loop"). The training scripts' run machinery (data streaming, checkpoints, Hub) is `hvp_run/`.
+Use (two-view method): a Dataset returns `transform(image, generator)`, with transform =
+`MultiViewTransform({"views": [ViewAug(...)] * N})`, and the DataLoader batches with
+`collate_views`; each step `views = views_from_batch(batch, "views", size, interpolation)`
+(B, N, 3, S, S), one no-grad forward of all B x N views, `pair, score, scores =
+select_hard_pairs(outputs, pair_loss)`, `gather_views(views, pair[:, 0])` and `pair[:, 1]`, then an
+ordinary training step on those two views. The README's section "Use HVP in your own training loop"
+shows the whole loop, for SimSiam and for DINO's multi-crop selection.
+
+It needs torch only (torchvision, PIL and numpy are imported inside the functions that use them)
+and knows no training loop, launcher, dataset library or Hub: copy this file alone into your own
+trainer. The training scripts' run machinery (data streaming, checkpoints, Hub, k-NN) is the
+package `hvp_run/` beside it, which imports this file, never the other way round.
 
 Tensor layout: batches are batch-major. `views` is (B, N, C, H, W) and `params` is (B, N, P).
 Score matrices are (B, K): K candidates per sample, the first candidate wins ties.
@@ -795,6 +806,9 @@ def selection_stats(params, hard_pair, hard_score, random_score):
     return stats
 
 
+# ----------------------------------------------------------------------------------- schedules and step timing
+# What every training script's step uses around the method: per-step schedules and the timing split.
+
 def cosine(step, total_steps, start, end=0.0, warmup_steps=0, warmup_start=0.0):
     """Linear warm-up from warmup_start that reaches `start` at its last step (step warmup_steps - 1,
     as DINO's and iBOT's np.linspace warm-ups), then a cosine from start to end over the rest."""
@@ -812,9 +826,16 @@ def linear_warmup(epoch, start, end, epochs):
     return start + (end - start) * epoch / (epochs - 1)
 
 
+def clock(enabled, device):
+    """Wall clock for the timing split; synchronises the GPU only on the steps that are logged."""
+    if enabled and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 # ----------------------------------------------------------------------------------- self-distillation (DINO, iBOT)
-# Multi-crop augmentation, the DINO head, the teacher's EMA and centre, and the cross-entropy table
-# that both the DINO/iBOT loss and the hard-view selection are computed from.
+# Multi-crop augmentation, the DINO head, its optimizer groups and schedules, the teacher's EMA and
+# centre, and the cross-entropy table that both the DINO/iBOT loss and the hard-view selection use.
 
 def dino_augs(cfg):
     """DINO's two global transforms and its local transform (bicubic crops, flip, colour jitter
@@ -939,10 +960,3 @@ def clip_each_gradient(model, max_norm, accelerator, optimizer):
         if p.grad is not None:
             norm = p.grad.norm()
             p.grad.mul_((max_norm / (norm + 1e-6)).clamp(max=1.0))
-
-
-def clock(enabled, device):
-    """Wall clock for the timing split; synchronises the GPU only on the steps that are logged."""
-    if enabled and device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()

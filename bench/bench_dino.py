@@ -1,7 +1,7 @@
 """Step time of DINO with multi-crop hard views (G globals, L_loader = 2L locals) vs plain DINO
 (2 globals, L locals), same images, one process.
 
-    python bench/bench_dino.py                       # ViT-S/16, 128 px globals, 64 px locals, batch 16, bf16
+    python bench/bench_dino.py                       # ViT-S/16, 128 px globals, 64 px locals, batch 16
     python bench/bench_dino.py --image_size 224 --local_size 96 --batch_size 64 --local_crops_number 8 --gpu
 
 Both kinds are one call of train_dino.train_step, the function the training script runs each
@@ -145,7 +145,7 @@ def main(argv=None):
     med = common.measure(kinds, device, args.warmup, args.steps)
     title = (f"DINO step time (train_dino.train_step), {cfg.arch} {cfg.image_size}/{cfg.local_size}px (patch {patch}), "
              f"batch {cfg.batch_size}, out_dim {cfg.out_dim}, HVP G={G} globals and L_loader={L_loader} locals -> 2 + {L} "
-             f"vs plain 2 + {L}, {accelerator.mixed_precision}")
+             f"vs plain 2 + {L}, {common.precision_name(accelerator)}")
     return common.finish("dino", title, med, kinds, device, args)
 
 

@@ -1,7 +1,7 @@
 """Step time of iBOT with hard views (G masked candidate globals, L_loader = 2L locals) vs plain iBOT
 (2 masked globals, L locals), same images, one process.
 
-    python bench/bench_ibot.py                       # ViT-S/16, 128 px globals, 64 px locals, batch 16, bf16
+    python bench/bench_ibot.py                       # ViT-S/16, 128 px globals, 64 px locals, batch 16
     python bench/bench_ibot.py --image_size 224 --local_size 96 --batch_size 64 --local_crops_number 10 --gpu
 
 Both kinds are one call of train_ibot.train_step, the function the training script runs each
@@ -149,7 +149,7 @@ def main(argv=None):
     med = common.measure(kinds, device, args.warmup, args.steps)
     title = (f"iBOT step time (train_ibot.train_step), {cfg.arch} {cfg.image_size}/{cfg.local_size}px (patch {patch}), "
              f"batch {cfg.batch_size}, out_dim = patch_out_dim = {cfg.out_dim}, mask ratio {args.pred_ratio:g}, HVP G={G} "
-             f"globals and L_loader={L_loader} locals -> 2 + {L} vs plain 2 + {L}, {accelerator.mixed_precision}")
+             f"globals and L_loader={L_loader} locals -> 2 + {L} vs plain 2 + {L}, {common.precision_name(accelerator)}")
     return common.finish("ibot", title, med, kinds, device, args)
 
 

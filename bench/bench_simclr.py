@@ -103,7 +103,7 @@ def main(argv=None):
     med = common.measure(kinds, device, args.warmup, args.steps)
     title = (f"SimCLR step time (train_simclr.train_step), {cfg.arch} {cfg.image_size}px"
              f"{' small stem' if cfg.small_stem else ''}, batch {cfg.batch_size}, N={cfg.num_views} vs 2, "
-             f"{accelerator.mixed_precision}{', channels_last' if cfg.channels_last else ''}")
+             f"{common.precision_name(accelerator)}{', channels_last' if cfg.channels_last else ''}")
     return common.finish("simclr", title, med, kinds, device, args)
 
 

@@ -10,6 +10,7 @@ import json
 import math
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -39,8 +40,9 @@ def add_device_flags(parser, precisions=("auto", "no", "bf16", "fp16")):
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto: CUDA when available, else the CPU")
     parser.add_argument("--gpu", dest="device", action="store_const", const="cuda", help="same as --device cuda")
-    parser.add_argument("--mixed_precision", default="bf16", choices=list(precisions),
-                        help="autocast of the training scripts' Accelerator (auto: bf16 where native, else fp32)")
+    parser.add_argument("--mixed_precision", default="auto", choices=list(precisions),
+                        help="autocast of the training scripts' Accelerator; auto, as the scripts' presets: bf16 where "
+                             "the device has it natively, else fp32 (emulated bf16 makes a CPU step several times slower)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the weights and the synthetic images")
 
@@ -67,15 +69,25 @@ def pick_device(name):
     return torch.device(name)
 
 
+def precision_name(accelerator):
+    """The autocast an Accelerator runs, as the bench tables name it: bf16, fp16 or fp32."""
+    return "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
+
+
 def make_accelerator(device, mixed_precision):
     """The Accelerator a training script would get on `device` (one process, no gradient
     accumulation, no trackers), with the CUDA settings hvp_run.Run makes (TF32, cuDNN benchmark).
+    --mixed_precision is resolved as the scripts resolve it (hvp_run.resolve_precision: "auto" is
+    bf16 where native, else fp32), and what it resolved to is printed.
 
     Accelerate keeps one shared state per process and refuses a second Accelerator with other
     settings; benches called one after another in one process (tests, notebooks) reset it first."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
-    precision = hvp_run.resolve_precision(mixed_precision, device)[0] or "no"
+    precision, note = hvp_run.resolve_precision(mixed_precision, device)
+    precision = precision or "no"
+    print(f"precision: {'fp32' if precision == 'no' else precision}" + (f" ({note})" if note else ""),
+          file=sys.stderr, flush=True)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -56,7 +56,7 @@ METHODS = {
 # presets for the shipped dataset fill in everything else (lr, batch, augmentations, precision).
 CPU_BUDGET = {
     "simsiam": "--arch resnet18 --image_size 32 --epochs 2 --batch_size 128 --lr 1.6",  # the preset of the published study
-    "simclr": "--arch resnet18 --image_size 32 --epochs 2 --warmup_epochs 0.25",  # the preset warms up 1 of its 8 epochs
+    "simclr": "--arch resnet18 --image_size 32 --epochs 2 --warmup_epochs 0.25",  # 1/8 of the run, as published
     "dino": "--arch vit_tiny --out_dim 1024 --image_size 24 --epochs 1 --max_steps 80 --local_views 4 --local_crops_number 2",
     "ibot": "--arch vit_tiny --out_dim 1024 --patch_out_dim 1024 --epochs 1 --max_steps 80 --local_views 4 --local_crops_number 2",
 }

@@ -16,9 +16,13 @@ import torch
 from conftest import REPO, script_env
 
 sys.path.insert(0, str(REPO))
+import hvp_run  # noqa: E402
+import hvp_utils as hvp  # noqa: E402
 import train_dino as td  # noqa: E402
 import train_ibot as ti  # noqa: E402
-from bench import bench_dino, bench_ibot, bench_simclr, bench_simsiam, common, run_all  # noqa: E402
+import train_simclr as tc  # noqa: E402
+import train_simsiam as ts  # noqa: E402
+from bench import bench_data, bench_dino, bench_ibot, bench_simclr, bench_simsiam, common, run_all  # noqa: E402
 
 QUICK = ["--steps", "1", "--warmup", "1", "--mixed_precision", "no", "--threads", "1"]  # 1 thread: no spinning OpenMP
 # workers on a shared 2-core machine (the test process gets its thread count back afterwards)
@@ -71,6 +75,43 @@ def test_run_all_summarises_the_four_benches(tmp_path_factory):
     lines = run_all.summary_lines(summaries)
     assert len(lines) == 2 + len(BENCHES)
     assert all("(CPU time " in line for line in lines[2:]), lines
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_the_benches_time_the_precision_the_scripts_run_by_default(native, monkeypatch, capsys):
+    """Without --mixed_precision a bench runs what the scripts' presets run ("auto"), resolved the same
+    way: fp32 on a CPU without native bf16 (emulated bf16 is several times slower), bf16 where it is
+    native; the bench prints what it resolved to."""
+    for bench, script in ((bench_simsiam, ts), (bench_simclr, tc), (bench_dino, td), (bench_ibot, ti)):
+        default = bench.parse_args([]).mixed_precision
+        assert default == script.PRESETS[hvp_run.DEFAULT_DATASET]["mixed_precision"] == "auto", bench.__name__
+    monkeypatch.setattr(hvp_run.lifecycle, "native_bf16", lambda device: native)
+    cpu = torch.device("cpu")
+    accelerator = common.make_accelerator(cpu, bench_dino.parse_args([]).mixed_precision)
+    assert accelerator.mixed_precision == hvp_run.resolve_precision("auto", cpu)[0] == ("bf16" if native else "no")
+    assert f"precision: {'bf16' if native else 'fp32'} (auto: " in capsys.readouterr().err
+    assert common.precision_name(accelerator) == ("bf16" if native else "fp32")
+
+
+def test_bench_data_times_the_training_loader_itself(tmp_path):
+    """bench_data's per-image worker cost is measured in a worker of the training scripts' loader:
+    TimedStream is hvp_run.BatchStream with only the worker's CPU clock added to each batch, over a
+    parquet file of the JPEGs in row groups of one batch."""
+    groups = bench_data.crop_sets()["SimSiam 2x224"]
+    path = bench_data.write_parquet(bench_data.synthetic_jpegs(3, height=48, width=64), 8, 2, tmp_path / "x.parquet")
+    source = hvp_run.open_source(str(path), "train")
+    assert source.kind == "parquet" and [p[2] for p in source.pieces] == [2, 2, 2, 2]
+    transform = hvp.MultiViewTransform(groups, crops="device")
+    real = list(hvp_run.BatchStream(source, transform, 2, batches=4, shuffle_buffer=2))
+    timed = list(bench_data.TimedStream(source, transform, 2, batches=4, shuffle_buffer=2))
+    assert len(real) == len(timed) == 4
+    for plain, marked in zip(real, timed):
+        assert set(marked) == set(plain) | {"worker_cpu_s"}
+        assert all(torch.equal(plain[k], marked[k]) for k in plain if isinstance(plain[k], torch.Tensor))
+    marks = [float(b["worker_cpu_s"]) for b in timed]
+    assert marks == sorted(marks)  # a process CPU clock
+    ms = bench_data.loader_worker_ms(source, groups, "device", 2, 2)  # one loader worker, 2 measured batches
+    assert math.isfinite(ms) and ms > 0
 
 
 def test_a_bench_still_runs_as_a_script():

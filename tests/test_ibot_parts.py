@@ -268,9 +268,26 @@ def test_bad_mask_or_teacher_head_settings_are_one_line_errors(settings, message
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
 
 
-def test_the_official_mask_recipes_are_valid_settings():
-    ti.check_config(tiny_cfg(pred_ratio=(0.0, 0.3), pred_ratio_var=(0.0, 0.2), pred_start_epoch=10, **SHARED_TEACHER))
-    ti.check_config(tiny_cfg(pred_ratio=(0.3,), pred_ratio_var=(0.0,)))
+@pytest.mark.parametrize("recipe", ["", *ti.RECIPES])
+def test_the_default_and_published_mask_settings_draw_masks_within_their_ratio_bounds(recipe):
+    """The defaults (ratio 0.3) and every published recipe (0 or 0.3 -/+ 0.2) pass check_config, also
+    with a MIM start epoch, and the masks they draw on the patch grid of their global crops (14 x 14
+    for 224 px, patch 16) have ratios within one of the recipe's ranges (mean -/+ half-width) and
+    cover at most ratio x patches, something when the ratio is above 0, and close to the target overall."""
+    cfg, _ = hvp_run.parse_config(ti.Config, ["--recipe", recipe] if recipe else [], recipes=ti.RECIPES)
+    ti.check_config(cfg)
+    ti.check_config(replace(cfg, pred_start_epoch=10))
+    gen = torch.Generator().manual_seed(0)
+    ratios = ti.mask_ratios(2000, cfg.pred_ratio, cfg.pred_ratio_var, gen)
+    means, half_widths = ti.ratio_options(cfg.pred_ratio, cfg.pred_ratio_var)
+    within = [(ratios >= m - w - 1e-12) & (ratios <= m + w + 1e-12) for m, w in zip(means, half_widths)]
+    assert np.logical_or.reduce(within).all() and ((ratios >= 0) & (ratios < 1)).all()
+    grid = cfg.image_size // 16
+    masks = ti.block_masks(ratios, grid, grid, cfg.pred_aspect, gen)
+    assert masks.shape == (2000, grid, grid) and masks.dtype == torch.bool
+    counts, targets = masks.flatten(1).sum(1).numpy(), ratios * grid * grid
+    assert (counts <= targets).all() and (counts[ratios > 0] > 0).all() and (counts[ratios == 0] == 0).all()
+    assert counts.sum() > 0.85 * targets.sum()
 
 
 def test_masks_are_drawn_per_global_view_in_the_transform():

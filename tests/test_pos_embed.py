@@ -4,12 +4,13 @@ The ViTs of hvp_run.create_backbone use timm's dynamic_img_size: for a 96 px loc
 of learned position embeddings (224 px, patch 16) is resampled to 6 x 6 by
 timm.layers.resample_abs_pos_embed, bicubic *with antialiasing*. DINO and iBOT (interpolate_pos_encoding
 in their vision_transformer.py) resample it bicubic *without* antialiasing, by the scale factor
-(new grid + 0.1) / old grid. The first tests pin what the code does now and the size of the
-difference; the last ones specify the option that makes the ViTs resample DINO's way, and are marked
-xfail until hvp_run.create_backbone has it.
+(new grid + 0.1) / old grid. The first tests pin timm's way (the default) and the size of the
+difference; the last ones specify the option that makes the ViTs resample DINO's way
+(hvp_run.create_backbone(..., pos_embed_resample="dino")), which train_dino.py and train_ibot.py use
+by default.
 """
 import copy
-import inspect
+from dataclasses import replace
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 
 import hvp_run
+import train_dino as td
+import train_ibot as ti
 
 
 def dino_interpolate(pos_embed, grid, old_grid, num_prefix=1):
@@ -63,7 +66,7 @@ def difference(a, b):
     return d.max().item(), d.mean().item()
 
 
-# ----------------------------------------------------------------------------------- what the code does now
+# ----------------------------------------------------------------------------------- timm's way (the default)
 
 def test_our_vits_resample_with_timms_antialiased_bicubic():
     vit = vit_small()
@@ -98,17 +101,10 @@ def test_the_difference_to_dino_at_96_px_is_what_design_md_states():
         torch.testing.assert_close(vit(x224), dino_forward(vit, x224))
 
 
-# ----------------------------------------------------------------------------------- the option (pending)
+# ----------------------------------------------------------------------------------- the "dino" option
 # hvp_run.create_backbone(..., pos_embed_resample="dino") makes a timm ViT resample its position embedding
-# as DINO/iBOT do; "timm" (the default) keeps timm's. Until it exists these tests are expected to fail
-# (strictly: once the option lands they run as ordinary tests and must pass).
+# as DINO/iBOT do; "timm" (the default) keeps timm's.
 
-HAS_OPTION = "pos_embed_resample" in inspect.signature(hvp_run.create_backbone).parameters
-pending = pytest.mark.xfail(not HAS_OPTION, strict=True,
-                            reason="hvp_run.create_backbone(..., pos_embed_resample='dino') does not exist yet")
-
-
-@pending
 @pytest.mark.parametrize("size", [(96, 96), (112, 112), (224, 224), (96, 64)])
 def test_the_dino_option_resamples_the_position_embedding_as_dino_does(size):
     dino_vit, timm_vit = vit_small(pos_embed_resample="dino"), vit_small(pos_embed_resample="timm")
@@ -119,7 +115,7 @@ def test_the_dino_option_resamples_the_position_embedding_as_dino_does(size):
     x = torch.randn(4, 3, *size, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(dino_vit(x), dino_forward(dino_vit, x))
-        torch.testing.assert_close(timm_vit(x), default(x), rtol=0, atol=0)  # "timm" is today's behaviour
+        torch.testing.assert_close(timm_vit(x), default(x), rtol=0, atol=0)  # "timm" is the default
         if size == (224, 224):
             torch.testing.assert_close(dino_vit(x), default(x), rtol=0, atol=0)
     grid = (size[0] // 16, size[1] // 16)
@@ -127,7 +123,6 @@ def test_the_dino_option_resamples_the_position_embedding_as_dino_does(size):
                                dino_interpolate(dino_vit.pos_embed.detach(), grid, (14, 14)))
 
 
-@pending
 def test_the_dino_option_works_for_small_stems_copies_and_gradients():
     torch.manual_seed(0)  # the CPU preset's ViT: patch 8, 32 px globals, 16 px locals (a 4 x 4 grid -> 2 x 2)
     vit = hvp_run.create_backbone("vit_tiny", 32, small_stem=True, pos_embed_resample="dino")
@@ -142,7 +137,6 @@ def test_the_dino_option_works_for_small_stems_copies_and_gradients():
     assert vit.pos_embed.grad is not None and vit.pos_embed.grad[:, 1:].abs().sum() > 0
 
 
-@pending
 def test_an_export_remembers_the_option_and_plain_timm_agrees_at_the_native_size(tmp_path):
     import timm
     vit = vit_small(pos_embed_resample="dino")
@@ -155,3 +149,17 @@ def test_an_export_remembers_the_option_and_plain_timm_agrees_at_the_native_size
         torch.testing.assert_close(by_timm(native), vit(native))  # plain timm: the same at 224 px (no resampling)
     with pytest.raises(hvp_run.HVPError, match="pos_embed_resample"):
         hvp_run.create_backbone("vit_small", 224, pos_embed_resample="nearest")
+
+
+@pytest.mark.parametrize("script", [td, ti])
+def test_the_dino_and_ibot_scripts_resample_dinos_way_by_default(script):
+    """DESIGN.md's decision: train_dino.py and train_ibot.py build ViTs that resample as DINO/iBOT do,
+    so their local crops (a 2 x 2 grid here, from 4 x 4) get DINO's position embeddings."""
+    cfg = replace(script.Config(), arch="vit_tiny", small_stem=True, patch_size=8, image_size=32)
+    assert cfg.pos_embed_resample == "dino"
+    torch.manual_seed(0)
+    vit = script.create_backbone(cfg, 0.0).eval()
+    assert vit.hvp_pos_embed_resample == "dino"
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(vit(x), dino_forward(vit, x))

@@ -742,7 +742,8 @@ def select_multicrop(cost, num_locals, extra=None, limit=0, generator=None):
       (+ extra[g0] + extra[g1]); for DINO this is the sum of the 2(L+1) cross-entropy terms.
     Because the score is additive and |S| is fixed, the best S for a global pair is the top-L locals
     by cost[g0,l] + cost[g1,l]: exactly the exhaustive search over C(L_loader, L) subsets (DESIGN.md, D4).
-    Global pairs are compared in product(evens, odds) order, first wins ties.
+    Global pairs are compared in product(evens, odds) order and local subsets in combinations order;
+    the first wins ties.
     limit > 0: score only `limit` random tuples drawn with `generator`, shared by the batch.
     Returns (globals (B, 2), locals (B, L) ascending absolute indices, score (B,)).
     """
@@ -758,7 +759,8 @@ def select_multicrop(cost, num_locals, extra=None, limit=0, generator=None):
     if extra is not None:
         pair_part = pair_part + extra[:, g0] + extra[:, g1]
     local_w = cost[:, g0, G:] + cost[:, g1, G:]                    # (B, Pn, L_loader)
-    top_w, top_i = local_w.topk(num_locals, dim=2)
+    # a stable sort, not topk: among equal locals the lower index wins, as in the exhaustive search
+    top_w, top_i = (t[..., :num_locals] for t in local_w.sort(dim=2, descending=True, stable=True))
     k, best = hardest(pair_part + top_w.sum(2))
     rows = torch.arange(B, device=cost.device)
     locals_ = top_i[rows, k].sort(dim=1).values + G
@@ -819,11 +821,12 @@ def cosine(step, total_steps, start, end=0.0, warmup_steps=0, warmup_start=0.0):
 
 
 def linear_warmup(epoch, start, end, epochs):
-    """A per-epoch linear warm-up from `start` that reaches `end` at epoch epochs - 1 (DINO's and
-    iBOT's teacher temperatures: np.linspace over the warm-up epochs), then stays there."""
-    if epoch >= epochs - 1:
+    """A per-epoch linear warm-up from `start` that reaches `end` at epoch epochs - 1, then stays
+    there: np.linspace(start, end, epochs)[epoch], as DINO's and iBOT's teacher temperatures (a
+    1-epoch warm-up is `start` for epoch 0)."""
+    if epoch >= epochs:
         return end
-    return start + (end - start) * epoch / (epochs - 1)
+    return start if epochs == 1 else start + (end - start) * epoch / (epochs - 1)
 
 
 def clock(enabled, device):

@@ -4,6 +4,7 @@ import contextlib
 import itertools
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -217,3 +218,10 @@ def test_multicrop_transform_alternates_the_two_global_transforms():
     out = transform(Image.new("RGB", (28, 28), (120, 30, 200)), torch.Generator().manual_seed(0))
     assert out["globals"].shape == (4, 3, 16, 16) and out["locals"].shape == (3, 3, 8, 8)
     assert out["globals_params"].shape[0] == 4 and out["locals_params"].shape[0] == 3
+
+
+def test_a_one_epoch_teacher_temperature_warm_up_starts_at_the_warm_up_value():
+    # DINO: np.concatenate((np.linspace(warmup, final, warmup_epochs), np.ones(rest) * final))
+    for epochs in (0, 1, 2, 5):
+        expected = list(np.linspace(0.04, 0.07, epochs)) + [0.07] * 3
+        assert [hvp.linear_warmup(e, 0.04, 0.07, epochs) for e in range(epochs + 3)] == pytest.approx(expected)

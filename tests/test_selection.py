@@ -161,6 +161,22 @@ def test_top_l_multicrop_selection_equals_exhaustive_enumeration(G, L_loader, L,
     torch.testing.assert_close(score, hvp.tuple_score(cost, globals_[:, 0], globals_[:, 1], locals_, extra))
 
 
+
+@pytest.mark.parametrize("G,L_loader,L", [(2, 8, 2), (4, 6, 2), (4, 8, 4), (2, 6, 5)])
+def test_multicrop_ties_among_locals_go_to_the_first_subset_as_in_the_exhaustive_search(G, L_loader, L):
+    gen = torch.Generator().manual_seed(G * 100 + L_loader * 10 + L)
+    B = 64
+    # a handful of integer values: many locals tie, so the subset chosen among equal ones is tested
+    cost = torch.randint(0, 3, (B, G, G + L_loader), generator=gen).double()
+    weights = cost[:, 0, G:] + cost[:, 1, G:]
+    kth = weights.sort(1, descending=True).values[:, L - 1:L]
+    assert ((weights == kth).sum(1) > 1).any(), "the test must contain ties at the L-th local"
+    globals_, locals_, score = hvp.select_multicrop(cost, L)
+    ref_g, ref_l, ref_s = reference_multicrop(cost, L)
+    assert torch.equal(globals_, ref_g)
+    assert torch.equal(locals_, ref_l)
+    torch.testing.assert_close(score, ref_s)
+
 def test_multicrop_selection_with_real_dino_cross_entropies():
     """The cost table built from teacher/student logits gives the same choice as scoring every tuple
     with the full DINO per-sample loss (sum of its cross-entropy terms)."""

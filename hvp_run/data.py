@@ -1,10 +1,14 @@
 """Datasets as the training loop reads them: a split opened as pieces of known size (parquet row
-groups, image files, `datasets` shards), split row-exactly over processes and loader workers."""
+groups, Arrow record batches, webdataset shards, image files, `datasets` shards), split row-exactly
+over processes and loader workers."""
 import atexit
 import dataclasses
+import glob
 import io
 import itertools
+import json
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -17,20 +21,33 @@ from .config import _first_error_line, HVPError, mix_seed
 
 # ----------------------------------------------------------------------------------- data
 #
-# A split is read as *pieces* whose row counts are known before anything is read: the row groups
-# of parquet files (local, or hf:// files of a Hub dataset, from their footers), the files of an
-# image folder (one row each), or, for any other format, the shards `datasets` streams (counted by
-# one pass at start, said in the log). Every epoch the pieces are put in an order drawn from
-# (--seed, epoch), the same on every process. Process r trains on the rows at positions
-# [r q, (r + 1) q) of that order, q being its batches per epoch x --batch_size, and its loader
-# workers on consecutive whole batches of that range. So across processes and workers every example
-# is read once per epoch, whatever the shard sizes, and nobody reads more than its own rows (plus
-# the rest of the row group its range starts or ends in). The N - processes x q rows at the end of
-# an epoch's order (fewer than one global batch) are not trained in that epoch; as the order changes
-# every epoch, they are other rows every time. Evaluation splits are read whole, in order, split
-# across processes as evenly as possible.
+# A split is read as *pieces* whose row counts are known before training starts: the row groups
+# of parquet files (local, or hf:// files of a Hub dataset, from their footers), the record batches
+# of the Arrow files of a `save_to_disk` folder, the shards of a webdataset (.tar files, their
+# samples counted from the member headers), the files of an image folder (one row each), or, for
+# any other format, the shards `datasets` streams (counted by one pass at start, said in the log).
+#
+# Every epoch the pieces are put in an order drawn from (--seed, epoch), the same on every process,
+# and a start position s in that order is drawn too. Process r trains on the rows at positions
+# [s + r q, s + (r + 1) q) of the order, wrapping round from its end to its start, q being its
+# batches per epoch x --batch_size; its loader workers take consecutive whole batches of that range.
+# So across processes and workers every example is read once per epoch, whatever the piece sizes.
+# The N - processes x q rows left (fewer than one global batch) are not trained in that epoch: they
+# are the rows just before s, consecutive in the order; as s and the order are drawn anew every
+# epoch, every row is left out with the same chance, (N - processes x q) / N, in every epoch.
+#
+# What is read besides a worker's own rows: a parquet row group whole when the worker's range
+# covers only part of it (so with one row group per file and few files a process reads several
+# times its own rows: write files with smaller row groups); a streamed `datasets` shard, or a
+# compressed or remote .tar shard, from its start (they cannot seek); the member headers of a local
+# .tar shard before its rows. Arrow files are memory-mapped: only the range's rows are touched.
+# Evaluation splits are read whole, in order, split across processes as evenly as possible.
 
-SOURCE_KINDS = ("parquet", "imagefolder", "datasets")
+SOURCE_KINDS = ("parquet", "arrow", "webdataset", "imagefolder", "datasets")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
+FORMS = ("a Hub dataset id, a folder (an image folder with one sub-folder per class, parquet files in the Hub "
+         "layout, webdataset .tar shards, a Dataset.save_to_disk folder), or files (one, a glob, or a list like "
+         "{a,b} or {000..009}): .parquet, webdataset .tar, .arrow, or .csv/.json/.jsonl naming image files")
 
 
 @dataclasses.dataclass
@@ -40,11 +57,11 @@ class Source:
     name: str                    # what the user passed as --dataset
     split: str
     kind: str                    # one of SOURCE_KINDS
-    files: list                  # parquet files, image files, or [] (kind "datasets")
-    pieces: list                 # [file index or shard, row group (parquet) or 0, rows]
-    image_column: str
-    label_column: str = None     # None: the split has no (integer) labels
-    class_names: list = None     # image folders: label i is the folder class_names[i]
+    files: list                  # parquet/Arrow/.tar/image files; CSV/JSON files (kind "datasets") or []
+    pieces: list                 # [file index or shard, row group (parquet) / first row (arrow) / 0, rows]
+    image_column: str            # for .tar shards: the member extension holding the image
+    label_column: str = None     # None: the split has no labels; for .tar shards: a member extension
+    class_names: list = None     # label i is class_names[i] (image folder classes, text labels)
 
     @property
     def num_rows(self):
@@ -53,24 +70,50 @@ class Source:
     def read(self, piece, start, stop):
         """Rows [start, stop) of piece `piece` as (image cell, label or -1) pairs."""
         ref, group, _ = self.pieces[piece]
-        if self.kind == "parquet":
-            columns = [self.image_column] + ([self.label_column] if self.label_column else [])
-            table = _parquet_file(self.files[ref]).read_row_group(group, columns=columns).slice(start, stop - start)
+        columns = [self.image_column] + ([self.label_column] if self.label_column else [])
+        if self.kind in ("parquet", "arrow"):
+            if self.kind == "parquet":
+                table = _parquet_file(self.files[ref]).read_row_group(group, columns=columns).slice(start, stop - start)
+            else:
+                table = _arrow_table(self.files[ref]).select(columns).slice(group + start, stop - start)
             images = table.column(self.image_column).to_pylist()
-            labels = table.column(self.label_column).to_pylist() if self.label_column else [-1] * len(images)
-            yield from zip(images, (-1 if v is None else int(v) for v in labels))
+            labels = table.column(self.label_column).to_pylist() if self.label_column else [None] * len(images)
+            yield from zip(images, map(self._label, labels))
+        elif self.kind == "webdataset":
+            def wanted(extension):  # the label, and every image (a sample may lack the usual extension)
+                return extension in columns or extension.rpartition(".")[2] in IMAGE_EXTENSIONS
+            for sample in _tar_samples(self.files[ref], start, stop, wanted):
+                yield _tar_image(sample, self.image_column), self._label(sample.get(self.label_column))
         elif self.kind == "imagefolder":
             path = self.files[ref]
             label = self.class_names.index(_class_of(path)) if self.class_names else -1
             cell = {"path": path, "bytes": None} if "://" not in path else {"bytes": _read_bytes(path), "path": path}
             yield cell, label
         else:
+            folder = os.path.dirname(self.files[ref]) if self.files else ""
             for example in itertools.islice(_datasets_shard(self.name, self.split, ref), start, stop):
-                label = example.get(self.label_column) if self.label_column else None
-                yield example[self.image_column], -1 if label is None else int(label)
+                cell = example[self.image_column]
+                if isinstance(cell, str) and "://" not in cell:  # CSV/JSON: paths relative to their file
+                    cell = os.path.join(folder, cell)
+                yield cell, self._label(example.get(self.label_column) if self.label_column else None)
+
+    def _label(self, value):
+        if value is None:
+            return -1
+        if isinstance(value, bytes):  # a .cls member of a .tar shard
+            value = value.decode().strip()
+        return self.class_names.index(value) if self.class_names else int(value)
 
 
-_OPEN = {}  # per-process caches of open parquet files and `datasets` streams (not shared with forked workers)
+_OPEN = {}  # per-process caches of open parquet/Arrow files and `datasets` streams (not shared with forked workers)
+_NOTED = set()
+
+
+def _note(message):
+    """Say something once per process (a split and its evaluation split are opened alike)."""
+    if message not in _NOTED:
+        _NOTED.add(message)
+        print(f"note: {message}", file=sys.stderr, flush=True)
 
 
 def _parquet_file(path):
@@ -85,6 +128,16 @@ def _parquet_file(path):
     return _OPEN[key]
 
 
+def _arrow_table(path):
+    """An Arrow file as `save_to_disk` writes it (IPC stream format), memory-mapped: nothing is read
+    until rows are used."""
+    import pyarrow as pa
+    key = (os.getpid(), path)
+    if key not in _OPEN:
+        _OPEN[key] = pa.ipc.open_stream(pa.memory_map(path)).read_all()
+    return _OPEN[key]
+
+
 def _read_bytes(path):
     import fsspec
     with fsspec.open(path, "rb") as f:
@@ -95,15 +148,64 @@ def _class_of(path):
     return path.replace("\\", "/").rsplit("/", 2)[-2]
 
 
+def _tar_samples(path, start=0, stop=None, wanted=None):
+    """The samples [start, stop) of a webdataset shard, in order: {extension: bytes} of the members
+    whose extension `wanted` accepts (None: none; webdataset convention: a sample is a run of members
+    named <key>.<extension>). Local uncompressed shards are skipped through by their headers; compressed
+    or remote ones are read from the start (a tar stream cannot seek)."""
+    import contextlib
+    import tarfile
+    if "://" in path:
+        import fsspec
+        stream = fsspec.open(path, "rb").open()
+        tar = tarfile.open(fileobj=stream, mode="r|*")
+    else:
+        stream, tar = contextlib.nullcontext(), tarfile.open(path, "r:*")
+    with stream, tar:
+        index, key, sample = -1, None, None
+        for member in tar:
+            folder, _, base = member.name.rpartition("/")
+            stem, dot, extension = base.partition(".")
+            if not member.isfile() or not stem or not dot:
+                continue
+            if (folder, stem) != key:
+                if sample is not None:
+                    yield sample
+                index, key, sample = index + 1, (folder, stem), None
+                if stop is not None and index >= stop:
+                    return
+                if index >= start:
+                    sample = {}
+            extension = extension.lower()
+            if sample is not None and wanted is not None and wanted(extension):
+                sample[extension] = tar.extractfile(member).read()
+        if sample is not None:
+            yield sample
+
+
+def _tar_count(path):
+    return sum(1 for _ in _tar_samples(path))
+
+
+def _tar_image(sample, extension):
+    """The image of a sample: its `extension` member, or its one image member (shards may mix formats)."""
+    data = sample.get(extension)
+    if data is None:
+        images = [v for k, v in sample.items() if k.rpartition(".")[2] in IMAGE_EXTENSIONS]
+        data = images[0] if len(images) == 1 else None
+    return None if data is None else {"bytes": data, "path": None}
+
+
 def _datasets_stream(name, split):
     """The fallback reader: `datasets` streaming, one shard per piece."""
     import datasets
     key = (os.getpid(), name, split)
     if key not in _OPEN:
         path = Path(name).expanduser()
-        if path.is_file() or any(ch in name for ch in "*?["):
-            builder = {".csv": "csv", ".json": "json", ".jsonl": "json"}.get(path.suffix, "parquet")
-            ds = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True)
+        if path.is_file() or _is_pattern(name):  # CSV/JSON files
+            files = _data_files(name)
+            builder = "csv" if files[0].endswith(".csv") else "json"
+            ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True)
         else:
             ds = datasets.load_dataset(str(path) if path.exists() else name, split=split, streaming=True)
         image_columns = [c for c, f in (ds.features or {}).items() if isinstance(f, datasets.Image)]
@@ -118,23 +220,91 @@ def _datasets_shard(name, split, index):
     return ds.shard(num_shards=ds.num_shards, index=index)
 
 
+def _is_pattern(name):
+    return any(ch in name for ch in "*?[{")
+
+
+def _expand_braces(pattern):
+    """Webdataset-style shard lists: 'train-{000..002}.tar' -> train-000.tar, train-001.tar,
+    train-002.tar (zero-padded as written); 'a/{x,y}.tar' -> a/x.tar, a/y.tar."""
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if not match:
+        return [pattern]
+    numbers = re.fullmatch(r"(\d+)\.\.(\d+)", match.group(1))
+    if numbers:
+        first, last = numbers.groups()
+        width = len(first) if first.startswith("0") else 0
+        choices = [str(i).zfill(width) for i in range(int(first), int(last) + 1)]
+    else:
+        choices = match.group(1).split(",")
+    head, tail = pattern[:match.start()], pattern[match.end():]
+    return [name for choice in choices for name in _expand_braces(head + choice + tail)]
+
+
+def _data_files(name):
+    """The files --dataset names: one file, a glob, or a brace list (each name of which may be a glob)."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return [str(path)]
+    files = []
+    for pattern in _expand_braces(str(path)):
+        if any(ch in pattern for ch in "*?["):
+            files += sorted(glob.glob(pattern))
+        elif os.path.isfile(pattern):
+            files.append(pattern)
+        else:
+            raise HVPError(f"cannot open dataset {name!r}: no file {pattern!r}")
+    if not files:
+        raise HVPError(f"cannot open dataset {name!r}: no file matches")
+    return files
+
+
+def _file_format(path):
+    name = path.lower()
+    for suffixes, form in (((".parquet",), "parquet"), ((".arrow",), "arrow"), ((".csv",), "csv"),
+                           ((".json", ".jsonl"), "json"), ((".tar", ".tgz", ".tar.gz", ".tar.bz2", ".tar.xz"), "tar")):
+        if name.endswith(suffixes):
+            return form
+    return None
+
+
+def _check_hub_reachable(name):
+    """Fail in seconds, in one line, when the Hub cannot be reached (`datasets` would retry for half
+    a minute, printing every try). Any answer of the Hub passes; in offline mode a cached copy may
+    serve, so there is nothing to check."""
+    import datasets
+    import huggingface_hub
+    from huggingface_hub import constants, errors
+    if constants.HF_HUB_OFFLINE or datasets.config.HF_HUB_OFFLINE:
+        return
+    try:
+        huggingface_hub.HfApi().dataset_info(name, timeout=10)
+    except Exception as e:
+        kinds = {c.__name__ for c in type(e).__mro__}  # httpx and requests name their network errors alike
+        if not isinstance(e, errors.HfHubHTTPError) and kinds & {"TransportError", "ConnectionError", "Timeout",
+                                                                  "TimeoutError"}:
+            raise HVPError(f"cannot open dataset {name!r}: the Hugging Face Hub ({constants.ENDPOINT}) cannot be "
+                           f"reached ({_first_error_line(e)}); for a cached copy set HF_HUB_OFFLINE=1") from None
+
+
 def open_source(name, split, image_column="image", label_column="label"):
-    """Resolve --dataset into a Source: a Hugging Face Hub dataset id, a local folder (parquet files
-    in the Hub layout, or an image folder whose sub-folders are the classes), a parquet file or a
-    glob of them. Raises HVPError with one line on any problem, before a model is built. (Parquet
-    files given directly need pyarrow only; folders and Hub ids are resolved by `datasets`.)"""
+    """Resolve --dataset into a Source: a Hugging Face Hub dataset id; a local folder (an image
+    folder whose sub-folders are the classes, parquet files in the Hub layout, webdataset .tar
+    shards, or a `Dataset.save_to_disk` folder); or .parquet, .tar, .arrow or CSV/JSON files naming
+    image files, given as one file, a glob or a brace list. With --image_column left at 'image' and
+    no such column, the one image column is used (likewise 'label' and the one class-label column).
+    Raises HVPError with one line on any problem, before a model is built. (Files given directly,
+    except CSV/JSON, and save_to_disk folders are read without `datasets`; other folders and Hub ids
+    are resolved by it.)"""
     path = Path(name).expanduser()
     try:
-        if path.is_file() or any(ch in name for ch in "*?["):
-            import glob
-            files = [str(path)] if path.is_file() else sorted(glob.glob(str(path)))
-            if not files:
-                raise HVPError(f"cannot open dataset {name!r}: no file matches")
-            if not all(f.endswith(".parquet") for f in files):
-                return _datasets_source(name, split, image_column, label_column)
-            split = "train"  # a single file or a glob: its contents are the split, whatever it is called
-            return _parquet_source(name, split, files, image_column, label_column)
+        if path.is_file() or _is_pattern(name):
+            return _files_source(name, _data_files(name), image_column, label_column)
+        if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+            return _saved_source(name, split, path, image_column, label_column)
         import datasets
+        if not path.exists():
+            _check_hub_reachable(name)
         builder = datasets.load_dataset_builder(str(path) if path.exists() else name)
     except HVPError:
         raise
@@ -147,6 +317,8 @@ def open_source(name, split, image_column="image", label_column="label"):
     files = data_files[split]
     if files and all(f.endswith(".parquet") for f in files):
         return _parquet_source(name, split, files, image_column, label_column)
+    if files and all(_file_format(f) == "tar" for f in files):
+        return _tar_source(name, split, files, image_column, label_column)
     if builder.name == "imagefolder":
         if image_column != "image":
             raise HVPError(f"dataset {name!r} is an image folder: its image column is 'image', not {image_column!r}")
@@ -157,27 +329,135 @@ def open_source(name, split, image_column="image", label_column="label"):
     return _datasets_source(name, split, image_column, label_column)
 
 
-def _parquet_source(name, split, files, image_column, label_column):
+def _files_source(name, files, image_column, label_column):
+    """Files given directly: their contents are the split, whatever it is called."""
+    forms = {_file_format(f) for f in files}
+    if None in forms or len(forms) > 1:
+        odd = next((f for f in files if _file_format(f) is None), None)
+        what = f"{Path(odd).name!r} is not a supported file" if odd else f"its files mix formats ({sorted(forms)})"
+        raise HVPError(f"cannot open dataset {name!r}: {what}; --dataset takes {FORMS}")
+    form, split = forms.pop(), "train"
+    if form == "parquet":
+        return _parquet_source(name, split, files, image_column, label_column)
+    if form == "arrow":
+        return _arrow_source(name, split, files, image_column, label_column)
+    if form == "tar":
+        return _tar_source(name, split, files, image_column, label_column)
+    return _datasets_source(name, split, image_column, label_column, files)
+
+
+def _pick_columns(name, columns, image_columns, label_columns, image_column, label_column):
+    """(image column, label column or None). `image_columns` and `label_columns` are the columns
+    that hold images and class labels by their type: with a flag left at its default ('image',
+    'label') and no such column, the one column of that type is used, said in one line."""
+    if image_column not in columns:
+        if image_column != "image" or len(image_columns) != 1:
+            found = f"image columns: {image_columns}" if len(image_columns) > 1 else f"columns: {columns}"
+            raise HVPError(f"dataset {name!r} has no image column {image_column!r} ({found}); pass --image_column")
+        image_column = image_columns[0]
+        _note(f"dataset {name!r} has no 'image' column: using its image column {image_column!r} (--image_column)")
+    if label_column not in columns:
+        if label_column != "label" or not label_columns:
+            return image_column, None
+        if len(label_columns) > 1:
+            raise HVPError(f"dataset {name!r} has no 'label' column but several class-label columns "
+                           f"{label_columns}: pass --label_column (or --label_column none)")
+        label_column = label_columns[0]
+        _note(f"dataset {name!r} has no 'label' column: using its class-label column {label_column!r} (--label_column)")
+    return image_column, label_column
+
+
+def _table_columns(name, schema, image_column, label_column):
+    """_pick_columns for parquet and Arrow files, whose column types `datasets` records in the
+    schema's metadata; labels must be integers."""
     import pyarrow as pa
+    try:
+        features = json.loads(schema.metadata[b"huggingface"])["info"]["features"]
+        types = {c: f.get("_type") for c, f in features.items() if isinstance(f, dict)}
+    except (TypeError, KeyError, ValueError):  # not written by `datasets`
+        types = {}
+    image_column, label_column = _pick_columns(name, schema.names, [c for c in schema.names if types.get(c) == "Image"],
+                                               [c for c in schema.names if types.get(c) == "ClassLabel"],
+                                               image_column, label_column)
+    if label_column and not pa.types.is_integer(schema.field(label_column).type):
+        label_column = None
+    return image_column, label_column
+
+
+def _parquet_source(name, split, files, image_column, label_column):
     from concurrent.futures import ThreadPoolExecutor
     try:
         with ThreadPoolExecutor(16) as pool:  # remote footers: one request each, in parallel
             metas = list(pool.map(lambda f: _parquet_file(f).metadata, files))
     except Exception as e:
         raise HVPError(f"cannot read the parquet files of dataset {name!r}: {_first_error_line(e)}") from None
-    schema = _parquet_file(files[0]).schema_arrow
-    if image_column not in schema.names:
-        raise HVPError(f"dataset {name!r} has no image column {image_column!r} (columns: {schema.names}); "
-                       f"pass --image_column")
-    has_labels = label_column in schema.names and pa.types.is_integer(schema.field(label_column).type)
+    image_column, label_column = _table_columns(name, _parquet_file(files[0]).schema_arrow, image_column, label_column)
     pieces = [[f, g, meta.row_group(g).num_rows] for f, meta in enumerate(metas) for g in range(meta.num_row_groups)]
-    return Source(name, split, "parquet", list(files), [p for p in pieces if p[2]], image_column,
-                  label_column if has_labels else None)
+    return Source(name, split, "parquet", list(files), [p for p in pieces if p[2]], image_column, label_column)
 
 
-def _datasets_source(name, split, image_column, label_column):
+def _saved_source(name, split, folder, image_column, label_column):
+    """A `Dataset.save_to_disk` folder (its contents are the split) or `DatasetDict.save_to_disk`
+    folder (one sub-folder per split): Arrow files listed in each state.json."""
+    if (folder / "dataset_dict.json").is_file():
+        splits = json.loads((folder / "dataset_dict.json").read_text())["splits"]
+        if split not in splits:
+            raise HVPError(f"dataset {name!r} has no split {split!r} (it has: {', '.join(sorted(splits))})")
+        folder = folder / split
+    else:
+        split = "train"
+    state = json.loads((folder / "state.json").read_text())
+    files = [str(folder / f["filename"]) for f in state["_data_files"]]
+    return _arrow_source(name, split, files, image_column, label_column)
+
+
+def _arrow_source(name, split, files, image_column, label_column):
+    """Arrow files as `save_to_disk` writes them: their record batches are the pieces."""
+    try:
+        tables = [_arrow_table(f) for f in files]
+    except Exception as e:
+        raise HVPError(f"cannot read the Arrow files of dataset {name!r}: {_first_error_line(e)}") from None
+    image_column, label_column = _table_columns(name, tables[0].schema, image_column, label_column)
+    pieces = []
+    for f, table in enumerate(tables):
+        sizes = [batch.num_rows for batch in table.to_batches()]
+        pieces += [[f, first, n] for first, n in zip(itertools.accumulate(sizes, initial=0), sizes) if n]
+    return Source(name, split, "arrow", list(files), pieces, image_column, label_column)
+
+
+def _tar_source(name, split, files, image_column, label_column):
+    """Webdataset .tar shards: one piece per shard, its samples counted from the member headers.
+    Columns are member extensions: the image is the sample's image member ('jpg', 'png', ...),
+    the label a 'cls' member (an integer in text), as the webdataset convention has it."""
+    from concurrent.futures import ThreadPoolExecutor
+    if any("://" in f for f in files):
+        _note(f"dataset {name!r}: counting the samples of its {len(files)} remote .tar shards once (a full read)")
+    try:
+        first = next(_tar_samples(files[0], 0, 1, wanted=lambda extension: True), None)
+        with ThreadPoolExecutor(8) as pool:
+            counts = list(pool.map(_tar_count, files))
+    except Exception as e:
+        raise HVPError(f"cannot read the .tar shards of dataset {name!r}: {_first_error_line(e)}") from None
+    if first is None:
+        raise HVPError(f"dataset {name!r}: its first .tar shard has no samples (<key>.<extension> members)")
+    columns = sorted(first)
+    image_column, label_column = _pick_columns(
+        name, columns, [c for c in columns if c.rpartition(".")[2] in IMAGE_EXTENSIONS],
+        ["cls"] if "cls" in columns else [], image_column, label_column)
+    if label_column:
+        if not first[label_column].decode(errors="replace").strip().lstrip("-").isdigit():
+            raise HVPError(f"dataset {name!r}: the .{label_column} member of its first sample is not an integer "
+                           f"label; pass --label_column (or --label_column none)")
+    return Source(name, split, "webdataset", list(files), [[i, 0, n] for i, n in enumerate(counts) if n],
+                  image_column, label_column)
+
+
+def _datasets_source(name, split, image_column, label_column, files=None):
     """Any other format through `datasets`: its shards are the pieces, counted by one pass over a
-    light column (the format has no row counts to read)."""
+    light column (the format has no row counts to read). Text labels (CSV, JSON) become class
+    indices in sorted order. `files`: CSV/JSON files given directly, whose relative image paths
+    are relative to the file."""
+    import datasets
     try:
         ds = _datasets_stream(name, split)
         columns = list(ds.features) if ds.features is not None else list(next(iter(ds)).keys())
@@ -185,15 +465,28 @@ def _datasets_source(name, split, image_column, label_column):
         if "split" in str(e).lower():
             raise HVPError(f"dataset {name!r} has no split {split!r} ({_first_error_line(e)})") from None
         raise HVPError(f"cannot open dataset {name!r}: {_first_error_line(e)}") from None
-    if image_column not in columns:
-        raise HVPError(f"dataset {name!r} has no image column {image_column!r} (columns: {columns}); pass --image_column")
-    light = label_column if label_column in columns else next(c for c in columns if c != image_column) \
-        if len(columns) > 1 else image_column
+    features = ds.features or {}
+    image_column, label_column = _pick_columns(
+        name, columns, [c for c in columns if isinstance(features.get(c), datasets.Image)],
+        [c for c in columns if isinstance(features.get(c), datasets.ClassLabel)], image_column, label_column)
+    light = label_column or next((c for c in columns if c != image_column), image_column)
     print(f"note: dataset {name!r} has no row counts to read ({ds.num_shards} shards): counting its rows once",
           file=sys.stderr, flush=True)
-    counts = [sum(1 for _ in _datasets_shard(name, split, i).select_columns([light])) for i in range(ds.num_shards)]
-    return Source(name, split, "datasets", [], [[i, 0, n] for i, n in enumerate(counts) if n], image_column,
-                  label_column if label_column in columns else None)
+    counts, labels = [], set()
+    for i in range(ds.num_shards):
+        values = [row[light] for row in _datasets_shard(name, split, i).select_columns([light])]
+        counts.append(len(values))
+        if label_column:
+            labels.update(v for v in values if v is not None)
+    class_names = None
+    if labels and all(isinstance(v, str) for v in labels):
+        class_names = sorted(labels)
+    elif not all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
+        label_column = None  # neither integers nor class names
+    if files and ds.num_shards != len(files):  # relative paths are resolved by shard = file
+        files = None
+    return Source(name, split, "datasets", list(files or []), [[i, 0, n] for i, n in enumerate(counts) if n],
+                  image_column, label_column, class_names)
 
 
 def open_image(cell):
@@ -240,19 +533,25 @@ def epoch_ranges(piece_rows, epoch, seed, rank, world, worker, workers, batch_si
     """What one loader worker of one process reads in an epoch: [(piece, first row, end row)].
 
     Training (`batches` = this process's batches per epoch): pieces in an order drawn from
-    (seed, epoch); the process's range is positions [rank q, (rank + 1) q) with q = batches x
-    batch_size; worker w gets batches//workers consecutive batches of it (one more for the first
-    batches % workers workers). Evaluation (batches None): every row once, in order, split evenly."""
+    (seed, epoch), and a start position s in it; the process's range is positions
+    [s + rank q, s + (rank + 1) q) with q = batches x batch_size, wrapping round from the end of
+    the order to its start; worker w gets batches//workers consecutive batches of it (one more for
+    the first batches % workers workers). The rows left out are the N - world q before s, so every
+    row has the same chance to be left out. Evaluation (batches None): every row once, in order,
+    split evenly."""
+    total = sum(piece_rows)
     if batches is None:
-        total = sum(piece_rows)
         first, end = total * rank // world, total * (rank + 1) // world
         n = end - first
         return rows_at(piece_rows, range(len(piece_rows)), first + n * worker // workers, first + n * (worker + 1) // workers)
-    order = torch.randperm(len(piece_rows), generator=torch.Generator().manual_seed(mix_seed(seed, epoch, "pieces")))
+    generator = torch.Generator().manual_seed(mix_seed(seed, epoch, "pieces"))
+    order = torch.randperm(len(piece_rows), generator=generator).tolist()
+    start = int(torch.randint(max(total, 1), (1,), generator=generator))
     mine = batches // workers + (worker < batches % workers)
     before = worker * (batches // workers) + min(worker, batches % workers)
-    first = (rank * batches + before) * batch_size
-    return rows_at(piece_rows, order.tolist(), first, first + mine * batch_size)
+    first = (start + (rank * batches + before) * batch_size) % max(total, 1)
+    stop = first + mine * batch_size
+    return rows_at(piece_rows, order, first, min(stop, total)) + rows_at(piece_rows, order, 0, stop - total)
 
 
 def _shuffled(rows, buffer_size, rng):

@@ -31,7 +31,8 @@ JSON, and on the result line): replaced in their training batch by another view 
 image (each epoch's count in its record, the most any epoch met at the top: an epoch reads every
 image at most once), left out of the test split.
 
-Writes a JSON result (--output, default <backbone folder>/finetune_<dataset>.json) and the fine-tuned
+Writes a JSON result (--output, default <backbone folder>/finetune_<dataset>.json; outputs/<org>--<name>/
+for a Hub backbone) and the fine-tuned
 model, the backbone with its classifier head as it is after the last epoch, to --output_dir (default:
 the JSON's path without ".json"): model.safetensors + timm config.json (num_classes, the class names
 as label_names, the evaluation preprocessing) + a model card README.md. It loads with plain timm,
@@ -42,14 +43,15 @@ as label_names, the evaluation preprocessing) + a model card README.md. It loads
 except a ResNet fine-tuned from a --small_stem backbone (a stem timm cannot describe): load that one
 with load_model("<output_dir>" or "hf-hub:<user>/<repo>") from this file. --push_to_hub uploads the
 folder to the Hugging Face Hub (--hub_model_id, default <your user>/<--output_dir folder name>;
---hub_private); the token is huggingface_hub's business, checked for before fine-tuning starts and
-never printed or written. A failed upload is retried and reported with the `hf upload` command that
-pushes the folder later; the local files stay as they are.
+--hub_private; --hub_license sets the licence on the card and in config.json) through the same code
+as the training scripts' push (hvp_run/hub.py); the token is huggingface_hub's business, checked for
+before fine-tuning starts and never printed or written. A failed upload is retried and reported with
+the `hf upload` command that pushes the folder later, the local files stay as they are, and the
+command exits with status 2.
 """
 import copy
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -63,7 +65,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import hvp_utils as hvp  # noqa: E402
 import hvp_run  # noqa: E402
-import linear  # noqa: E402  (eval/linear.py: backbone sources, training augmentation, accuracy)
+from eval import common  # noqa: E402
+from hvp_run import hub  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------- config
@@ -96,6 +99,7 @@ class Config:
     push_to_hub: bool = False  # push the fine-tuned model and its model card to the Hugging Face Hub
     hub_model_id: str = ""  # <user or org>/<name>; default <your user>/<--output_dir folder name>
     hub_private: bool = False  # create the Hub repo private
+    hub_license: str = hvp_run.HUB_LICENSE  # licence of the fine-tuned weights (model card, config.json): a Hub licence id
 
 
 # name: (Hub id, image column, label column, test split, (SimSiam lr, epochs), (DINO lr, epochs))
@@ -153,8 +157,7 @@ def resolve_config(cfg):
         cfg.dataset = preset["dataset"]
     if cfg.protocol not in ("simsiam", "dino"):
         raise hvp_run.HVPError(f"--protocol must be simsiam or dino, got {cfg.protocol!r}")
-    if cfg.mixed_precision not in ("", "no", "fp16", "bf16"):
-        raise hvp_run.HVPError(f"--mixed_precision must be no, fp16 or bf16, got {cfg.mixed_precision!r}")
+    common.check_precision(cfg.mixed_precision)
     if cfg.epochs < 1 or cfg.batch_size < 1 or not cfg.lr > 0 or not 0 < cfg.layer_decay <= 1:
         raise hvp_run.HVPError("--epochs and --batch_size must be >= 1, --lr > 0 and --layer_decay in (0, 1]")
     if not 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1:
@@ -229,7 +232,7 @@ def count_classes(source):
 
 def build_model(cfg, num_classes):
     """The backbone with a new linear classifier (N(0, 0.01), zero bias), all parameters trainable."""
-    model, config = linear.load_backbone(cfg.backbone, cfg.checkpoint_key, cfg.random_init, cfg.seed)
+    model, config = common.load_backbone(cfg.backbone, cfg.checkpoint_key, cfg.random_init, cfg.seed)
     if not hasattr(model, "reset_classifier"):
         raise hvp_run.HVPError(f"{cfg.backbone!r} is not a timm classifier model (no reset_classifier)")
     torch.manual_seed(cfg.seed)
@@ -244,7 +247,7 @@ def make_optimizer(cfg, model, lr):
     """AdamW without weight decay on 1-D parameters; ViTs get BEiT-style layer-wise lr scales
     (each group's `lr_scale`, applied by the schedule)."""
     import timm.optim
-    layer_decay = cfg.layer_decay if linear.is_vit(model) and cfg.layer_decay < 1 else None
+    layer_decay = cfg.layer_decay if common.is_vit(model) and cfg.layer_decay < 1 else None
     return timm.optim.create_optimizer_v2(model, "adamw", lr=lr, weight_decay=cfg.weight_decay,
                                           layer_decay=layer_decay)
 
@@ -257,10 +260,9 @@ METHODS = {"simsiam": "SimSiam", "simclr": "SimCLR", "dino": "DINO", "ibot": "iB
 
 def default_paths(cfg):
     """(JSON result file, model folder): --output / --output_dir, by default <backbone folder>/finetune_<dataset>
-    .json and the folder of that name ("_random_init" added with --random_init; in the current folder for
-    a Hub backbone)."""
-    name = Path(cfg.dataset).name or cfg.dataset.replace("/", "_")
-    output = Path(cfg.output) if cfg.output else linear.default_output(cfg, f"finetune_{name}")
+    .json and the folder of that name ("_random_init" added with --random_init; under outputs/ for a Hub
+    backbone, common.results_folder)."""
+    output = Path(cfg.output) if cfg.output else common.default_output(cfg, f"finetune_{common.dataset_name(cfg.dataset)}")
     if cfg.output_dir:
         return output, Path(cfg.output_dir)
     return output, output.with_suffix("") if output.suffix == ".json" else output.with_name(output.name + "_model")
@@ -285,33 +287,6 @@ def check_model_folder(folder):
                            "folder (an earlier fine-tuned model there would be replaced)")
 
 
-def hub_repo_id(cfg, folder):
-    """The Hub checks of --push_to_hub, --hub_model_id, --hub_private, on every process before anything
-    is trained: the repo id to push to, None without --push_to_hub. The token's value is never read."""
-    if not cfg.push_to_hub:
-        given = [f for f in ("hub_model_id", "hub_private") if getattr(cfg, f)]
-        if given:
-            raise hvp_run.HVPError(f"--{given[0]} only takes effect with --push_to_hub")
-        return None
-    from huggingface_hub import constants, get_token
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-    if constants.HF_HUB_OFFLINE:
-        raise hvp_run.HVPError("--push_to_hub cannot push with HF_HUB_OFFLINE=1 set")
-    if get_token() is None:  # whether a token exists
-        raise hvp_run.HVPError("--push_to_hub needs a Hugging Face token with write access: run `hf auth login` or set "
-                           "HF_TOKEN" + ("" if cfg.hub_model_id else " (and pass --hub_model_id <user>/<name>, or the "
-                                         "repo is <your user>/<--output_dir folder name>)"))
-    repo_id = cfg.hub_model_id or re.sub(r"[^\w.-]+", "-", Path(folder).resolve().name).strip("-.")
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError:
-        what = "--hub_model_id" if cfg.hub_model_id else "a repo name inferred from --output_dir"
-        raise hvp_run.HVPError(f"{what} {repo_id!r} is not a valid Hub repo id: pass --hub_model_id <user or org>/<name> "
-                           "(letters, digits, '-', '_', '.')") from None
-    return repo_id
-
-
 def _replace_folder(tmp, folder):
     """Put the finished folder `tmp` in place of `folder` by renames (an earlier model there is removed
     only once the new one is in place)."""
@@ -322,16 +297,17 @@ def _replace_folder(tmp, folder):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_model(model, folder, label_names, data_config, card):
+def save_model(model, folder, label_names, data_config, card, license=hvp_run.HUB_LICENSE):
     """Write the fine-tuned classifier to `folder`: model.safetensors + timm config.json (num_classes,
-    label_names, `data_config`) + README.md (`card`), complete or not at all. Returns the folder."""
+    label_names, `data_config`, `license` in place of the one timm copies from its registry) + README.md
+    (`card`), complete or not at all. Returns the folder."""
     import timm
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     plain = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).eval()  # safetensors: no channels_last
-    model_config = {"label_names": list(label_names), "pretrained_cfg": {"tag": MODEL_TAG}}
+    model_config = {"label_names": list(label_names), "pretrained_cfg": {"tag": MODEL_TAG, "license": license}}
     if getattr(plain, "hvp_small_stem", False):
         model_config["hvp_small_stem"] = True
     timm.models.save_for_hf(plain, tmp, model_config=model_config, safe_serialization=True, data_config=data_config)
@@ -360,77 +336,34 @@ def load_model(source):
     return model.eval()
 
 
-def _public(value):
-    """A value as a public card shows it: local paths by their last component."""
-    if isinstance(value, str) and os.sep in value and Path(value).expanduser().exists():
-        return Path(value).name
-    return list(value) if isinstance(value, tuple) else value
-
-
-def model_card(repo_id, cfg, result, backbone_config, small_stem=False, folder_name="finetuned"):
-    """README.md of a fine-tuned model: Hub metadata, what it was fine-tuned from and on, the accuracy of
-    these weights (the last epoch) and of the best epoch, the configuration, and how to load it."""
-    from huggingface_hub import ModelCardData
-    dataset = str(cfg.dataset)
-    local = Path(dataset).expanduser().exists()
-    hub_dataset = hvp_run.HUB_DATASETS.get(dataset) or (None if local else dataset)
-    dataset_name = (hub_dataset or Path(dataset).name).split("/")[-1]
-    backbone = str(cfg.backbone)
-    base_model = backbone[len("hf-hub:"):].split("@")[0] if backbone.startswith("hf-hub:") else None
-    tag = (backbone_config.get("pretrained_cfg") or {}).get("tag", "")
-    method = METHODS.get(tag.removeprefix("hvp_"))
-    arch = backbone_config.get("architecture", "?")
-    if cfg.random_init:
-        origin = f"from random initialisation (the architecture of `{_public(backbone)}`, none of its weights)"
-    else:
-        origin = f"from the backbone `{_public(backbone)}`" + (
-            f", pretrained with self-supervised **{method}** and **Hard View Pretraining** (HVP; Ferreira et al., "
-            "*Beyond Random Augmentations: Pretraining with Hard Views*, ICLR 2025)" if method else "")
-    metadata = ModelCardData(
-        library_name=hvp_run.HUB_CUSTOM_LIBRARY if small_stem else "timm", license=hvp_run.HUB_LICENSE,
-        pipeline_tag="image-classification", base_model=base_model, datasets=[hub_dataset] if hub_dataset else None,
-        metrics=["accuracy"], tags=list(dict.fromkeys(filter(None, [
-            "image-classification", "pytorch" if small_stem else "timm", "fine-tuned", "hard-view-pretraining" if method else None,
-            method.lower() if method else None, dataset_name]))))
-    where = f"hf-hub:{repo_id}" if repo_id else f"local-dir:path/to/{folder_name}"
-    if small_stem:  # run from a clone of the HVP repository: plain timm cannot build the small-stem ResNet
-        imports = 'import sys\nsys.path.insert(0, "eval")\nimport finetune  # eval/finetune.py of the HVP repository\n'
-        load = f'model = finetune.load_model("{where.removeprefix("local-dir:")}")'
-    else:
-        imports, load = "", f'model = timm.create_model("{where}", pretrained=True).eval()'
-    last, best = result["epochs"][-1], result
-    kept = ("" if best["best_epoch"] == last["epoch"] else
-            f"\nThe weights here are those after the last epoch; those of epoch {best['best_epoch']} were not kept.\n")
-    shown = {k: _public(v) for k, v in asdict(cfg).items() if k not in ("output", "output_dir")}
-    lr = cfg.lr * cfg.batch_size * result["processes"] / 256
-    return f"""---
-{metadata.to_yaml()}
+FINETUNED_CARD = """---
+{{ card_data }}
 ---
 
-# `{arch}` fine-tuned on {dataset_name}
+# `{{ arch }}` fine-tuned on {{ dataset_name }}
 
-A `{arch}` image classifier ({result["num_classes"]} classes) fine-tuned end to end (every weight trained, a new
-linear head) {origin}, on the `{cfg.train_split}` split of `{hub_dataset or dataset_name}`
-({result["train_samples"]} images) at {result["image_size"]} px, for {cfg.epochs} epoch(s).
+A `{{ arch }}` image classifier ({{ num_classes }} classes) fine-tuned end to end (every weight trained, a new
+linear head) {{ origin }}, on the `{{ train_split }}` split of `{{ dataset }}`
+({{ train_samples }} images) at {{ size }} px, for {{ epochs }}.
 
 ## Accuracy
 
-On the `{cfg.test_split}` split ({result["test_samples"]} images; resize to {result["image_size"]} / 0.875, centre crop):
+On the `{{ test_split }}` split ({{ test_samples }} images; resize to {{ size }} / 0.875, centre crop):
 
 | weights | top-1 | top-5 |
 |---|---|---|
-| these (last epoch, {last["epoch"]}) | {last["top1"]:.2f} % | {last["top5"]:.2f} % |
-| best epoch ({best["best_epoch"]}), the number the transfer protocol reports | {best["best_top1"]:.2f} % | {best["best_top5"]:.2f} % |
-{kept}
+| these (last epoch, {{ last.epoch }}) | {{ "%.2f" % last.top1 }} % | {{ "%.2f" % last.top5 }} % |
+| best epoch ({{ best_epoch }}), the number the transfer protocol reports | {{ "%.2f" % best_top1 }} % | {{ "%.2f" % best_top5 }} % |
+{{ kept }}
 ## Usage
 
 ```python
-{imports}import timm
+{{ imports }}import timm
 import torch
 from PIL import Image
 
-{load}
-transform = timm.data.create_transform(**timm.data.resolve_data_config({{}}, model=model))
+{{ load }}
+transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
 with torch.no_grad():
     logits = model(transform(Image.open("image.jpg").convert("RGB")).unsqueeze(0))
 print(model.pretrained_cfg["label_names"][logits.argmax(1).item()])
@@ -438,73 +371,105 @@ print(model.pretrained_cfg["label_names"][logits.argmax(1).item()])
 
 ## Fine-tuning
 
-AdamW, peak lr {lr:.4g} ({cfg.lr:g} x global batch {cfg.batch_size * result["processes"]} / 256), weight decay
-{cfg.weight_decay}, layer-wise lr decay {cfg.layer_decay} (ViTs only), cosine schedule with {cfg.warmup_epochs} warm-up
-epochs; random-resized crops at scale {cfg.crop_scale[0]}-{cfg.crop_scale[1]} and horizontal flips; on
-{result["processes"]} process(es). Fine-tuned with `eval/finetune.py` of the HVP repository:
+AdamW, peak lr {{ "%.4g" % lr }} ({{ base_lr }} x global batch {{ global_batch }} / 256), weight decay
+{{ weight_decay }}, layer-wise lr decay {{ layer_decay }} (ViTs only), cosine schedule after {{ warmup }} of
+warm-up; random-resized crops at scale {{ crop_scale[0] }}-{{ crop_scale[1] }} and horizontal flips; on
+{{ processes }}. Fine-tuned with `eval/finetune.py` of the HVP repository:
 
 ```json
-{json.dumps(shown, indent=2, default=str)}
+{{ shown }}
 ```
 """
 
 
+def model_card(repo_id, cfg, result, backbone_config, small_stem=False, folder_name="finetuned"):
+    """README.md of a fine-tuned model: Hub metadata (with the last epoch's top-1 as model-index
+    results), what it was fine-tuned from and on, the accuracy of these weights (the last epoch) and of
+    the best epoch, the configuration, and how to load it."""
+    from huggingface_hub import EvalResult, ModelCardData
+    hub_dataset, dataset_name = hub.card_dataset(cfg.dataset)
+    backbone = str(cfg.backbone)
+    base_model = backbone[len("hf-hub:"):].split("@")[0] if backbone.startswith("hf-hub:") else None
+    tag = (backbone_config.get("pretrained_cfg") or {}).get("tag", "")
+    method = METHODS.get(tag.removeprefix("hvp_"))
+    arch = backbone_config.get("architecture", "?")
+    if cfg.random_init:
+        origin = f"from random initialisation (the architecture of `{hub.card_value(backbone)}`, none of its weights)"
+    else:
+        origin = f"from the backbone `{hub.card_value(backbone)}`" + (
+            f", pretrained with self-supervised **{method}** and **Hard View Pretraining** (HVP; Ferreira et al., "
+            "*Beyond Random Augmentations: Pretraining with Hard Views*, ICLR 2025)" if method else "")
+    last = result["epochs"][-1]
+    where = f"hf-hub:{repo_id}" if repo_id else f"local-dir:path/to/{folder_name}"
+    eval_results = [EvalResult(
+        task_type="image-classification", dataset_type=hub_dataset or dataset_name, dataset_name=dataset_name,
+        dataset_split=cfg.test_split, metric_type="accuracy", metric_name="top-1 accuracy (%)",
+        metric_value=round(last["top1"], 2))]
+    metadata = ModelCardData(
+        library_name=hvp_run.HUB_CUSTOM_LIBRARY if small_stem else "timm", license=cfg.hub_license,
+        pipeline_tag="image-classification", base_model=base_model, datasets=[hub_dataset] if hub_dataset else None,
+        metrics=["accuracy"], tags=list(dict.fromkeys(filter(None, [
+            "image-classification", "pytorch" if small_stem else "timm", "fine-tuned", "hard-view-pretraining" if method else None,
+            method.lower() if method else None, dataset_name]))),
+        model_name=repo_id or folder_name, eval_results=eval_results)
+    if small_stem:  # run from a clone of the HVP repository: plain timm cannot build the small-stem ResNet
+        imports = 'import sys\nsys.path.insert(0, "eval")\nimport finetune  # eval/finetune.py of the HVP repository\n'
+        load = f'model = finetune.load_model("{where.removeprefix("local-dir:")}")'
+    else:
+        imports, load = "", f'model = timm.create_model("{where}", pretrained=True).eval()'
+    kept = ("" if result["best_epoch"] == last["epoch"] else
+            f"\nThe weights here are those after the last epoch; those of epoch {result['best_epoch']} were not kept.\n")
+    shown = {k: hub.card_value(v) for k, v in asdict(cfg).items() if k not in ("output", "output_dir")}
+    return hub.render_card(
+        metadata, FINETUNED_CARD, arch=arch, dataset_name=dataset_name, num_classes=result["num_classes"], origin=origin,
+        train_split=cfg.train_split, dataset=hub_dataset or dataset_name, train_samples=result["train_samples"],
+        size=result["image_size"], epochs=hub.counted(cfg.epochs, "epoch"), test_split=cfg.test_split,
+        test_samples=result["test_samples"], last=last, best_epoch=result["best_epoch"],
+        best_top1=result["best_top1"], best_top5=result["best_top5"], kept=kept, imports=imports, load=load,
+        lr=cfg.lr * cfg.batch_size * result["processes"] / 256, base_lr=f"{cfg.lr:g}",
+        global_batch=cfg.batch_size * result["processes"], weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay,
+        warmup=hub.counted(cfg.warmup_epochs, "epoch"), crop_scale=cfg.crop_scale,
+        processes=hub.counted(result["processes"], "process", "processes"),
+        shown=json.dumps(shown, indent=2, default=str))
+
+
 def push_model(folder, repo_id, private, write_card, retries=3, retry_wait=10.0):
-    """Upload `folder` to the model repo `repo_id` (created if needed). `write_card(repo_id)` rewrites
-    the card once a bare repo name has resolved to <user>/<name>. A failed upload is retried (waits
-    growing from `retry_wait` s; HVP_HUB_RETRY_WAIT overrides it) and reported on stderr with the
+    """Upload `folder` to the model repo `repo_id` (created if needed) with the training scripts' code
+    (hvp_run.hub.push_folder: retries, deadlines; `write_card(repo_id)` rewrites the card once a bare
+    repo name has resolved to <user>/<name>). A push that failed after its tries is reported with the
     command that uploads the folder later. Returns (repo id, True if the Hub has it)."""
-    from huggingface_hub import HfApi
-    wait, error = float(os.environ.get("HVP_HUB_RETRY_WAIT", retry_wait)), None
-    for attempt in range(1, retries + 1):
-        try:
-            api = HfApi(library_name="hvp")
-            repo = api.create_repo(repo_id, private=private, exist_ok=True)
-            if repo.repo_id != repo_id:
-                repo_id = repo.repo_id
-                write_card(repo_id)
-            commit = api.upload_folder(repo_id=repo_id, folder_path=folder,
-                                       commit_message=f"HVP fine-tuning: {Path(folder).name}")
-            print(f"hub: pushed the fine-tuned model to {repo} (commit {commit.oid[:8]})", flush=True)
-            return repo_id, True
-        except Exception as e:  # any network or server failure: reported, the local model stays
-            error = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-            if attempt < retries:
-                delay = wait * 4 ** (attempt - 1)
-                print(f"hub: push to {repo_id} failed (try {attempt}/{retries}): {error}; retrying in {delay:g} s",
-                      file=sys.stderr, flush=True)
-                time.sleep(delay)
-    print(f"hub: push to {repo_id} failed after {retries} tries: {error}. The model is intact in {folder}; upload "
-          f"it later with: hf upload {repo_id} {folder} .", file=sys.stderr, flush=True)
-    return repo_id, False
+    repo_id, error = hub.push_folder(repo_id, folder, f"HVP fine-tuning: {Path(folder).name}", "the fine-tuned model",
+                                     private, write_card, retries=retries, retry_wait=retry_wait)
+    if error is not None:
+        print(f"hub: push of the fine-tuned model to {repo_id} failed after {retries} tries: {error}. The model is "
+              f"intact in {folder}; {hub.upload_later(repo_id, folder)}", file=sys.stderr, flush=True)
+    return repo_id, error is None
 
 
 # ----------------------------------------------------------------------------------- fine-tuning
 
 def run(cfg, accelerator=None):
     """The whole fine-tuning run; returns the result dict (every process gets it)."""
-    accelerator = accelerator or hvp_run.make_accelerator(cfg.mixed_precision, 1, "none", ".")
+    accelerator = accelerator or common.make_accelerator(cfg.mixed_precision)
     is_main, device, world = accelerator.is_main_process, accelerator.device, accelerator.num_processes
     start_time = time.perf_counter()
     _, model_dir = default_paths(cfg)
     if cfg.save_model:  # before anything is trained: where the model goes, and the Hub settings
         check_model_folder(model_dir)
-    repo_id = hub_repo_id(cfg, model_dir)
+    repo_id = hub.hub_repo_id(cfg, model_dir)
     # fails fast on a dataset without labels or too small for one batch, before the model
-    train_source = linear.open_split(cfg.dataset, cfg.train_split, cfg.image_column, cfg.label_column, accelerator,
+    train_source = common.open_split(cfg.dataset, cfg.train_split, cfg.image_column, cfg.label_column, accelerator,
                                      "fine-tuning")
-    test_source = linear.open_split(cfg.dataset, cfg.test_split, cfg.image_column, cfg.label_column, accelerator,
+    test_source = common.open_split(cfg.dataset, cfg.test_split, cfg.image_column, cfg.label_column, accelerator,
                                     "fine-tuning")
     global_batch = cfg.batch_size * world
-    steps_per_epoch = linear.steps_per_epoch(train_source, global_batch)
+    steps_per_epoch = common.steps_per_epoch(train_source, global_batch)
     num_classes, label_names = hvp_run.on_main(accelerator, lambda: _classes(train_source))
     model, config = build_model(cfg, num_classes)
-    pretrained = config.get("pretrained_cfg", {})
-    size = cfg.image_size or pretrained.get("input_size", (3, 224, 224))[-1]
-    mean, std = tuple(pretrained.get("mean", hvp.IMAGENET_MEAN)), tuple(pretrained.get("std", hvp.IMAGENET_STD))
+    size, mean, std = common.data_config(config, cfg.image_size)
 
     # a new shuffled stream of full batches every epoch (hvp_run.training_batches starts the next one early)
-    epoch_loader = linear.augmented_loaders(train_source, cfg, size, mean, std, accelerator, batches=steps_per_epoch)
+    epoch_loader = common.augmented_loaders(train_source, cfg, size, mean, std, accelerator, batches=steps_per_epoch)
     test_loader = hvp_run.eval_loader(test_source, size, accelerator, cfg.batch_size, cfg.num_workers, mean, std)
     count = train_source.num_rows
     total_steps, warmup_steps = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
@@ -512,7 +477,7 @@ def run(cfg, accelerator=None):
     optimizer = make_optimizer(cfg, model, peak_lr)
     model, optimizer = accelerator.prepare(model.to(device), optimizer)
     if is_main:
-        decay = f"layer decay {cfg.layer_decay}" if linear.is_vit(accelerator.unwrap_model(model)) and cfg.layer_decay < 1 else "no layer decay"
+        decay = f"layer decay {cfg.layer_decay}" if common.is_vit(accelerator.unwrap_model(model)) and cfg.layer_decay < 1 else "no layer decay"
         print(f"fine-tune | {cfg.backbone}{' (random init)' if cfg.random_init else ''} | {num_classes} classes | "
               f"{size}px | {world} process(es) on {device.type} | global batch {global_batch} | AdamW lr {peak_lr:.3g} "
               f"wd {cfg.weight_decay} {decay} | {cfg.epochs} epochs x {steps_per_epoch} steps | "
@@ -544,8 +509,8 @@ def run(cfg, accelerator=None):
             bar.set_postfix(loss=f"{losses[-1].item():.3f}")
         model.eval()
         logits, test_labels, test_skipped = hvp_run.extract_features(model, test_loader, accelerator, f"eval {cfg.test_split}")
-        linear.check_labels(test_labels, cfg.test_split)
-        top1, top5 = (v.item() for v in linear.accuracy(logits[None], test_labels))
+        common.check_labels(test_labels, cfg.test_split)
+        top1, top5 = (v.item() for v in common.accuracy(logits[None], test_labels))
         train_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
         skipped = int(accelerator.reduce(torch.tensor([skipped], device=device), reduction="sum").item())
         history.append({"epoch": epoch + 1, "top1": top1, "top5": top5, "train_loss": train_loss,
@@ -568,7 +533,7 @@ def run(cfg, accelerator=None):
     if is_main:
         print(f"fine-tune {cfg.backbone} on {Path(cfg.dataset).name or cfg.dataset} [{cfg.test_split}]: best top-1 "
               f"{best['top1']:.2f} % (epoch {best['epoch']}), last epoch top-1 {history[-1]['top1']:.2f} %, "
-              f"top-5 {history[-1]['top5']:.2f} % | {linear.skipped_text(result['skipped_images'])} | "
+              f"top-5 {history[-1]['top5']:.2f} % | {common.skipped_text(result['skipped_images'])} | "
               f"{result['seconds']:.0f} s", flush=True)
     if is_main and cfg.save_model:
         trained = accelerator.unwrap_model(model)
@@ -578,7 +543,7 @@ def run(cfg, accelerator=None):
 
         def card(repo):
             return model_card(repo, cfg, result, config, small_stem, model_dir.name)
-        save_model(trained, model_dir, label_names, data_config, card(repo_id))
+        save_model(trained, model_dir, label_names, data_config, card(repo_id), cfg.hub_license)
         result["model_dir"] = str(model_dir)
         how = f"load_model('{model_dir}')" if small_stem else f"timm.create_model('local-dir:{model_dir}', pretrained=True)"
         print(f"fine-tuned model saved to {model_dir} ({how})", flush=True)
@@ -599,7 +564,7 @@ def main():
     cfg = resolve_config(cfg)
     if not cfg.backbone:
         raise hvp_run.HVPError("give --backbone <training output | checkpoint | export folder | hf-hub:id>")
-    accelerator = hvp_run.make_accelerator(cfg.mixed_precision, 1, "none", ".")
+    accelerator = common.make_accelerator(cfg.mixed_precision)
     if accelerator.is_main_process:
         for note in notes:  # hvp_run.parse_config words its preset note for the shipped dataset, its only use there
             if given_dataset != hvp_run.DEFAULT_DATASET:
@@ -611,6 +576,9 @@ def main():
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(result, indent=2))
     accelerator.end_training()
+    if result.get("pushed_to_hub") is False:  # the user asked for the Hub: a script or scheduler must see it failed
+        raise hvp_run.HVPError(f"the fine-tuned model is saved in {result['model_dir']} but did not reach the Hub "
+                               f"(see above); {hub.upload_later(result['hub_model_id'], result['model_dir'])}")
 
 
 if __name__ == "__main__":

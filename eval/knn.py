@@ -14,7 +14,9 @@ neighbours (cosine similarity on L2-normalised features), each voting with weigh
 Both splits are read whole, in order (hvp_run.eval_loader). Images that cannot be decoded are left out
 and counted per split ("skipped_images" in the JSON and on every result line).
 
-Writes a JSON result (--output, default <backbone>/knn.json) and prints one line per k.
+Writes a JSON result (--output; default <backbone folder>/eval/knn-<dataset>.json, so never the
+knn.json a training run writes; outputs/<org>--<name>/eval/ for a Hub backbone, outputs/raw-pixels/eval/
+for --raw_pixels) and prints one line per k.
 """
 import json
 import sys
@@ -24,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import hvp_utils as hvp  # noqa: E402
 import hvp_run  # noqa: E402
-import linear  # noqa: E402  (eval/linear.py: opening a labelled split once for every process)
+from eval import common  # noqa: E402
 
 
 @dataclass
@@ -41,31 +43,41 @@ class Config:
     temperature: float = 0.07  # vote weight exp(sim / T)
     batch_size: int = 256  # images per process per forward
     num_workers: int = 2  # data loader workers per process
-    mixed_precision: str = ""  # no | fp16 | bf16 for feature extraction; empty = accelerate's setting
-    output: str = ""  # JSON result file; default <backbone folder>/knn.json (or ./knn_raw_pixels.json)
+    mixed_precision: str = ""  # auto | no | fp16 | bf16 for feature extraction; empty = accelerate's setting
+    output: str = ""  # JSON result file; default <backbone folder>/eval/knn-<dataset>.json
+
+
+def parse_ks(text):
+    try:
+        ks = [int(k) for k in text.split(",")]
+    except ValueError:
+        raise hvp_run.HVPError(f"--k must be comma-separated whole numbers, got {text!r}") from None
+    if any(k < 1 for k in ks):
+        raise hvp_run.HVPError(f"--k values must be >= 1, got {text!r}")
+    return ks
+
+
+def default_output(cfg):
+    """<backbone folder>/eval/knn-<dataset>.json (common.results_folder: outputs/<id> for a Hub backbone)."""
+    return common.results_folder("raw-pixels" if cfg.raw_pixels else cfg.backbone) / "eval" / \
+        f"knn-{common.dataset_name(cfg.dataset)}.json"
 
 
 def main():
     cfg, _ = hvp_run.parse_config(Config, description=__doc__.splitlines()[0])
     if not cfg.backbone and not cfg.raw_pixels:
         raise hvp_run.HVPError("give --backbone <folder | checkpoint | hf-hub:id> or --raw_pixels")
-    ks = [int(k) for k in cfg.k.split(",")]
-    accelerator = hvp_run.make_accelerator(cfg.mixed_precision, 1, "none", ".")
-    sources = [linear.open_split(cfg.dataset, split, cfg.image_column, cfg.label_column, accelerator, "k-NN")
+    ks = parse_ks(cfg.k)
+    accelerator = common.make_accelerator(cfg.mixed_precision)
+    sources = [common.open_split(cfg.dataset, split, cfg.image_column, cfg.label_column, accelerator, "k-NN")
                for split in (cfg.train_split, cfg.test_split)]
     if cfg.raw_pixels:
         size = cfg.image_size or 28
         forward, mean, std, name = (lambda x: x.flatten(1)), hvp.IMAGENET_MEAN, hvp.IMAGENET_STD, "raw pixels"
-        default_output = Path("knn_raw_pixels.json")
     else:
         model, config = hvp_run.load_backbone(cfg.backbone)
-        pretrained = config.get("pretrained_cfg", {})
-        size = cfg.image_size or pretrained.get("input_size", (3, 224, 224))[-1]
-        mean, std = tuple(pretrained.get("mean", hvp.IMAGENET_MEAN)), tuple(pretrained.get("std", hvp.IMAGENET_STD))
-        model = model.to(accelerator.device).eval()
-        forward, name = model, cfg.backbone
-        source = Path(cfg.backbone)
-        default_output = (source if source.is_dir() else Path(".")) / "knn.json"
+        size, mean, std = common.data_config(config, cfg.image_size)
+        forward, name = model.to(accelerator.device).eval(), cfg.backbone
 
     # One feature pass; every k is then a cheap vote over the same features.
     loaders = [hvp_run.eval_loader(source, size, accelerator, cfg.batch_size, cfg.num_workers, mean, std)
@@ -73,7 +85,7 @@ def main():
     train_feats, train_labels, train_skipped = hvp_run.extract_features(forward, loaders[0], accelerator, cfg.train_split)
     test_feats, test_labels, test_skipped = hvp_run.extract_features(forward, loaders[1], accelerator, cfg.test_split)
     for labels, split in ((train_labels, cfg.train_split), (test_labels, cfg.test_split)):
-        linear.check_labels(labels, split)
+        common.check_labels(labels, split)
     skipped = {"train": train_skipped, "test": test_skipped}
     results = {"backbone": name, "dataset": cfg.dataset, "image_size": size, "temperature": cfg.temperature,
                "train_samples": len(train_labels), "test_samples": len(test_labels), "skipped_images": skipped,
@@ -83,10 +95,12 @@ def main():
         results["knn"][str(k)] = {"top1": top1, "top5": top5}
         if accelerator.is_main_process:
             print(f"k-NN {name} on {Path(cfg.dataset).name or cfg.dataset} [{cfg.test_split}] k={k}: "
-                  f"top-1 {top1:.2f} %, top-5 {top5:.2f} % | {linear.skipped_text(skipped)}", flush=True)
+                  f"top-1 {top1:.2f} %, top-5 {top5:.2f} % | {common.skipped_text(skipped)}", flush=True)
     if accelerator.is_main_process:
-        output = Path(cfg.output) if cfg.output else default_output
+        output = Path(cfg.output) if cfg.output else default_output(cfg)
+        output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(results, indent=2))
+        print(f"results written to {output}", flush=True)
     accelerator.end_training()
 
 

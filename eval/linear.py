@@ -31,10 +31,9 @@ any epoch met at the top (an epoch reads every image at most once).
     accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 eval/linear.py \\
         --backbone outputs/simsiam --dataset ILSVRC/imagenet-1k --test_split validation --batch_size 512
 
-Writes a JSON result (--output, default <backbone folder>/linear.json) with every epoch's accuracy.
+Writes a JSON result (--output, default <backbone folder>/linear.json; outputs/<org>--<name>/linear.json for
+a Hub backbone) with every epoch's accuracy.
 """
-import copy
-import dataclasses
 import json
 import sys
 import time
@@ -48,6 +47,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import hvp_utils as hvp  # noqa: E402
 import hvp_run  # noqa: E402
+from eval import common  # noqa: E402
+from train_simclr import LARS  # noqa: E402  (the SimSiam probe's optimizer is SimCLR's LARS)
 
 
 # ----------------------------------------------------------------------------------- config
@@ -92,8 +93,7 @@ def check_config(cfg):
         raise hvp_run.HVPError("give --backbone <training output | checkpoint | export folder | hf-hub:id>")
     if cfg.optimizer not in ("lars", "sgd"):
         raise hvp_run.HVPError(f"--optimizer must be lars or sgd, got {cfg.optimizer!r}")
-    if cfg.mixed_precision not in ("", "no", "fp16", "bf16"):
-        raise hvp_run.HVPError(f"--mixed_precision must be no, fp16 or bf16, got {cfg.mixed_precision!r}")
+    common.check_precision(cfg.mixed_precision)
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.cache_views < 0 or cfg.n_last_blocks < 1:
         raise hvp_run.HVPError("--epochs, --batch_size and --n_last_blocks must be >= 1, --cache_views >= 0")
     if not 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1:
@@ -111,56 +111,7 @@ def parse_lrs(text):
     return lrs
 
 
-# ----------------------------------------------------------------------------------- backbone
-
-def load_backbone(source, checkpoint_key="", random_init=False, seed=0):
-    """A frozen-eval backbone from any source `hvp_run.load_backbone` accepts, optionally with the
-    weights of one entry of the training state (`checkpoint_key`, e.g. the DINO/iBOT teacher) or
-    freshly initialised. Returns (model in eval mode, config dict)."""
-    model, config = hvp_run.load_backbone(source)
-    if checkpoint_key:
-        model.load_state_dict(checkpoint_backbone_weights(source, checkpoint_key))
-    if random_init:
-        model = reinitialised(model, seed)
-    return model.eval().requires_grad_(False), config
-
-
-def checkpoint_backbone_weights(source, key):
-    """Backbone weights stored under `key` in the newest checkpoint of `source`: a state dict of the
-    whole network (keys "backbone.*", possibly behind "module.") or of the backbone alone."""
-    path = Path(source).expanduser()
-    ckpt = hvp_run.latest_checkpoint(path) if path.is_dir() else None
-    if ckpt is None:
-        raise hvp_run.HVPError(f"--checkpoint_key needs a checkpoint or training output folder, got {source!r}")
-    state = hvp_run.load_checkpoint(ckpt)
-    if not isinstance(state.get(key), dict):
-        raise hvp_run.HVPError(f"checkpoint {ckpt} has no state {key!r} (it has: {', '.join(sorted(state))})")
-    weights = {k.removeprefix("module."): v for k, v in state[key].items() if torch.is_tensor(v)}
-    if any(k.startswith("backbone.") for k in weights):
-        weights = {k.removeprefix("backbone."): v for k, v in weights.items() if k.startswith("backbone.")}
-    return weights
-
-
-def reinitialised(model, seed):
-    """A copy of `model` with every parameter and buffer re-initialised the way a fresh model is
-    (module `reset_parameters`, BatchNorm statistics, then timm's own `init_weights`): exactly the
-    same architecture, none of the learned weights."""
-    fresh = copy.deepcopy(model)
-    torch.manual_seed(seed)
-    for module in fresh.modules():
-        if hasattr(module, "reset_parameters"):
-            module.reset_parameters()
-        if isinstance(module, nn.modules.batchnorm._NormBase):
-            module.reset_running_stats()
-    if hasattr(fresh, "init_weights"):
-        fresh.init_weights()
-    return fresh
-
-
-def is_vit(model):
-    """A timm VisionTransformer-like model with a class token and per-block outputs."""
-    return getattr(model, "cls_token", None) is not None and hasattr(model, "forward_intermediates")
-
+# ----------------------------------------------------------------------------------- features
 
 class FeatureModel(nn.Module):
     """Frozen backbone -> probe features: concat of the final-norm [CLS] of the last n blocks
@@ -169,7 +120,7 @@ class FeatureModel(nn.Module):
     def __init__(self, backbone, n_last_blocks=4, avgpool=False):
         super().__init__()
         self.backbone, self.n_last_blocks, self.avgpool = backbone, n_last_blocks, avgpool
-        self.vit = is_vit(backbone)
+        self.vit = common.is_vit(backbone)
         if self.vit and n_last_blocks > len(backbone.blocks):
             raise hvp_run.HVPError(f"--n_last_blocks {n_last_blocks} but the ViT has {len(backbone.blocks)} blocks")
         width = backbone.num_features
@@ -184,74 +135,6 @@ class FeatureModel(nn.Module):
         if self.avgpool:
             features.append(blocks[-1][0].mean(1))
         return torch.cat(features, dim=1)
-
-
-# ----------------------------------------------------------------------------------- data
-
-class TrainTransform:
-    """Random-resized-crop (area 0.08-1) + horizontal flip, normalised: the linear-probe training
-    augmentation. Its randomness comes from the per-sample generator hvp_run.BatchStream passes in."""
-
-    def __init__(self, size, mean, std, scale=(0.08, 1.0)):
-        self.aug = hvp.ViewAug(size=size, scale=scale, flip_p=0.5, jitter_p=0.0, gray_p=0.0, blur_p=0.0)
-        self.mean, self.std = list(mean), list(std)
-
-    def __call__(self, image, generator):
-        import torchvision.transforms.v2.functional as TF
-        src = TF.pil_to_tensor(image)
-        params = hvp.sample_view_params(src.shape[1], src.shape[2], self.aug, generator)
-        view = hvp.crop_view(src, params, self.aug).float().div_(255)
-        return {"image": TF.normalize(view, self.mean, self.std)}
-
-
-def open_split(dataset, split, image_column, label_column, accelerator, what):
-    """A labelled split as an hvp_run.Source: resolved once, by the main process (a format without row
-    counts is counted once), and shared; a one-line error if it cannot be opened or has no integer
-    label column (`what` needs labels)."""
-    source = hvp_run.Source(**hvp_run.on_main(accelerator, lambda: dataclasses.asdict(
-        hvp_run.open_source(dataset, split, image_column, label_column))))
-    if source.label_column is None:
-        raise hvp_run.HVPError(f"dataset {dataset!r} split {split!r} has no label column {label_column!r}: {what} needs "
-                           f"labels (an integer column; pass --label_column)")
-    return source
-
-
-def augmented_loaders(source, cfg, size, mean, std, accelerator, batches=None):
-    """make_epoch_loader(epoch, skip=0) -> this process's loader of augmented (TrainTransform),
-    labelled images of `source` for that epoch; the augmentation of every image is drawn from
-    (--seed, epoch, row). batches None: every image once, in order (the views of a feature cache,
-    one per epoch); batches N: N full, shuffled batches per epoch (hvp_run.training_batches)."""
-    transform = TrainTransform(size, mean, std, cfg.crop_scale)
-    pin = accelerator.device.type == "cuda"
-
-    def make_epoch_loader(epoch, skip=0):
-        stream = hvp_run.BatchStream(source, transform, cfg.batch_size, epoch, cfg.seed, accelerator.process_index,
-                                 accelerator.num_processes, batches, skip)
-        return hvp_run.make_loader(stream, cfg.num_workers, pin_memory=pin)
-
-    return make_epoch_loader
-
-
-def steps_per_epoch(source, global_batch):
-    """Full global batches per epoch of a split streamed in training mode; a one-line error if the
-    split has fewer images than one."""
-    steps = source.num_rows // global_batch
-    if steps == 0:
-        raise hvp_run.HVPError(f"split {source.split!r} has {source.num_rows} images, fewer than one global batch "
-                           f"({global_batch}): lower --batch_size")
-    return steps
-
-
-def skipped_text(skipped):
-    """The result-line part for {"train": n, "test": m}: images that could not be decoded."""
-    return "undecodable images skipped: " + ", ".join(f"{split} {n}" for split, n in skipped.items())
-
-
-def check_labels(labels, name):
-    if len(labels) == 0:
-        raise hvp_run.HVPError(f"split {name!r} is empty")
-    if (labels < 0).any():
-        raise hvp_run.HVPError(f"split {name!r} has {int((labels < 0).sum())} examples without a label")
 
 
 # ----------------------------------------------------------------------------------- head and optimizer
@@ -273,44 +156,17 @@ class LinearHeads(nn.Module):
         return torch.stack([head(features) for head in self.heads])  # (heads, B, classes)
 
 
-class LARS(torch.optim.Optimizer):
-    """SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017), the SimSiam linear
-    probe optimizer: each weight matrix's step is scaled by trust * |w| / |grad + wd * w|; biases
-    and other 1-D parameters take plain momentum SGD without weight decay."""
-
-    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, trust=0.001):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust=trust))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                update = p.grad
-                if p.ndim > 1:
-                    update = update.add(p, alpha=group["weight_decay"])
-                    w_norm, u_norm = p.norm(), update.norm()
-                    scale = torch.where((w_norm > 0) & (u_norm > 0), group["trust"] * w_norm / u_norm, 1.0)
-                    update = update * scale
-                buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
-                buf.mul_(group["momentum"]).add_(update)
-                p.sub_(buf, alpha=group["lr"])
-        return None
-
-
 def make_optimizer(cfg, heads, lrs):
-    groups = [{"params": head.parameters(), "base_lr": lr} for head, lr in zip(heads.heads, lrs)]
+    """One parameter group per head (its lr in "base_lr"). LARS is train_simclr.py's: each weight
+    matrix's step scaled by the trust ratio 0.001 x |w| / |grad + wd x w|, biases plain momentum SGD
+    without weight decay (the SimSiam probe); SGD decays every parameter (the DINO probe)."""
     if cfg.optimizer == "lars":
-        return LARS(groups, lr=lrs[0], momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        groups = [group for head, lr in zip(heads.heads, lrs) for group in (
+            {"params": [head.weight], "base_lr": lr, "weight_decay": cfg.weight_decay, "lars": True},
+            {"params": [head.bias], "base_lr": lr, "weight_decay": 0.0, "lars": False})]
+        return LARS(groups, lr=lrs[0], momentum=cfg.momentum)
+    groups = [{"params": head.parameters(), "base_lr": lr} for head, lr in zip(heads.heads, lrs)]
     return torch.optim.SGD(groups, lr=lrs[0], momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-
-def accuracy(logits, labels):
-    """Top-1 and top-5 accuracy (%) of (heads, M, C) logits -> two (heads,) tensors."""
-    top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-    hit = top == labels[None, :, None]
-    return hit[..., 0].float().mean(1) * 100, hit.any(-1).float().mean(1) * 100
 
 
 # ----------------------------------------------------------------------------------- probe
@@ -318,20 +174,18 @@ def accuracy(logits, labels):
 def run(cfg, accelerator=None):
     """The whole probe; returns the result dict (every process gets it)."""
     lrs = check_config(cfg)
-    accelerator = accelerator or hvp_run.make_accelerator(cfg.mixed_precision, 1, "none", ".")
+    accelerator = accelerator or common.make_accelerator(cfg.mixed_precision)
     is_main, device, world = accelerator.is_main_process, accelerator.device, accelerator.num_processes
     start_time = time.perf_counter()
     # fail fast, before the model is built
-    train_source = open_split(cfg.dataset, cfg.train_split, cfg.image_column, cfg.label_column, accelerator,
+    train_source = common.open_split(cfg.dataset, cfg.train_split, cfg.image_column, cfg.label_column, accelerator,
                               "a linear probe")
-    test_source = open_split(cfg.dataset, cfg.test_split, cfg.image_column, cfg.label_column, accelerator,
+    test_source = common.open_split(cfg.dataset, cfg.test_split, cfg.image_column, cfg.label_column, accelerator,
                              "a linear probe")
     global_batch = cfg.batch_size * world
-    steps = None if cfg.cache_views else steps_per_epoch(train_source, global_batch)  # cached: once extracted
-    backbone, config = load_backbone(cfg.backbone, cfg.checkpoint_key, cfg.random_init, cfg.seed)
-    pretrained = config.get("pretrained_cfg", {})
-    size = cfg.image_size or pretrained.get("input_size", (3, 224, 224))[-1]
-    mean, std = tuple(pretrained.get("mean", hvp.IMAGENET_MEAN)), tuple(pretrained.get("std", hvp.IMAGENET_STD))
+    steps = None if cfg.cache_views else common.steps_per_epoch(train_source, global_batch)  # cached: once extracted
+    backbone, config = common.load_backbone(cfg.backbone, cfg.checkpoint_key, cfg.random_init, cfg.seed)
+    size, mean, std = common.data_config(config, cfg.image_size)
     extractor = FeatureModel(backbone, cfg.n_last_blocks, cfg.avgpool).to(device).eval()
     if is_main:
         kind = f"ViT [CLS] x {cfg.n_last_blocks}{' + avgpool' if cfg.avgpool else ''}" if extractor.vit else "pooled"
@@ -344,9 +198,9 @@ def run(cfg, accelerator=None):
     test_loader = hvp_run.eval_loader(test_source, size, accelerator, cfg.batch_size, cfg.num_workers, mean, std)
     test_feats, test_labels, test_skipped = hvp_run.extract_features(extractor, test_loader, accelerator,
                                                                  f"features {cfg.test_split}")
-    check_labels(test_labels, cfg.test_split)
+    common.check_labels(test_labels, cfg.test_split)
 
-    loaders = augmented_loaders(train_source, cfg, size, mean, std, accelerator, batches=steps)
+    loaders = common.augmented_loaders(train_source, cfg, size, mean, std, accelerator, batches=steps)
     if cfg.cache_views:
         # view epoch v: every train image once, in order, with its view-v augmentation; the same
         # images decode every time, so row i of every view is the same image
@@ -358,7 +212,7 @@ def run(cfg, accelerator=None):
         train_labels = cached[0][1]
         count = len(train_labels)
         steps = max(1, count // global_batch)
-        check_labels(train_labels, cfg.train_split)
+        common.check_labels(train_labels, cfg.train_split)
         num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     else:
         count = train_source.num_rows
@@ -418,7 +272,7 @@ def run(cfg, accelerator=None):
             bar.update(1)
         heads.eval()
         with torch.no_grad():
-            top1, top5 = accuracy(accelerator.unwrap_model(heads)(test_feats), test_labels)
+            top1, top5 = common.accuracy(accelerator.unwrap_model(heads)(test_feats), test_labels)
         train_loss = accelerator.reduce(torch.stack(losses).mean(0), reduction="mean")
         best = int(top1.argmax())
         record = {"epoch": epoch + 1, "top1": top1.tolist(), "top5": top5.tolist(), "train_loss": train_loss.tolist()}
@@ -450,26 +304,20 @@ def run(cfg, accelerator=None):
         print(f"linear probe {cfg.backbone}{' (random init)' if cfg.random_init else ''} on "
               f"{Path(cfg.dataset).name or cfg.dataset} [{cfg.test_split}]: best top-1 {result['best_top1']:.2f} % "
               f"(epoch {result['best_epoch']}, lr {result['best_lr']:g}), last epoch top-1 {result['final_top1']:.2f} %, "
-              f"top-5 {result['final_top5']:.2f} % | {skipped_text(result['skipped_images'])} | "
+              f"top-5 {result['final_top5']:.2f} % | {common.skipped_text(result['skipped_images'])} | "
               f"{result['seconds']:.0f} s", flush=True)
     return result
 
 
-def default_output(cfg, name):
-    source = Path(cfg.backbone).expanduser()
-    folder = source if source.is_dir() else Path(".")
-    return folder / (f"{name}_random_init.json" if cfg.random_init else f"{name}.json")
-
-
 def main():
     cfg, notes = hvp_run.parse_config(Config, presets=PRESETS, description=__doc__.splitlines()[0])
-    accelerator = hvp_run.make_accelerator(cfg.mixed_precision, 1, "none", ".")
+    accelerator = common.make_accelerator(cfg.mixed_precision)
     if accelerator.is_main_process:
         for note in notes:  # "preset for the shipped dataset: ..."
             print(note, flush=True)
     result = run(cfg, accelerator)
     if accelerator.is_main_process:
-        output = Path(cfg.output) if cfg.output else default_output(cfg, "linear")
+        output = Path(cfg.output) if cfg.output else common.default_output(cfg, "linear")
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(result, indent=2))
     accelerator.end_training()

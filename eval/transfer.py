@@ -4,7 +4,8 @@ For every dataset, eval/linear.py and eval/finetune.py run in this process, one 
 with the dataset's preset (eval/finetune.py --help lists the table: Hub id, columns, splits, and the
 SimSiam or DINO lr / epochs of DESIGN.md, evaluation protocols; linear probes use the ImageNet
 linear protocol, as upstream). Results go to a Markdown table and a JSON file; a dataset that fails
-is reported in the table with its one-line error and the others still run.
+is reported in the table with its one-line error and the others still run; when every evaluation
+failed, the command ends with a one-line error (exit status 2) after writing the table.
 
     python eval/transfer.py --backbone outputs/simsiam --datasets cifar10,cifar100,flowers102,food101
     python eval/transfer.py --backbone outputs/dino --checkpoint_key teacher --protocol dino --evals linear
@@ -25,7 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import hvp_run  # noqa: E402
-import finetune  # noqa: E402
+from eval import common  # noqa: E402
+import finetune  # noqa: E402  (eval/finetune.py and eval/linear.py, the evaluations this runs)
 import linear  # noqa: E402
 
 
@@ -47,7 +49,7 @@ class Config:
     batch_size: int = 64  # images per process per step
     num_workers: int = 2  # data loader workers per process
     mixed_precision: str = ""  # no | fp16 | bf16; empty = accelerate's setting
-    output: str = ""  # Markdown table; default <backbone folder>/transfer.md (+ .json next to it)
+    output: str = ""  # Markdown table; default <backbone folder>/transfer.md (+ .json next to it); outputs/<org>--<name>/ for a Hub backbone
 
 
 def dataset_flags(cfg, name):
@@ -101,7 +103,7 @@ def markdown(cfg, rows):
                 continue
             skipped = {split: n for split, n in r.get("skipped_images", {}).items() if n}
             cells.append(f"{r['best_top1']:.2f} ({r['final_top1']:.2f})"
-                         + (f"; {linear.skipped_text(skipped)}" if skipped else ""))
+                         + (f"; {common.skipped_text(skipped)}" if skipped else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -115,10 +117,10 @@ def main():
         raise hvp_run.HVPError(f"--evals must be linear, finetune or linear,finetune, got {cfg.evals!r}")
     if cfg.protocol not in ("simsiam", "dino"):
         raise hvp_run.HVPError(f"--protocol must be simsiam or dino, got {cfg.protocol!r}")
+    common.check_precision(cfg.mixed_precision)
     hvp_run.load_backbone(cfg.backbone)  # a backbone that cannot be loaded stops here, not once per dataset
-    accelerator = hvp_run.make_accelerator(cfg.mixed_precision, 1, "none", ".")
-    source = Path(cfg.backbone).expanduser()
-    output = Path(cfg.output) if cfg.output else (source if source.is_dir() else Path(".")) / "transfer.md"
+    accelerator = common.make_accelerator(cfg.mixed_precision)
+    output = Path(cfg.output) if cfg.output else common.results_folder(cfg.backbone) / "transfer.md"
     rows, start = {}, time.perf_counter()
     for name in cfg.datasets.split(","):
         rows[name] = {}
@@ -137,6 +139,8 @@ def main():
     if accelerator.is_main_process:
         print(markdown(cfg, rows), flush=True)
     accelerator.end_training()
+    if all("error" in result for results in rows.values() for result in results.values()):
+        raise hvp_run.HVPError(f"every evaluation failed (the errors are above and in {output})")
 
 
 if __name__ == "__main__":

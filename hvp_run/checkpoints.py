@@ -14,17 +14,22 @@ from .config import _first_error_line, HVPError
 from .models import create_backbone, set_pos_embed_resample
 
 
-def export_backbone(backbone, out_dir, data_config, tag):
+HUB_LICENSE = "mit"  # the licence of this code, and by default of the weights it trains (config.json, model card)
+
+
+def export_backbone(backbone, out_dir, data_config, tag, license=HUB_LICENSE):
     """Write `model.safetensors` + timm `config.json` to `out_dir` atomically. ResNets with the standard
     stem and every ViT (patch size, image size etc. are in config.json's model_args) load with
     `timm.create_model("local-dir:<out_dir>", pretrained=True)` (or "hf-hub:<id>" once pushed);
-    small-stem ResNets need `load_backbone` (config.json cannot describe the replaced stem)."""
+    small-stem ResNets need `load_backbone` (config.json cannot describe the replaced stem).
+    `license` replaces the one timm copies from its own model registry (apache-2.0 for most
+    architectures), which says nothing about weights trained here."""
     import copy
     import timm
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model_config = {"pretrained_cfg": {"tag": tag}}
+    model_config = {"pretrained_cfg": {"tag": tag, "license": license}}
     if getattr(backbone, "hvp_small_stem", False):
         model_config["hvp_small_stem"] = True
     if getattr(backbone, "hvp_pos_embed_resample", "timm") != "timm":  # plain timm ignores it (same at the native size)
@@ -168,11 +173,13 @@ def checkpoint_problem(path):
     return None
 
 
-def save_checkpoint(output_dir, step, state, backbone=None, data_config=None, tag="hvp", keep=2):
+def save_checkpoint(output_dir, step, state, backbone=None, data_config=None, tag="hvp", keep=2,
+                    license=HUB_LICENSE):
     """Write `output_dir/checkpoint-<step>/` atomically: state.safetensors (every tensor),
-    state.json (everything else), backbone/ (timm export), manifest.json (sizes and checksums). A
-    kill at any moment leaves either the old or the new checkpoint complete, never a half-written
-    latest one; a file damaged later is found by `checkpoint_problem`."""
+    state.json (everything else), backbone/ (timm export; the weights' `license` in its config.json),
+    manifest.json (sizes and checksums). A kill at any moment leaves either the old or the new
+    checkpoint complete, never a half-written latest one; a file damaged later is found by
+    `checkpoint_problem`."""
     from safetensors.torch import save_file
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step:08d}"
@@ -184,7 +191,7 @@ def save_checkpoint(output_dir, step, state, backbone=None, data_config=None, ta
     save_file(tensors, tmp / "state.safetensors")
     (tmp / "state.json").write_text(json.dumps(skeleton))
     if backbone is not None:
-        export_backbone(backbone, tmp / "backbone", data_config, tag)
+        export_backbone(backbone, tmp / "backbone", data_config, tag, license)
     _write_manifest(tmp)
     _replace_dir(tmp, final)
     old = sorted(p for p in output_dir.iterdir() if CHECKPOINT_RE.match(p.name))

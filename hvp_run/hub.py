@@ -1,18 +1,22 @@
-"""Hugging Face Hub: model cards and the background push of exports (and optionally the training
-state)."""
+"""Hugging Face Hub: model cards, the checks before a push, uploads with retries and deadlines, and
+the background push of training exports. eval/finetune.py pushes its fine-tuned models through the
+same functions (`hub_repo_id`, `push_folder`, `render_card`)."""
+import contextlib
 import dataclasses
 import json
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 
 from .config import DEFAULT_DATASET, HVPError
 from .models import is_vit_arch
-from .checkpoints import _first_line
+from .checkpoints import _first_line, HUB_LICENSE
 
 
 # ----------------------------------------------------------------------------------- Hugging Face Hub
@@ -28,11 +32,19 @@ from .checkpoints import _first_line
 # first push) and drops the answer; it never passes the token on, prints, logs or writes it. The
 # tests check stdout, stderr, the output folder (model card, config.json) and every uploaded file
 # against a fake token.
+#
+# Every wait on the Hub has an end: each request may stay silent for at most HUB_TIMEOUT_S seconds
+# (huggingface_hub's own client has no timeout for uploads), and the final wait for a push at most
+# HUB_CLOSE_TIMEOUT_S seconds, cut short by SIGTERM or Ctrl-C; an abandoned push leaves its files
+# in <output_dir>/hub_upload with the command that uploads them later.
 
 HUB_STATE_BRANCH = "training-state"
 
 
-HUB_LICENSE = "mit"  # the licence of this code; weights trained on other data may need another
+HUB_TIMEOUT_S = 60.0  # seconds a Hub request may stay silent before it fails (env HVP_HUB_TIMEOUT)
+
+
+HUB_CLOSE_TIMEOUT_S = 300.0  # seconds the end of a run waits for its last push (env HVP_HUB_CLOSE_TIMEOUT)
 
 
 HUB_DATASETS = {DEFAULT_DATASET: "zalando-datasets/fashion_mnist"}  # local copies of Hub datasets (card metadata)
@@ -41,11 +53,32 @@ HUB_DATASETS = {DEFAULT_DATASET: "zalando-datasets/fashion_mnist"}  # local copi
 _HVP_SETTINGS = ("num_views", "global_views", "local_views", "local_crops_number")  # + every hvp_* field
 
 
-def _card_value(value):
+def card_value(value):
     """Config values as shown on a public model card: local paths by their last component."""
     if isinstance(value, str) and os.sep in value and Path(value).expanduser().exists():
         return Path(value).name
     return list(value) if isinstance(value, tuple) else value
+
+
+def card_dataset(dataset):
+    """(Hub dataset id or None, short name) of a --dataset, for a card's metadata and text: the shipped
+    subset counts as its Hub original; a local path has no Hub id."""
+    dataset = str(dataset)
+    is_hub_id = not Path(dataset).expanduser().exists() and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", dataset)
+    hub_dataset = HUB_DATASETS.get(dataset) or (dataset if is_hub_id else None)
+    return hub_dataset, (hub_dataset or Path(dataset).name).split("/")[-1]
+
+
+def counted(n, word, plural=None):
+    """'1 step', '2 steps', '2 processes'."""
+    return f"{n} {word if n == 1 else plural or word + 's'}"
+
+
+def render_card(card_data, template, **values):
+    """A model card's text: `card_data` (huggingface_hub.ModelCardData) as its YAML metadata, which is
+    valid by construction, and the Jinja2 `template` (ModelCard.from_template) filled with `values`."""
+    from huggingface_hub import ModelCard
+    return str(ModelCard.from_template(card_data, template_str=template, **values))
 
 
 HUB_CUSTOM_LIBRARY = "hvp"  # card library_name of exports that plain timm cannot build (small-stem ResNets)
@@ -120,88 +153,200 @@ def _usage(repo_id, cfg, export_config):
     note = (f'A local copy (`hf download {repo_id} --local-dir <folder>`) loads with '
             f'`timm.create_model("local-dir:<folder>", pretrained=True)`; with the HVP repository, '
             f'`{hvp_load}` gives the same model.')
+    resample = (export_config or {}).get("hvp_pos_embed_resample") if export_config else cfg.get("pos_embed_resample")
+    if resample == "dino":  # the export keeps the resampling it was trained with; plain timm cannot
+        size = (pretrained.get("input_size") or [cfg.get("image_size", "?")])[-1]
+        note = note[:-len(" gives the same model.")] + (
+            f" gives the same weights. They are the same model at the export's own resolution ({size} px) only: "
+            "for other image sizes plain timm resamples the position embedding with antialiasing, while "
+            "`load_backbone` resamples it as DINO and iBOT do (bicubic, no antialiasing), as in training.")
     return snippets, note
 
 
-def model_card(repo_id, method, config, step, results=None, processes=1, precision="no", license=HUB_LICENSE,
-               export_config=None):
-    """The model card README.md: Hub metadata (library, tags, dataset, licence), what was trained and
-    how, the hard-view settings, the final evaluation numbers and how to load it. `export_config` is the
-    export's config.json (a dict): with it the card also shows how to build the model by architecture
-    name with the export's exact model_args. Library "timm" where plain timm loads the export, else
-    HUB_CUSTOM_LIBRARY: a card without library_name would be taken for a transformers model (config.json)."""
-    from huggingface_hub import ModelCardData
-    cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
-    dataset = str(cfg.get("dataset", ""))
-    is_hub_id = not Path(dataset).expanduser().exists() and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", dataset)
-    hub_dataset = HUB_DATASETS.get(dataset) or (dataset if is_hub_id else None)
-    dataset_name = (hub_dataset or Path(dataset).name).split("/")[-1]
-    tags = ["image-feature-extraction", "self-supervised", "hard-view-pretraining", method.lower(), dataset_name]
-    custom = _needs_hvp_code(cfg, export_config)
-    if custom:
-        tags.insert(0, "pytorch")
-    metadata = ModelCardData(library_name=HUB_CUSTOM_LIBRARY if custom else "timm", license=license,
-                             tags=list(dict.fromkeys(filter(None, tags))),
-                             datasets=[hub_dataset] if hub_dataset else None, pipeline_tag="image-feature-extraction")
-    hvp_settings = {k: v for k, v in cfg.items() if k in _HVP_SETTINGS or k.startswith("hvp_")}
-    shown = {k: _card_value(v) for k, v in cfg.items()}
-    arch, size = cfg.get("arch", "?"), cfg.get("image_size", "?")
-    snippets, load_note = _usage(repo_id, cfg, export_config)
-    load = "\n```\n\n```python\n".join(snippets)
-    numbers = {k: v for k, v in (results or {}).items() if isinstance(v, (int, float))}
-    results_text = ("| metric | value |\n|---|---|\n" + "".join(
-        f"| {k} | {v:.2f} |\n" if isinstance(v, float) else f"| {k} | {v} |\n" for k, v in numbers.items())
-        if numbers else "No evaluation was run at the end of training.\n")
-    data_note = (f"`{dataset_name}` (a local copy of [{hub_dataset}](https://huggingface.co/datasets/{hub_dataset}))"
-                 if hub_dataset and hub_dataset != dataset else f"`{hub_dataset or dataset_name}`")
-    body = f"""
-# {method} + Hard View Pretraining: {arch} on {dataset_name}
+TRAINING_CARD = """---
+{{ card_data }}
+---
 
-A `{arch}` backbone (no classifier head) pretrained with self-supervised **{method}** and **Hard View
+# {{ method }} + Hard View Pretraining: {{ arch }} on {{ dataset_name }}
+
+A `{{ arch }}` backbone (no classifier head) pretrained with self-supervised **{{ method }}** and **Hard View
 Pretraining** (HVP; Ferreira et al., *Beyond Random Augmentations: Pretraining with Hard Views*,
-ICLR 2025) on {data_note}, {size} px, for {step} optimizer steps on {processes} process(es)
-(mixed precision: {precision}). HVP draws more augmented views than the method needs, scores the
+ICLR 2025) on {{ data_note }}, {{ size }} px, for {{ steps }} on {{ processes }}
+(mixed precision: {{ precision }}). HVP draws more augmented views than the method needs, scores the
 candidate pairs with the method's own loss in one no-gradient forward, and trains on the hardest.
 
 ## Usage
 
 ```python
-{load}
+{{ load }}
 ```
 
-{load_note}
+{{ load_note }}
 
-k-NN evaluation with the HVP repository: `python eval/knn.py --backbone hf-hub:{repo_id} --dataset <dataset>`
+k-NN evaluation with the HVP repository: `python eval/knn.py --backbone hf-hub:{{ repo_id }} --dataset <dataset>`
 
 ## Results
 
-Frozen features, evaluated on the `{cfg.get("eval_split", "test")}` split at the end of training:
-
-{results_text}
+{{ results_text }}
 ## Hard-view settings
 
 ```json
-{json.dumps(hvp_settings, indent=2, default=str)}
+{{ hvp_settings }}
 ```
 
 ## Training configuration
 
 ```json
-{json.dumps(shown, indent=2, default=str)}
+{{ shown }}
 ```
 
 ## Citation
 
 ```bibtex
-@inproceedings{{ferreira2025hvp,
-  title     = {{Beyond Random Augmentations: Pretraining with Hard Views}},
-  author    = {{Ferreira, Fabio and Rapant, Ivo and Franke, J{{\\"o}}rg K. H. and Hutter, Frank}},
-  booktitle = {{International Conference on Learning Representations (ICLR)}},
-  year      = {{2025}}
-}}
+@inproceedings{ferreira2025hvp,
+  title     = {Beyond Random Augmentations: Pretraining with Hard Views},
+  author    = {Ferreira, Fabio and Rapant, Ivo and Franke, J{\\"o}rg K. H. and Hutter, Frank},
+  booktitle = {International Conference on Learning Representations (ICLR)},
+  year      = {2025}
+}
 ```
 """
-    return f"---\n{metadata.to_yaml()}\n---\n{body}"
+
+
+def model_card(repo_id, method, config, step, results=None, processes=1, precision="no", license=HUB_LICENSE,
+               export_config=None):
+    """The model card README.md: Hub metadata (library, tags, dataset, licence, the k-NN accuracy as
+    model-index results), what was trained and how, the hard-view settings, the final evaluation numbers
+    and how to load it. `export_config` is the export's config.json (a dict): with it the card also
+    shows how to build the model by architecture name with the export's exact model_args. Library
+    "timm" where plain timm loads the export, else HUB_CUSTOM_LIBRARY: a card without library_name
+    would be taken for a transformers model (config.json)."""
+    from huggingface_hub import EvalResult, ModelCardData
+    cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+    dataset = str(cfg.get("dataset", ""))
+    hub_dataset, dataset_name = card_dataset(dataset)
+    tags = ["image-feature-extraction", "self-supervised", "hard-view-pretraining", method.lower(), dataset_name]
+    custom = _needs_hvp_code(cfg, export_config)
+    if custom:
+        tags.insert(0, "pytorch")
+    numbers = {k: v for k, v in (results or {}).items() if isinstance(v, (int, float))}
+    split = cfg.get("eval_split", "test")
+    evaluated = bool(numbers) and bool(split)
+    eval_results = [EvalResult(
+        task_type="image-classification", task_name=f"k-NN classification of frozen features (k={numbers.get('k', 20)})",
+        dataset_type=hub_dataset or dataset_name, dataset_name=dataset_name, dataset_split=split,
+        metric_type="accuracy", metric_name="k-NN top-1 accuracy (%)", metric_value=round(numbers["knn_top1"], 2),
+    )] if evaluated and "knn_top1" in numbers else None
+    metadata = ModelCardData(library_name=HUB_CUSTOM_LIBRARY if custom else "timm", license=license,
+                             tags=list(dict.fromkeys(filter(None, tags))),
+                             datasets=[hub_dataset] if hub_dataset else None, pipeline_tag="image-feature-extraction",
+                             model_name=repo_id if eval_results else None, eval_results=eval_results)
+    snippets, load_note = _usage(repo_id, cfg, export_config)
+    if evaluated:
+        results_text = (f"Frozen features, evaluated on the `{split}` split at the end of training:\n\n"
+                        "| metric | value |\n|---|---|\n" + "".join(
+                            f"| {k} | {v:.2f} |\n" if isinstance(v, float) else f"| {k} | {v} |\n"
+                            for k, v in numbers.items()))
+    else:
+        results_text = "No evaluation was run at the end of training.\n"
+    data_note = (f"`{dataset_name}` (a local copy of [{hub_dataset}](https://huggingface.co/datasets/{hub_dataset}))"
+                 if hub_dataset and hub_dataset != dataset else f"`{hub_dataset or dataset_name}`")
+    hvp_settings = {k: v for k, v in cfg.items() if k in _HVP_SETTINGS or k.startswith("hvp_")}
+    return render_card(
+        metadata, TRAINING_CARD, method=method, arch=cfg.get("arch", "?"), dataset_name=dataset_name,
+        data_note=data_note, size=cfg.get("image_size", "?"), steps=counted(step, "optimizer step"),
+        processes=counted(processes, "process", "processes"), precision=precision,
+        load="\n```\n\n```python\n".join(snippets), load_note=load_note, repo_id=repo_id, results_text=results_text,
+        hvp_settings=json.dumps(hvp_settings, indent=2, default=str),
+        shown=json.dumps({k: card_value(v) for k, v in cfg.items()}, indent=2, default=str))
+
+
+# ----------------------------------------------------------------------------------- push
+
+def hub_repo_id(cfg, folder):
+    """Check --push_to_hub and the --hub_* flags that `cfg` has (training: --hub_every and
+    --hub_push_state too) on every process, before anything is trained or written: the repo id to push
+    to (--hub_model_id, else the name of `folder`), or None without --push_to_hub. One-line HVPError."""
+    given = [f for f in ("hub_model_id", "hub_private", "hub_every", "hub_push_state") if getattr(cfg, f, None)]
+    if not cfg.push_to_hub:
+        if given:
+            raise HVPError(f"--{given[0]} only takes effect with --push_to_hub")
+        return None
+    from huggingface_hub import constants, get_token
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+    if constants.HF_HUB_OFFLINE:
+        raise HVPError("--push_to_hub cannot push with HF_HUB_OFFLINE=1 set")
+    if getattr(cfg, "hub_every", 0) < 0:
+        raise HVPError(f"--hub_every must be >= 0 (0 = push only at the end), got {cfg.hub_every}")
+    if get_token() is None:  # whether a token exists; its value is not kept
+        raise HVPError("--push_to_hub needs a Hugging Face token with write access: run `hf auth login` or set "
+                       "HF_TOKEN" + ("" if cfg.hub_model_id else " (and pass --hub_model_id <user>/<name>, or the "
+                                     "repo is <your user>/<--output_dir folder name>)"))
+    repo_id = cfg.hub_model_id or re.sub(r"[^\w.-]+", "-", Path(folder).resolve().name).strip("-.")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        what = "--hub_model_id" if cfg.hub_model_id else "a repo name inferred from --output_dir"
+        raise HVPError(f"{what} {repo_id!r} is not a valid Hub repo id: pass --hub_model_id <user or org>/<name> "
+                       "(letters, digits, '-', '_', '.')") from None
+    return repo_id
+
+
+def _bound_hub_requests():
+    """Give huggingface_hub's shared HTTP client a timeout: by default it has none, so an upload to a
+    Hub that accepts the connection and never answers waits forever. Set before every try, because
+    huggingface_hub replaces its client after some errors. Downloads pass their own timeouts
+    (HF_HUB_ETAG_TIMEOUT, HF_HUB_DOWNLOAD_TIMEOUT)."""
+    from huggingface_hub import get_session
+    get_session().timeout = float(os.environ.get("HVP_HUB_TIMEOUT", HUB_TIMEOUT_S))
+
+
+def push_folder(repo_id, folder, message, label, private=False, write_card=None, state=None, state_message="",
+                retries=3, retry_wait=10.0, stop=None):
+    """Upload `folder` as one commit to the model repo `repo_id` (created if needed) and, if given, the
+    folder `state` to last-checkpoint/ on the training-state branch (commit `state_message`). A failed
+    try is reported on stderr and retried (`retries` tries, waits growing 4x from `retry_wait` s;
+    HVP_HUB_RETRY_WAIT overrides it); `stop` (a threading.Event) ends the waiting and the tries. `write_card(repo_id)` rewrites the
+    card once a bare repo name has resolved to <user>/<name>. `label` names what is pushed in the
+    messages ("step 5"). Returns (repo id, None) once the Hub has it, else (repo id, last error)."""
+    from huggingface_hub import HfApi
+    retry_wait, error = float(os.environ.get("HVP_HUB_RETRY_WAIT", retry_wait)), None
+    for attempt in range(1, retries + 1):
+        try:
+            _bound_hub_requests()
+            api = HfApi(library_name="hvp")
+            repo = api.create_repo(repo_id, private=private, exist_ok=True)
+            if repo.repo_id != repo_id:  # a bare name resolves to <user>/<name>
+                repo_id = repo.repo_id
+                if write_card is not None:
+                    write_card(repo_id)
+            commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=message)
+            if state is not None:
+                api.create_branch(repo_id, branch=HUB_STATE_BRANCH, exist_ok=True)
+                api.upload_folder(repo_id=repo_id, folder_path=state, path_in_repo="last-checkpoint",
+                                  revision=HUB_STATE_BRANCH, delete_patterns="*",  # drop files of older checkpoints
+                                  commit_message=state_message or message)
+        except Exception as e:  # any network or server failure: reported, the local files stay as they are
+            error = _first_line(e)
+            if attempt < retries and not (stop is not None and stop.is_set()):
+                wait = retry_wait * 4 ** (attempt - 1)
+                print(f"hub: push of {label} to {repo_id} failed (try {attempt}/{retries}): {error}; retrying in "
+                      f"{wait:g} s", file=sys.stderr, flush=True)
+                if stop is None:
+                    time.sleep(wait)
+                elif stop.wait(wait):
+                    break
+                continue
+            break
+        print(f"hub: pushed {label} to {repo} (commit {commit.oid[:8]})", flush=True)
+        return repo_id, None
+    return repo_id, error
+
+
+def upload_later(repo_id, folder):
+    """The end of every message about a push that did not happen: the command that does it."""
+    return f"upload it later with: hf upload {repo_id} {folder} ."
 
 
 def _link_tree(src, dst):
@@ -215,6 +360,25 @@ def _link_tree(src, dst):
     shutil.copytree(src, dst, copy_function=link)
 
 
+@contextlib.contextmanager
+def _stop_signals(on_signal):
+    """While waiting on the Hub at the end of a run, SIGTERM and SIGINT call on_signal(name) instead
+    of their usual handlers (the training loop's only sets a flag that nothing reads any more, so the
+    signal would be swallowed). Main thread only: elsewhere signals cannot be handled."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+    for sig in signals:
+        signal.signal(sig, lambda signum, frame: on_signal(signal.Signals(signum).name))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
 class HubPusher:
     """--push_to_hub: uploads backbone exports with their model card from a background thread.
 
@@ -224,18 +388,25 @@ class HubPusher:
     tries, waits growing from `retry_wait` s; the environment variable HVP_HUB_RETRY_WAIT overrides
     it) and reported on stderr, while training goes on and the local files stay as they are. When the
     last push fails, its files are kept in <output_dir>/hub_upload with the command to upload them by
-    hand. `close()` waits for the queued pushes and returns True if the last one reached the Hub.
+    hand. `close()` waits for the queued pushes, at most `close_timeout` s (HVP_HUB_CLOSE_TIMEOUT
+    overrides it) and only until a SIGTERM or Ctrl-C, and returns True if the last one reached the
+    Hub, False if it failed or was abandoned (the caller exits non-zero), None if nothing was pushed.
+    `license` is the weights' licence on the card and in the pushed config.json.
     """
 
     def __init__(self, repo_id, method, config, output_dir, private=False, every=0, push_state=False,
-                 processes=1, precision="no", enabled=True, retries=3, retry_wait=10.0):
+                 processes=1, precision="no", enabled=True, retries=3, retry_wait=10.0, license=HUB_LICENSE,
+                 close_timeout=HUB_CLOSE_TIMEOUT_S):
         self.repo_id, self.method, self.config, self.output_dir = repo_id, method, config, Path(output_dir)
         self.private, self.every, self.push_state, self.enabled = private, every, push_state, enabled
-        self.processes, self.precision, self.retries = processes, precision, retries
+        self.processes, self.precision, self.retries, self.license = processes, precision, retries, license
         self.retry_wait = float(os.environ.get("HVP_HUB_RETRY_WAIT", retry_wait))
-        self.last_step, self.ok, self._thread = 0, None, None
+        self.close_timeout = float(os.environ.get("HVP_HUB_CLOSE_TIMEOUT", close_timeout))
+        self.last_step, self.ok, self._thread, self._newest = 0, None, None, None
         import queue
         self._jobs = queue.Queue()
+        self._lock = threading.Lock()  # the worker's last file moves vs. close() abandoning the push
+        self._abandon = threading.Event()
         if enabled and self.output_dir.is_dir():  # leftovers of a run that was killed mid-push
             for stale in self.output_dir.glob(".hub-push-*"):
                 shutil.rmtree(stale, ignore_errors=True)
@@ -244,36 +415,18 @@ class HubPusher:
     def from_config(cls, cfg, accelerator, method):
         """Check --push_to_hub/--hub_model_id/--hub_private/--hub_every/--hub_push_state on every
         process before training (one-line HVPError) and return the pusher."""
-        given = [f for f in ("hub_model_id", "hub_private", "hub_every", "hub_push_state") if getattr(cfg, f, None)]
-        if not cfg.push_to_hub:
-            if given:
-                raise HVPError(f"--{given[0]} only takes effect with --push_to_hub")
-            return cls(None, method, cfg, cfg.output_dir, enabled=False)
-        from huggingface_hub import constants, get_token
-        from huggingface_hub.errors import HFValidationError
-        from huggingface_hub.utils import validate_repo_id
-        if constants.HF_HUB_OFFLINE:
-            raise HVPError("--push_to_hub cannot push with HF_HUB_OFFLINE=1 set")
-        if cfg.hub_every < 0:
-            raise HVPError(f"--hub_every must be >= 0 (0 = push only at the end), got {cfg.hub_every}")
-        if get_token() is None:  # whether a token exists; its value is not kept
-            raise HVPError("--push_to_hub needs a Hugging Face token with write access: run `hf auth login` or set "
-                           "HF_TOKEN" + ("" if cfg.hub_model_id else " (and pass --hub_model_id <user>/<name>, or the "
-                                         "repo is <your user>/<--output_dir folder name>)"))
-        repo_id = cfg.hub_model_id or re.sub(r"[^\w.-]+", "-", Path(cfg.output_dir).resolve().name).strip("-.")
-        try:
-            validate_repo_id(repo_id)
-        except HFValidationError:
-            what = "--hub_model_id" if cfg.hub_model_id else "a repo name inferred from --output_dir"
-            raise HVPError(f"{what} {repo_id!r} is not a valid Hub repo id: pass --hub_model_id <user or org>/<name> "
-                           "(letters, digits, '-', '_', '.')") from None
+        repo_id = hub_repo_id(cfg, cfg.output_dir)
+        license = getattr(cfg, "hub_license", None) or HUB_LICENSE
+        if repo_id is None:
+            return cls(None, method, cfg, cfg.output_dir, enabled=False, license=license)
         enabled = accelerator.is_main_process
         if enabled:
+            from huggingface_hub import constants
             when = f"every {cfg.hub_every} steps (at checkpoints) and at the end" if cfg.hub_every else "at the end"
             print(f"hub: pushing the backbone to {constants.ENDPOINT}/{repo_id} {when}", flush=True)
         return cls(repo_id, method, cfg, cfg.output_dir, cfg.hub_private, cfg.hub_every,
                    getattr(cfg, "hub_push_state", False), accelerator.num_processes,
-                   accelerator.mixed_precision, enabled)
+                   accelerator.mixed_precision, enabled, license=license)
 
     def due(self, step):
         """True when --hub_every steps have passed since the last push."""
@@ -291,25 +444,57 @@ class HubPusher:
         if self.push_state and state_dir is not None:
             _link_tree(state_dir, folder / "state")
         self.last_step = step
-        self._jobs.put({"folder": folder, "step": step, "results": results})
+        self._newest = {"folder": folder, "step": step, "results": results}
+        self._jobs.put(self._newest)
         if self._thread is None:
-            import threading
             self._thread = threading.Thread(target=self._work, name="hub-push", daemon=True)
             self._thread.start()
 
-    def close(self):
-        """Wait for queued pushes (retries included). True if the last push succeeded, None if none."""
-        if self._thread is not None:
-            self._jobs.put(None)
-            self._thread.join()
-            self._thread = None
+    def close(self, timeout=None):
+        """Wait for the queued pushes (retries included), at most `timeout` s (default close_timeout)
+        and only until a SIGTERM/SIGINT. Past either, the push is abandoned: its files stay in
+        <output_dir>/hub_upload and one line says how to upload them. True if the last push reached
+        the Hub, False if it failed or was abandoned, None if there was none."""
+        if self._thread is None:
+            return self.ok
+        self._jobs.put(None)
+        limit = self.close_timeout if timeout is None else timeout
+        signalled = []
+        with _stop_signals(signalled.append):
+            if self._thread.is_alive():
+                print(f"hub: waiting for the push of step {self._newest['step']} to {self.repo_id} (at most "
+                      f"{limit:g} s; SIGTERM or Ctrl-C abandons it)", flush=True)
+            end = time.monotonic() + limit
+            while self._thread.is_alive() and not signalled and time.monotonic() < end:
+                self._thread.join(min(0.2, max(0.0, end - time.monotonic())))
+        if self._thread.is_alive():
+            reason = f"{signalled[0]} received" if signalled else f"not done after {limit:g} s"
+            self._give_up(reason)
+        self._thread = None
         return self.ok
+
+    def _give_up(self, reason):
+        """Abandon the running push: keep the newest export in hub_upload (the worker, still waiting
+        on the Hub, no longer moves files) and say how to upload it later."""
+        with self._lock:
+            self._abandon.set()
+            job = self._newest
+            if not job["folder"].is_dir():  # the worker finished it just now (and set self.ok)
+                return
+            self.ok = False
+            if not (job["folder"] / "backbone" / "README.md").exists():  # queued, never started
+                self._write_card(job)
+            kept = self.output_dir / "hub_upload"
+            shutil.rmtree(kept, ignore_errors=True)
+            _link_tree(job["folder"], kept)
+        print(f"hub: {reason}: push of step {job['step']} to {self.repo_id} abandoned. The local checkpoints are "
+              f"intact; {upload_later(self.repo_id, kept / 'backbone')}", file=sys.stderr, flush=True)
 
     def _work(self):
         import queue
         while True:
             job = self._jobs.get()
-            if job is None:
+            if job is None or self._abandon.is_set():
                 return
             while True:  # only the newest queued export matters
                 try:
@@ -321,55 +506,42 @@ class HubPusher:
                     break
                 shutil.rmtree(job["folder"], ignore_errors=True)
                 job = newer
-            self.ok = self._push_with_retries(job)
+            self._push_with_retries(job)
 
     def _push_with_retries(self, job):
-        step, error = job["step"], None
-        for attempt in range(1, self.retries + 1):
-            try:
-                url, commit = self._upload(job)
-            except Exception as e:  # any network or server failure: report it, never stop training
-                error = _first_line(e)
-                if attempt < self.retries:
-                    wait = self.retry_wait * 4 ** (attempt - 1)
-                    print(f"hub: push of step {step} to {self.repo_id} failed (try {attempt}/{self.retries}): {error}; "
-                          f"retrying in {wait:g} s", file=sys.stderr, flush=True)
-                    time.sleep(wait)
-                continue
-            print(f"hub: pushed step {step} to {url} (commit {commit[:8]})", flush=True)
-            shutil.rmtree(job["folder"], ignore_errors=True)
-            shutil.rmtree(self.output_dir / "hub_upload", ignore_errors=True)  # an older failed push, now superseded
-            return True
-        kept = self.output_dir / "hub_upload"
-        shutil.rmtree(kept, ignore_errors=True)
-        os.rename(job["folder"], kept)
-        print(f"hub: push of step {step} to {self.repo_id} failed after {self.retries} tries: {error}. The local "
-              f"checkpoints are intact; upload later with: hf upload {self.repo_id} {kept / 'backbone'} .",
-              file=sys.stderr, flush=True)
-        return False
-
-    def _upload(self, job):
-        from huggingface_hub import HfApi
-        api = HfApi(library_name="hvp")
+        step, folder = job["step"], job["folder"]
         self._write_card(job)  # first, so that a folder kept after a failure is complete
-        repo = api.create_repo(self.repo_id, private=self.private, exist_ok=True)
-        if repo.repo_id != self.repo_id:  # a bare name resolves to <user>/<name>
-            self.repo_id = repo.repo_id
-            self._write_card(job)
-        message = f"HVP {self.method}: backbone at step {job['step']}"
-        commit = api.upload_folder(repo_id=self.repo_id, folder_path=job["folder"] / "backbone",
-                                   commit_message=message)
-        if (job["folder"] / "state").is_dir():
-            api.create_branch(self.repo_id, branch=HUB_STATE_BRANCH, exist_ok=True)
-            api.upload_folder(repo_id=self.repo_id, folder_path=job["folder"] / "state", path_in_repo="last-checkpoint",
-                              revision=HUB_STATE_BRANCH, delete_patterns="*",  # drop files of older checkpoints
-                              commit_message=f"HVP {self.method}: training state at step {job['step']}")
-        return str(repo), commit.oid
+        state = folder / "state"
+        self.repo_id, error = push_folder(
+            self.repo_id, folder / "backbone", f"HVP {self.method}: backbone at step {step}", f"step {step}",
+            self.private, lambda repo_id: self._write_card(job), state if state.is_dir() else None,
+            f"HVP {self.method}: training state at step {step}", self.retries, self.retry_wait, self._abandon)
+        with self._lock:
+            if self._abandon.is_set():  # close() gave up on this push and kept its files
+                return
+            kept = self.output_dir / "hub_upload"
+            shutil.rmtree(kept, ignore_errors=True)  # with a success: an older failed push, now superseded
+            if error is None:
+                shutil.rmtree(folder, ignore_errors=True)
+            else:
+                os.rename(folder, kept)
+            self.ok = error is None
+        if error is not None:
+            print(f"hub: push of step {step} to {self.repo_id} failed after {self.retries} tries: {error}. The local "
+                  f"checkpoints are intact; {upload_later(self.repo_id, kept / 'backbone')}",
+                  file=sys.stderr, flush=True)
 
     def _write_card(self, job):
-        card = job["folder"] / "backbone" / "README.md"
-        card.unlink(missing_ok=True)  # never write through a hard link into the export
-        config = job["folder"] / "backbone" / "config.json"
+        """README.md of a queued export, and its config.json's licence made the card's (both written
+        as new files: never through a hard link into the export)."""
+        backbone = job["folder"] / "backbone"
+        config_path = backbone / "config.json"
+        export_config = json.loads(config_path.read_text()) if config_path.is_file() else None
+        if export_config is not None and export_config.get("pretrained_cfg", {}).get("license") != self.license:
+            export_config.setdefault("pretrained_cfg", {})["license"] = self.license
+            config_path.unlink()
+            config_path.write_text(json.dumps(export_config, indent=2))
+        card = backbone / "README.md"
+        card.unlink(missing_ok=True)
         card.write_text(model_card(self.repo_id, self.method, self.config, job["step"], job["results"],
-                                   self.processes, self.precision,
-                                   export_config=json.loads(config.read_text()) if config.is_file() else None))
+                                   self.processes, self.precision, self.license, export_config))

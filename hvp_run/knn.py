@@ -53,11 +53,23 @@ def extract_features(forward, loader, accelerator, desc="features"):
     return feats, labels, skipped
 
 
+def _rows_of(loader):
+    """Images this process's evaluation loader reads (the split's rows as epoch_ranges divides them),
+    None for other loaders."""
+    stream = getattr(loader, "dataset", None)
+    if not isinstance(stream, BatchStream) or stream.batches is not None:
+        return None
+    rows = stream.source.num_rows
+    return rows * (stream.rank + 1) // stream.world - rows * stream.rank // stream.world
+
+
 def _bar_over(loader, desc, enabled):
-    bar = progress_bar(None, desc=desc, enabled=enabled)
+    """The loader's batches, with a progress bar in images (undecodable ones included) out of the
+    process's rows."""
+    bar = progress_bar(_rows_of(loader), desc=desc, enabled=enabled)
     for batch in loader:
         yield batch
-        bar.update(1)
+        bar.update(len(batch["label"]) + int(batch.get("skipped", 0)))
     bar.close()
 
 

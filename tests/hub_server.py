@@ -6,6 +6,7 @@ them back and inspect a repo. Standard library only; state lives in memory.
     env = {"HF_ENDPOINT": server.url, "HF_HUB_DISABLE_XET": "1", ...}  # before huggingface_hub is imported
     server.fail(500)                          # every request answers 500 until server.fail(None)
     server.stop()                             # the Hub is down: connections are refused
+    SilentHub().start()                       # a Hub that accepts connections and never answers
 
 Implemented (model repos only):
     POST /api/repos/create                           create (409 + url if it exists)
@@ -586,3 +587,36 @@ class HubServer:
                 self._serve("DELETE")
 
         return Handler
+
+
+class SilentHub:
+    """A "Hub" that accepts every connection on 127.0.0.1 and never answers: what a client meets
+    behind a stuck proxy or an overloaded server. `connections` counts the accepted ones.
+
+        silent = SilentHub().start()   # silent.url
+        silent.stop()
+    """
+
+    def __init__(self):
+        import socket
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.held, self.connections = [], 0
+
+    def start(self):
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def _accept(self):
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:  # stopped
+                return
+            self.held.append(connection)  # kept open, never read from or written to
+            self.connections += 1
+
+    def stop(self):
+        self.listener.close()
+        for connection in self.held:
+            connection.close()

@@ -141,3 +141,12 @@ def test_unknown_arch_and_unsupported_small_stem_are_clear_errors():
 def test_no_backbone_at_path_is_a_clear_error(tmp_path):
     with pytest.raises(hvp_run.HVPError, match="no backbone found"):
         hvp_run.load_backbone(tmp_path)
+
+
+def test_the_export_names_the_weights_licence_instead_of_the_one_timm_copies(tmp_path):
+    model = hvp_run.create_backbone("test_resnet", 32)
+    default = hvp_run.export_backbone(model, tmp_path / "default", {}, "t")
+    chosen = hvp_run.export_backbone(model, tmp_path / "chosen", {}, "t", license="cc-by-4.0")
+    assert timm.create_model("test_resnet").pretrained_cfg.get("license") != "mit"  # what timm would copy
+    assert json.loads((default / "config.json").read_text())["pretrained_cfg"]["license"] == hvp_run.HUB_LICENSE
+    assert json.loads((chosen / "config.json").read_text())["pretrained_cfg"]["license"] == "cc-by-4.0"

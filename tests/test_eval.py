@@ -15,6 +15,7 @@ import hvp_run
 from conftest import REPO, run_script
 
 sys.path.insert(0, str(REPO / "eval"))
+from eval import common  # noqa: E402
 import finetune  # noqa: E402
 import knn  # noqa: E402
 import linear  # noqa: E402
@@ -122,7 +123,7 @@ def test_every_backbone_source_gives_identical_features(tmp_path):
                                model, {"input_size": (3, 12, 12)}, "hvp_test")
     export(model, run / "backbone")
     for source in (tmp_path / "export", run, ckpt):
-        loaded, config = linear.load_backbone(source)
+        loaded, config = common.load_backbone(source)
         assert config["pretrained_cfg"]["input_size"] == [3, 12, 12]
         assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training
         torch.testing.assert_close(features(loaded, x), reference, msg=str(source))
@@ -134,19 +135,19 @@ def test_checkpoint_key_loads_the_teacher_instead_of_the_exported_student(tmp_pa
              "teacher": {f"module.backbone.{k}": v for k, v in teacher.state_dict().items()}
              | {"module.head.weight": torch.zeros(2, 2)}, "step": 3}
     ckpt = hvp_run.save_checkpoint(tmp_path / "dino", 3, state, student, {"input_size": (3, 12, 12)}, "hvp_test")
-    loaded, _ = linear.load_backbone(tmp_path / "dino", checkpoint_key="teacher")
+    loaded, _ = common.load_backbone(tmp_path / "dino", checkpoint_key="teacher")
     torch.testing.assert_close(features(loaded, x), features(teacher, x))
-    loaded, _ = linear.load_backbone(ckpt)  # without the key: the export (student)
+    loaded, _ = common.load_backbone(ckpt)  # without the key: the export (student)
     torch.testing.assert_close(features(loaded, x), features(student, x))
     with pytest.raises(hvp_run.HVPError, match="has no state 'ema'"):
-        linear.load_backbone(ckpt, checkpoint_key="ema")
+        common.load_backbone(ckpt, checkpoint_key="ema")
 
 
 def test_random_init_keeps_the_architecture_and_none_of_the_weights(tmp_path):
     x = torch.randn(3, 3, 12, 12)
-    first, _ = linear.load_backbone(export(tiny_resnet(seed=1), tmp_path / "a"), random_init=True, seed=5)
-    second, _ = linear.load_backbone(export(tiny_resnet(seed=2), tmp_path / "b"), random_init=True, seed=5)
-    trained, _ = linear.load_backbone(tmp_path / "a")
+    first, _ = common.load_backbone(export(tiny_resnet(seed=1), tmp_path / "a"), random_init=True, seed=5)
+    second, _ = common.load_backbone(export(tiny_resnet(seed=2), tmp_path / "b"), random_init=True, seed=5)
+    trained, _ = common.load_backbone(tmp_path / "a")
     assert {k: v.shape for k, v in first.state_dict().items()} == {k: v.shape for k, v in trained.state_dict().items()}
     torch.testing.assert_close(features(first, x), features(second, x))  # depends on the seed only
     assert not torch.allclose(features(first, x), features(trained, x))
@@ -179,8 +180,8 @@ def test_linear_probe_without_cache_runs_the_backbone_on_fresh_augmentations(col
 def test_cached_views_are_the_train_split_in_order_augmented_differently_per_view(colour_dataset):
     accelerator = hvp_run.make_accelerator("no", 1, "none", ".")
     cfg = linear.Config(backbone="x", batch_size=10, num_workers=0, crop_scale=(0.3, 1.0))
-    source = linear.open_split(str(colour_dataset), "train", "image", "label", accelerator, "a linear probe")
-    loaders = linear.augmented_loaders(source, cfg, 12, hvp.IMAGENET_MEAN, hvp.IMAGENET_STD, accelerator)
+    source = common.open_split(str(colour_dataset), "train", "image", "label", accelerator, "a linear probe")
+    loaders = common.augmented_loaders(source, cfg, 12, hvp.IMAGENET_MEAN, hvp.IMAGENET_STD, accelerator)
 
     def view(epoch):
         batches = list(loaders(epoch))
@@ -195,9 +196,9 @@ def test_cached_views_are_the_train_split_in_order_augmented_differently_per_vie
 def test_finetuning_epochs_are_full_shuffled_batches_of_a_new_stream_each(colour_dataset):
     accelerator = hvp_run.make_accelerator("no", 1, "none", ".")
     cfg = finetune.Config(backbone="x", batch_size=16, num_workers=0)
-    source = linear.open_split(str(colour_dataset), "train", "image", "label", accelerator, "fine-tuning")
-    steps = linear.steps_per_epoch(source, 16)
-    loaders = linear.augmented_loaders(source, cfg, 12, hvp.IMAGENET_MEAN, hvp.IMAGENET_STD, accelerator, steps)
+    source = common.open_split(str(colour_dataset), "train", "image", "label", accelerator, "fine-tuning")
+    steps = common.steps_per_epoch(source, 16)
+    loaders = common.augmented_loaders(source, cfg, 12, hvp.IMAGENET_MEAN, hvp.IMAGENET_STD, accelerator, steps)
     batches = hvp_run.training_batches(loaders, steps)
     epochs = [[next(batches) for _ in range(steps)] for _ in range(2)]
     batches.close()
@@ -208,12 +209,15 @@ def test_finetuning_epochs_are_full_shuffled_batches_of_a_new_stream_each(colour
     assert orders[0].tolist() != [i % 4 for i in range(64)] and not torch.equal(orders[0], orders[1])  # shuffled anew
 
 
-def test_lars_scales_weight_steps_by_the_trust_ratio_and_leaves_biases_plain():
-    weight, bias = torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(3))
+def test_the_lars_probe_scales_weight_steps_by_the_trust_ratio_and_leaves_biases_plain():
+    heads = linear.LinearHeads(4, 3, count=1)
+    optimizer = linear.make_optimizer(linear.Config(optimizer="lars", weight_decay=0.1), heads, [0.5])
+    weight, bias = heads.heads[0].weight, heads.heads[0].bias
     weight.grad, bias.grad = torch.randn(3, 4), torch.randn(3)
     w0, b0 = weight.detach().clone(), bias.detach().clone()
-    linear.LARS([weight, bias], lr=0.5, momentum=0.9, trust=0.001).step()
-    torch.testing.assert_close(weight.detach(), w0 - 0.5 * 0.001 * w0.norm() / weight.grad.norm() * weight.grad)
+    optimizer.step()
+    update = weight.grad + 0.1 * w0  # weight decay on the matrix only
+    torch.testing.assert_close(weight.detach(), w0 - 0.5 * 0.001 * w0.norm() / update.norm() * update)
     torch.testing.assert_close(bias.detach(), b0 - 0.5 * bias.grad)
 
 
@@ -236,11 +240,44 @@ def test_knn_cli_counts_an_undecodable_image_of_each_split(corrupt_dataset, tmp_
     monkeypatch.setattr(sys, "argv", ["knn.py", "--backbone", str(backbone), "--dataset", str(corrupt_dataset),
                                       "--k", "5,10", "--num_workers", "0", "--batch_size", "16"])
     knn.main()
-    result = json.loads((backbone / "knn.json").read_text())
+    result = json.loads((backbone / "eval" / f"knn-{corrupt_dataset.name}.json").read_text())
     assert result["skipped_images"] == {"train": 1, "test": 1}
     assert result["train_samples"] == 63 and result["test_samples"] == 31
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("k-NN")]
     assert len(lines) == 2 and all(line.endswith("| undecodable images skipped: train 1, test 1") for line in lines)
+
+
+def test_knn_eval_of_a_training_run_writes_its_own_file_and_leaves_the_runs_knn_json_unchanged(colour_dataset,
+                                                                                                  tmp_path, monkeypatch):
+    run = tmp_path / "run"  # a training output folder: the latest export and the run's own k-NN result
+    export(tiny_resnet(), run / "backbone")
+    (run / "knn.json").write_text('{"knn_top1": 12.5, "k": 20}')
+    before = (run / "knn.json").read_bytes()
+    monkeypatch.setattr(sys, "argv", ["knn.py", "--backbone", str(run), "--dataset", str(colour_dataset),
+                                      "--k", "5", "--num_workers", "0", "--batch_size", "16"])
+    knn.main()
+    assert (run / "knn.json").read_bytes() == before
+    result = json.loads((run / "eval" / f"knn-{colour_dataset.name}.json").read_text())
+    assert result["knn"]["5"]["top1"] >= 0 and result["test_samples"] == 32
+
+
+def test_eval_results_of_a_hub_backbone_go_to_a_folder_under_outputs_never_the_current_folder(tmp_path):
+    from pathlib import Path
+    assert common.results_folder("hf-hub:org/name") == Path("outputs/org--name")
+    assert common.results_folder("hf-hub:org/name@v1.0") == Path("outputs/org--name@v1.0")
+    assert common.results_folder(tmp_path) == tmp_path  # a local backbone folder: its own
+    cfg = knn.Config(backbone="hf-hub:org/name", dataset="uoft-cs/cifar10")
+    assert knn.default_output(cfg) == Path("outputs/org--name/eval/knn-cifar10.json")
+    assert knn.default_output(knn.Config(raw_pixels=True, dataset="x/y")) == Path("outputs/raw-pixels/eval/knn-y.json")
+    assert common.default_output(linear.Config(backbone="hf-hub:org/name"), "linear") == Path("outputs/org--name/linear.json")
+
+
+def test_eval_mixed_precision_takes_the_training_values_and_rejects_others_in_one_line():
+    assert common.accelerate_precision("auto") in ("bf16", "no")  # bf16 where native, else fp32, as in training
+    assert [common.accelerate_precision(v) for v in ("", "no", "fp16", "bf16")] == [None, "no", "fp16", "bf16"]
+    linear.check_config(linear.Config(backbone="x", mixed_precision="auto"))
+    with pytest.raises(hvp_run.HVPError, match="^--mixed_precision must be auto, no, fp16 or bf16, got 'fp8'$"):
+        common.make_accelerator("fp8")
 
 
 @pytest.mark.parametrize("cache_views", [1, 0])
@@ -299,6 +336,16 @@ def test_transfer_writes_a_markdown_table_and_keeps_going_after_a_bad_dataset(co
     assert json.loads((backbone / "transfer.json").read_text())["results"][str(colour_dataset)]["linear"]["best_top1"] >= 0
 
 
+def test_transfer_ends_in_a_one_line_error_when_every_evaluation_failed(tmp_path, monkeypatch):
+    backbone = export(tiny_resnet(), tmp_path / "b")
+    monkeypatch.setattr(sys, "argv", ["transfer.py", "--backbone", str(backbone), "--datasets",
+                                      f"{tmp_path / 'missing'},{tmp_path / 'gone'}", "--evals", "linear",
+                                      "--num_workers", "0"])
+    with pytest.raises(hvp_run.HVPError, match="^every evaluation failed"):
+        transfer.main()
+    assert f"| {tmp_path / 'gone'} | error: cannot open dataset" in (backbone / "transfer.md").read_text()
+
+
 @pytest.fixture
 def saved_models(monkeypatch):
     """The models finetune.run hands to finetune.save_model (copied as they were), in order."""
@@ -342,6 +389,21 @@ def test_the_finetuned_classifier_is_saved_and_reloads_with_identical_logits(col
         assert f"| these (last epoch, 1) | {last['top1']:.2f} % | {last['top5']:.2f} % |" in card
         assert f"on the `train` split of `{colour_dataset.name}`" in card and "pipeline_tag: image-classification" in card
         assert str(tmp_path) not in card, "no local paths on a card"
+
+
+def test_the_finetuned_models_card_and_config_agree_on_its_licence_and_give_its_accuracy_as_metadata(colour_dataset,
+                                                                                                     tmp_path):
+    from huggingface_hub import ModelCard
+    cfg = finetune.Config(backbone=str(export(tiny_resnet(), tmp_path / "b")), dataset=str(colour_dataset), epochs=1,
+                          batch_size=16, lr=1e-3, num_workers=0, output_dir=str(tmp_path / "model"),
+                          hub_license="cc-by-4.0")
+    result = finetune.run(cfg)
+    card = ModelCard.load(tmp_path / "model" / "README.md")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert card.data.license == config["pretrained_cfg"]["license"] == "cc-by-4.0"
+    (accuracy,) = card.data.eval_results
+    assert accuracy.metric_value == round(result["epochs"][-1]["top1"], 2) and accuracy.dataset_split == "test"
+    assert "for 1 epoch.\n" in card.text and "on\n1 process." in card.text and "(s)" not in card.text
 
 
 def test_the_finetuned_model_keeps_the_class_names_of_the_dataset(tmp_path):
@@ -468,10 +530,11 @@ def test_a_failed_push_is_retried_reported_and_the_model_stays_local(hub, colour
     result = run_with(hub_env(hub, tmp_path, HUB_TOKEN), [
         "eval/finetune.py", "--backbone", backbone, "--dataset", colour_dataset, "--epochs", 1, "--batch_size", 16,
         "--num_workers", 0, "--push_to_hub", "--hub_model_id", "hvp-tester/failing"])
-    assert result.returncode == 0 and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "failed (try 1/3)" in result.stderr and "failed after 3 tries" in result.stderr
     folder = tmp_path / "r" / f"finetune_{colour_dataset.name}"
     assert f"upload it later with: hf upload hvp-tester/failing {folder} ." in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: the fine-tuned model is saved in {folder} but")
     assert json.loads(folder.with_suffix(".json").read_text())["pushed_to_hub"] is False
     assert finetune.load_model(folder)(torch.randn(1, 3, 12, 12)).shape == (1, 4)
 
@@ -538,4 +601,4 @@ def test_bad_flags_are_errors():
     with pytest.raises(hvp_run.HVPError, match="no public Hub copy known"):
         finetune.resolve_config(finetune.Config(backbone="x", dataset="inat21"))
     with pytest.raises(hvp_run.HVPError, match="--checkpoint_key needs a checkpoint"):
-        linear.checkpoint_backbone_weights("hf-hub:org/name", "teacher")
+        common.checkpoint_backbone_weights("hf-hub:org/name", "teacher")

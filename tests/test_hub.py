@@ -34,13 +34,19 @@ def hub():
     server.stop()
 
 
-def run_with_hub(args, hub_url, hf_home, token=TOKEN, timeout=300):
-    """Run `python <args>` in the repository with huggingface_hub pointed at `hub_url`."""
+def hub_env(hub_url, hf_home, token=TOKEN, **extra):
+    """The environment of a subprocess whose huggingface_hub talks to `hub_url`."""
     env = script_env(HF_ENDPOINT=hub_url, HF_HOME=str(hf_home), HF_HUB_OFFLINE="0", HF_HUB_DISABLE_TELEMETRY="1",
-                     HVP_HUB_RETRY_WAIT="0.1")
+                     HVP_HUB_RETRY_WAIT="0.1", **extra)
     env.pop("HF_TOKEN", None)
     if token:
         env["HF_TOKEN"] = token
+    return env
+
+
+def run_with_hub(args, hub_url, hf_home, token=TOKEN, timeout=300, **extra_env):
+    """Run `python <args>` in the repository with huggingface_hub pointed at `hub_url`."""
+    env = hub_env(hub_url, hf_home, token, **extra_env)
     return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -147,7 +153,7 @@ def test_the_model_card_has_hub_metadata_settings_results_and_a_usage_snippet(hu
     assert card.data.datasets == ["zalando-datasets/fashion_mnist"]
     assert 'timm.create_model("hf-hub:me/hvp-simsiam", pretrained=True)' in card.text
     assert "| knn_top1 | 81.25 |" in card.text and '"hvp_select_res": 0.5' in card.text
-    assert '"lr": 0.05' in card.text and "156 optimizer steps on 2 process(es)" in card.text
+    assert '"lr": 0.05' in card.text and "156 optimizer steps on 2 processes" in card.text
     assert str(hvp_run.REPO_DIR) not in card.text, "no local paths on a public card"
     small = hvp_run.model_card("me/tiny", "DINO", dict(arch="vit_small", small_stem=True, dataset="/no/such/dir"), 1)
     assert 'hvp_run.load_backbone("hf-hub:me/tiny")' in ModelCard(small).text
@@ -156,6 +162,56 @@ def test_the_model_card_has_hub_metadata_settings_results_and_a_usage_snippet(hu
     resnet = ModelCard(hvp_run.model_card("me/r", "SimCLR", dict(arch="resnet18", small_stem=True, dataset="x/y"), 1))
     assert resnet.data.library_name == hvp_run.HUB_CUSTOM_LIBRARY and "timm" not in resnet.data.tags
     assert 'timm.create_model("hf-hub:me/r", pretrained=True)' in resnet.text and "fails" in resnet.text
+
+
+def test_the_card_counts_steps_and_processes_in_words():
+    text = hvp_run.model_card("me/one", "SimSiam", dict(arch="resnet18", dataset="x/y"), step=1, processes=1)
+    assert "for 1 optimizer step on 1 process\n" in text and "(s)" not in text
+
+
+def test_the_k_nn_accuracy_is_model_index_metadata_of_the_card():
+    from huggingface_hub import ModelCard
+    card = ModelCard(hvp_run.model_card("me/hvp-simsiam", "SimSiam", dict(arch="resnet18", dataset="x/y"), step=3,
+                                        results={"knn_top1": 81.254, "knn_top5": 98.5, "k": 20}))
+    assert "model-index:" in card.content.split("---")[1]
+    (result,) = card.data.eval_results
+    assert card.data.model_name == "me/hvp-simsiam" and result.metric_type == "accuracy"
+    assert (result.metric_value, result.dataset_type, result.dataset_split) == (81.25, "x/y", "test")
+    assert result.task_type == "image-classification" and "k=20" in result.task_name
+
+
+def test_a_run_without_evaluation_names_no_split_and_claims_no_results():
+    from huggingface_hub import ModelCard
+    card = ModelCard(hvp_run.model_card("me/x", "DINO", dict(arch="vit_small", dataset="x/y", eval_split=""), 2))
+    assert "No evaluation was run at the end of training." in card.text
+    assert "evaluated on the" not in card.text and card.data.eval_results is None
+
+
+def test_the_card_of_a_dino_resampling_export_says_timm_matches_it_only_at_its_own_resolution():
+    export_config = {"architecture": "vit_small_patch16_224", "hvp_pos_embed_resample": "dino",
+                     "pretrained_cfg": {"input_size": [3, 96, 96]}}
+    cfg = dict(arch="vit_small", dataset="x/y", image_size=96, pos_embed_resample="dino")
+    dino = hvp_run.model_card("me/d", "DINO", cfg, 1, export_config=export_config)
+    assert "same model at the export's own resolution (96 px) only" in dino and "antialiasing" in dino
+    plain = hvp_run.model_card("me/p", "DINO", dict(cfg, pos_embed_resample="timm"), 1,
+                               export_config={k: v for k, v in export_config.items() if k != "hvp_pos_embed_resample"})
+    assert "gives the same model." in plain and "antialiasing" not in plain
+
+
+def test_the_weights_licence_on_the_card_and_in_the_pushed_config_agree(tmp_path):
+    from huggingface_hub import ModelCard
+    export = hvp_run.export_backbone(hvp_run.create_backbone("test_resnet", 32), tmp_path / "backbone", {}, "t")
+    assert json.loads((export / "config.json").read_text())["pretrained_cfg"]["license"] == hvp_run.HUB_LICENSE == "mit"
+    assert ModelCard(hvp_run.model_card("me/x", "SimSiam", dict(arch="test_resnet"), 1)).data.license == "mit"
+    before = (export / "config.json").read_bytes()
+    pusher = hvp_run.HubPusher("me/x", "SimSiam", {"arch": "test_resnet"}, tmp_path, license="cc-by-4.0")
+    staged = {"folder": tmp_path / "staged", "step": 1, "results": None}
+    hvp_run.hub._link_tree(export, staged["folder"] / "backbone")
+    pusher._write_card(staged)  # what every push does before it uploads
+    assert ModelCard.load(staged["folder"] / "backbone" / "README.md").data.license == "cc-by-4.0"
+    config = json.loads((staged["folder"] / "backbone" / "config.json").read_text())
+    assert config["pretrained_cfg"]["license"] == "cc-by-4.0"
+    assert (export / "config.json").read_bytes() == before, "the export itself is not written through the link"
 
 
 TRAINING_DATA_CONFIG = {"input_size": (3, 32, 32), "interpolation": "bicubic", "crop_pct": 0.875,
@@ -387,7 +443,7 @@ def test_a_failing_hub_is_retried_and_reported_and_training_and_checkpoints_stay
 
     # once the Hub is back, the printed command uploads it
     hub.fail(None)
-    command = re.search(r"upload later with: hf upload (\S+) (\S+) \.", result.stderr).groups()
+    command = re.search(r"upload it later with: hf upload (\S+) (\S+) \.", result.stderr).groups()
     cli = "from huggingface_hub.cli.hf import main; main()"
     ok(run_with_hub(["-c", cli, "upload", *command, "."], hub.url, tmp_path / "hf"))
     assert hub.file("hvp-tester/failing", "model.safetensors") == (out / "backbone" / "model.safetensors").read_bytes()
@@ -412,6 +468,78 @@ def test_a_hub_that_is_down_is_reported_and_the_export_is_kept(hub, tmp_path):
     assert "failed (try 1/2)" in result.stderr and "failed after 2 tries" in result.stderr
     assert {p.name: p.read_bytes() for p in export.iterdir()} == before
     assert (tmp_path / "hub_upload" / "backbone" / "model.safetensors").read_bytes() == before["model.safetensors"]
+
+
+PUSH_TO_A_SILENT_HUB = r"""
+import sys, time
+import hvp_run
+pusher = hvp_run.HubPusher("hvp-tester/silent", "SimSiam", {"arch": "test_resnet"}, sys.argv[1], retries=2)
+pusher.push(sys.argv[2], step=3)
+start = time.monotonic()
+print("pushed:", pusher.close(), flush=True)
+print(f"closed after {time.monotonic() - start:.1f} s", flush=True)
+"""
+
+
+@pytest.fixture
+def silent_hub():
+    from hub_server import SilentHub
+    server = SilentHub().start()
+    yield server
+    server.stop()
+
+
+def abandoned_lines(stderr):
+    return [line for line in stderr.splitlines() if "abandoned" in line]
+
+
+def seconds_to_close(stdout):
+    return float(re.search(r"closed after ([\d.]+) s", stdout).group(1))
+
+
+def test_a_hub_that_never_answers_is_abandoned_at_the_close_deadline_and_the_export_kept(silent_hub, tmp_path):
+    export = hvp_run.export_backbone(hvp_run.create_backbone("test_resnet", 32), tmp_path / "backbone", {}, "t")
+    result = ok(run_with_hub(["-c", PUSH_TO_A_SILENT_HUB, tmp_path, export], silent_hub.url, tmp_path / "hf",
+                             timeout=120, HVP_HUB_CLOSE_TIMEOUT="2"))
+    assert "pushed: False" in result.stdout and seconds_to_close(result.stdout) < 10
+    assert silent_hub.connections >= 1, "the push did reach the silent server"
+    kept = tmp_path / "hub_upload" / "backbone"
+    assert abandoned_lines(result.stderr) == [
+        f"hub: not done after 2 s: push of step 3 to hvp-tester/silent abandoned. The local checkpoints are intact; "
+        f"upload it later with: hf upload hvp-tester/silent {kept} ."]
+    assert (kept / "model.safetensors").read_bytes() == (export / "model.safetensors").read_bytes()
+    assert (kept / "README.md").is_file()
+
+
+def test_every_hub_request_has_a_timeout_so_a_silent_hub_fails_its_tries(silent_hub, tmp_path):
+    export = hvp_run.export_backbone(hvp_run.create_backbone("test_resnet", 32), tmp_path / "backbone", {}, "t")
+    result = ok(run_with_hub(["-c", PUSH_TO_A_SILENT_HUB, tmp_path, export], silent_hub.url, tmp_path / "hf",
+                             timeout=120, HVP_HUB_TIMEOUT="0.5", HVP_HUB_CLOSE_TIMEOUT="100"))
+    assert "pushed: False" in result.stdout and seconds_to_close(result.stdout) < 50
+    assert "failed (try 1/2)" in result.stderr and "failed after 2 tries" in result.stderr
+    assert abandoned_lines(result.stderr) == [], "the tries ended by themselves, before the deadline"
+    assert (tmp_path / "hub_upload" / "backbone" / "model.safetensors").is_file()
+
+
+def test_a_stop_signal_ends_the_wait_for_a_silent_hub(silent_hub, tmp_path):
+    import signal
+    import time
+    export = hvp_run.export_backbone(hvp_run.create_backbone("test_resnet", 32), tmp_path / "backbone", {}, "t")
+    process = subprocess.Popen([sys.executable, "-c", PUSH_TO_A_SILENT_HUB, str(tmp_path), str(export)], cwd=REPO,
+                               env=hub_env(silent_hub.url, tmp_path / "hf", HVP_HUB_CLOSE_TIMEOUT="300"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        waiting = process.stdout.readline()  # printed once close() listens for the signal
+        assert waiting.startswith("hub: waiting for the push of step 3 to hvp-tester/silent (at most 300 s")
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 0 and "pushed: False" in stdout and seconds_to_close(stdout) < 20
+    (line,) = abandoned_lines(stderr)
+    assert line.startswith("hub: SIGTERM received: push of step 3 to hvp-tester/silent abandoned.")
+    assert (tmp_path / "hub_upload" / "backbone" / "model.safetensors").is_file()
 
 
 def test_an_unknown_hub_repo_is_a_one_line_error(hub, tiny_dataset, tmp_path):

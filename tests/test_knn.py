@@ -1,6 +1,7 @@
 """Weighted k-NN: the chunked matmul implementation equals a per-query loop."""
 import math
 
+import pytest
 import torch
 
 import hvp_run
@@ -41,17 +42,43 @@ def test_knn_accuracy_on_separable_clusters_is_perfect():
 
 def test_knn_cli_on_raw_pixels_and_on_an_exported_backbone(tiny_dataset, tmp_path):
     out = run_script(["eval/knn.py", "--raw_pixels", "--dataset", tiny_dataset, "--k", "5",
-                      "--output", tmp_path / "raw.json", "--num_workers", "0"])
+                      "--output", tmp_path / "raw.json", "--num_workers", "0", "--mixed_precision", "auto"])
     assert "k-NN raw pixels" in out.stdout and (tmp_path / "raw.json").exists()
     backbone = hvp_run.create_backbone("resnet18", 28, small_stem=True)
     hvp_run.export_backbone(backbone, tmp_path / "backbone", {"input_size": (3, 28, 28)}, "hvp_test")
     out = run_script(["eval/knn.py", "--backbone", tmp_path / "backbone", "--dataset", tiny_dataset, "--k", "5,10",
                       "--num_workers", "0"])
     assert "k=5: top-1" in out.stdout and "k=10: top-1" in out.stdout
-    assert (tmp_path / "backbone" / "knn.json").exists()
+    assert (tmp_path / "backbone" / "eval" / f"knn-{tiny_dataset.name}.json").exists()
 
 
-def test_knn_cli_errors_are_one_line(tmp_path, tiny_dataset):
-    out = run_script(["eval/knn.py", "--backbone", tmp_path], check=False)
-    assert out.returncode == 2 and out.stderr.strip().startswith("error: no backbone found")
+@pytest.mark.parametrize("args,message", [
+    (["--backbone", "{tmp}"], "error: no backbone found"),
+    (["--raw_pixels", "--k", "abc"], "error: --k must be comma-separated whole numbers, got 'abc'"),
+    (["--raw_pixels", "--mixed_precision", "fp8"], "error: --mixed_precision must be auto, no, fp16 or bf16"),
+])
+def test_knn_cli_errors_are_one_line(args, message, tmp_path):
+    out = run_script(["eval/knn.py", *[a.format(tmp=tmp_path) for a in args]], check=False)
+    assert out.returncode == 2 and out.stderr.strip().startswith(message)
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_feature_extraction_shows_its_progress_out_of_the_images_of_the_process(tiny_dataset, monkeypatch):
+    bars = []
+
+    class Bar:
+        def __init__(self, total, desc="", enabled=True):
+            self.total, self.done = total, 0
+            bars.append(self)
+
+        def update(self, n):
+            self.done += n
+
+        def close(self):
+            pass
+    monkeypatch.setattr(hvp_run.knn, "progress_bar", Bar)
+    accelerator = hvp_run.make_accelerator("no", 1, "none", ".")
+    source = hvp_run.open_source(str(tiny_dataset), "test", "image", "label")
+    loader = hvp_run.eval_loader(source, 28, accelerator, batch_size=20, num_workers=0)
+    hvp_run.extract_features(lambda x: x.flatten(1), loader, accelerator)
+    assert [(bar.total, bar.done) for bar in bars] == [(48, 48)]

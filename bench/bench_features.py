@@ -26,9 +26,8 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "eval"))
 import hvp_run  # noqa: E402
-import linear  # noqa: E402
+from eval import common, linear  # noqa: E402
 
 
 def write_subset(folder, rows):
@@ -44,7 +43,7 @@ def write_subset(folder, rows):
 def bench_model(arch, size, args, accelerator, dataset, workdir):
     backbone = hvp_run.create_backbone(arch, size)
     export = hvp_run.export_backbone(backbone, workdir / f"{arch}-{size}", {"input_size": (3, size, size)}, "bench")
-    model, _ = linear.load_backbone(export)  # the harness loads the backbone as the eval scripts do
+    model, _ = common.load_backbone(export)  # the harness loads the backbone as the eval scripts do
     extractor = linear.FeatureModel(model, n_last_blocks=4).to(accelerator.device).eval()
     loader = hvp_run.eval_loader(hvp_run.open_source(str(dataset), "test"), size, accelerator, args.batch_size,
                              args.num_workers)

@@ -433,15 +433,15 @@ def model_card(repo_id, cfg, result, backbone_config, small_stem=False, folder_n
         shown=json.dumps(shown, indent=2, default=str))
 
 
-def push_model(folder, repo_id, private, write_card, retries=3, retry_wait=10.0):
+def push_model(folder, repo_id, private, write_card, tries=3, retry_wait=10.0):
     """Upload `folder` to the model repo `repo_id` (created if needed) with the training scripts' code
     (hvp_run.hub.push_folder: retries, deadlines; `write_card(repo_id)` rewrites the card once a bare
     repo name has resolved to <user>/<name>). A push that failed after its tries is reported with the
     command that uploads the folder later. Returns (repo id, True if the Hub has it)."""
     repo_id, error = hub.push_folder(repo_id, folder, f"HVP fine-tuning: {Path(folder).name}", "the fine-tuned model",
-                                     private, write_card, retries=retries, retry_wait=retry_wait)
+                                     private, write_card, tries=tries, retry_wait=retry_wait)
     if error is not None:
-        print(f"hub: push of the fine-tuned model to {repo_id} failed after {retries} tries: {error}. The model is "
+        print(f"hub: push of the fine-tuned model to {repo_id} failed after {tries} tries: {error}. The model is "
               f"intact in {folder}; {hub.upload_later(repo_id, folder)}", file=sys.stderr, flush=True)
     return repo_id, error is None
 

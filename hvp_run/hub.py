@@ -303,16 +303,16 @@ def _bound_hub_requests():
 
 
 def push_folder(repo_id, folder, message, label, private=False, write_card=None, state=None, state_message="",
-                retries=3, retry_wait=10.0, stop=None):
+                tries=3, retry_wait=10.0, stop=None):
     """Upload `folder` as one commit to the model repo `repo_id` (created if needed) and, if given, the
     folder `state` to last-checkpoint/ on the training-state branch (commit `state_message`). A failed
-    try is reported on stderr and retried (`retries` tries, waits growing 4x from `retry_wait` s;
+    try is reported on stderr and tried up to `tries` times in all (waits growing 4x from `retry_wait` s;
     HVP_HUB_RETRY_WAIT overrides it); `stop` (a threading.Event) ends the waiting and the tries. `write_card(repo_id)` rewrites the
     card once a bare repo name has resolved to <user>/<name>. `label` names what is pushed in the
     messages ("step 5"). Returns (repo id, None) once the Hub has it, else (repo id, last error)."""
     from huggingface_hub import HfApi
     retry_wait, error = float(os.environ.get("HVP_HUB_RETRY_WAIT", retry_wait)), None
-    for attempt in range(1, retries + 1):
+    for attempt in range(1, tries + 1):
         try:
             _bound_hub_requests()
             api = HfApi(library_name="hvp")
@@ -329,9 +329,9 @@ def push_folder(repo_id, folder, message, label, private=False, write_card=None,
                                   commit_message=state_message or message)
         except Exception as e:  # any network or server failure: reported, the local files stay as they are
             error = _first_line(e)
-            if attempt < retries and not (stop is not None and stop.is_set()):
+            if attempt < tries and not (stop is not None and stop.is_set()):
                 wait = retry_wait * 4 ** (attempt - 1)
-                print(f"hub: push of {label} to {repo_id} failed (try {attempt}/{retries}): {error}; retrying in "
+                print(f"hub: push of {label} to {repo_id} failed (try {attempt}/{tries}): {error}; retrying in "
                       f"{wait:g} s", file=sys.stderr, flush=True)
                 if stop is None:
                     time.sleep(wait)
@@ -384,8 +384,8 @@ class HubPusher:
 
     Only the main process pushes; elsewhere (and without --push_to_hub) every method does nothing.
     `push()` returns at once: it links the export into <output_dir>/.hub-push-<step> and queues it;
-    a newer push replaces a queued one that has not started. A failed upload is retried (`retries`
-    tries, waits growing from `retry_wait` s; the environment variable HVP_HUB_RETRY_WAIT overrides
+    a newer push replaces a queued one that has not started. A failed upload is tried up to `tries`
+    times in all (waits growing from `retry_wait` s; the environment variable HVP_HUB_RETRY_WAIT overrides
     it) and reported on stderr, while training goes on and the local files stay as they are. When the
     last push fails, its files are kept in <output_dir>/hub_upload with the command to upload them by
     hand. `close()` waits for the queued pushes, at most `close_timeout` s (HVP_HUB_CLOSE_TIMEOUT
@@ -395,11 +395,11 @@ class HubPusher:
     """
 
     def __init__(self, repo_id, method, config, output_dir, private=False, every=0, push_state=False,
-                 processes=1, precision="no", enabled=True, retries=3, retry_wait=10.0, license=HUB_LICENSE,
+                 processes=1, precision="no", enabled=True, tries=3, retry_wait=10.0, license=HUB_LICENSE,
                  close_timeout=HUB_CLOSE_TIMEOUT_S):
         self.repo_id, self.method, self.config, self.output_dir = repo_id, method, config, Path(output_dir)
         self.private, self.every, self.push_state, self.enabled = private, every, push_state, enabled
-        self.processes, self.precision, self.retries, self.license = processes, precision, retries, license
+        self.processes, self.precision, self.tries, self.license = processes, precision, tries, license
         self.retry_wait = float(os.environ.get("HVP_HUB_RETRY_WAIT", retry_wait))
         self.close_timeout = float(os.environ.get("HVP_HUB_CLOSE_TIMEOUT", close_timeout))
         self.last_step, self.ok, self._thread, self._newest = 0, None, None, None
@@ -451,7 +451,7 @@ class HubPusher:
             self._thread.start()
 
     def close(self, timeout=None):
-        """Wait for the queued pushes (retries included), at most `timeout` s (default close_timeout)
+        """Wait for the queued pushes (tries included), at most `timeout` s (default close_timeout)
         and only until a SIGTERM/SIGINT. Past either, the push is abandoned: its files stay in
         <output_dir>/hub_upload and one line says how to upload them. True if the last push reached
         the Hub, False if it failed or was abandoned, None if there was none."""
@@ -515,7 +515,7 @@ class HubPusher:
         self.repo_id, error = push_folder(
             self.repo_id, folder / "backbone", f"HVP {self.method}: backbone at step {step}", f"step {step}",
             self.private, lambda repo_id: self._write_card(job), state if state.is_dir() else None,
-            f"HVP {self.method}: training state at step {step}", self.retries, self.retry_wait, self._abandon)
+            f"HVP {self.method}: training state at step {step}", self.tries, self.retry_wait, self._abandon)
         with self._lock:
             if self._abandon.is_set():  # close() gave up on this push and kept its files
                 return
@@ -527,7 +527,7 @@ class HubPusher:
                 os.rename(folder, kept)
             self.ok = error is None
         if error is not None:
-            print(f"hub: push of step {step} to {self.repo_id} failed after {self.retries} tries: {error}. The local "
+            print(f"hub: push of step {step} to {self.repo_id} failed after {self.tries} tries: {error}. The local "
                   f"checkpoints are intact; {upload_later(self.repo_id, kept / 'backbone')}",
                   file=sys.stderr, flush=True)
 

@@ -222,7 +222,7 @@ import sys
 import hvp_utils as hvp
 import hvp_run
 for step in (1, 2):
-    pusher = hvp_run.HubPusher("hvp-tester/lfs", "SimSiam", {"arch": "test_resnet", "image_size": 32}, sys.argv[1], retries=1)
+    pusher = hvp_run.HubPusher("hvp-tester/lfs", "SimSiam", {"arch": "test_resnet", "image_size": 32}, sys.argv[1], tries=1)
     pusher.push(sys.argv[2], step=step)
     print("pushed:", pusher.close())
 """
@@ -335,7 +335,7 @@ import hvp_utils as hvp
 import hvp_run
 for name, (arch, size, small_stem, export) in json.loads(sys.argv[2]).items():
     config = {"arch": arch, "image_size": size, "small_stem": small_stem, "dataset": "zalando-datasets/fashion_mnist"}
-    pusher = hvp_run.HubPusher(f"hvp-tester/card-{name}", "DINO", config, sys.argv[1], retries=1)
+    pusher = hvp_run.HubPusher(f"hvp-tester/card-{name}", "DINO", config, sys.argv[1], tries=1)
     pusher.push(export, step=5)
     print(name, "pushed:", pusher.close())
 """
@@ -453,7 +453,7 @@ PUSH_TO_A_DOWN_HUB = r"""
 import sys
 import hvp_utils as hvp
 import hvp_run
-pusher = hvp_run.HubPusher("hvp-tester/down", "SimSiam", {"arch": "test_resnet"}, sys.argv[1], retries=2)
+pusher = hvp_run.HubPusher("hvp-tester/down", "SimSiam", {"arch": "test_resnet"}, sys.argv[1], tries=2)
 pusher.push(sys.argv[2], step=7)
 print("pushed:", pusher.close())
 """
@@ -473,7 +473,7 @@ def test_a_hub_that_is_down_is_reported_and_the_export_is_kept(hub, tmp_path):
 PUSH_TO_A_SILENT_HUB = r"""
 import sys, time
 import hvp_run
-pusher = hvp_run.HubPusher("hvp-tester/silent", "SimSiam", {"arch": "test_resnet"}, sys.argv[1], retries=2)
+pusher = hvp_run.HubPusher("hvp-tester/silent", "SimSiam", {"arch": "test_resnet"}, sys.argv[1], tries=2)
 pusher.push(sys.argv[2], step=3)
 start = time.monotonic()
 print("pushed:", pusher.close(), flush=True)

@@ -213,7 +213,7 @@ def teacher_temperature(epoch, cfg):
 @torch.no_grad()
 def select_hard_views(student, teacher, global_views, local_views, center, teacher_temp, cfg, accelerator,
                       patch=1, generator=None):
-    """One no-grad pass (train mode, same autocast as training; DESIGN.md, DESIGN.md, D1): the teacher on the G candidate
+    """One no-grad pass (train mode, same autocast as training; DESIGN.md, D1): the teacher on the G candidate
     globals, the student on all G + L_loader views. Every DINO loss term goes into a cross-entropy
     table, and per sample the (even, odd, top-L locals) tuple with the highest summed loss wins (DESIGN.md, D4).
 
@@ -245,7 +245,7 @@ def train_step(model, teacher, optimizer, center, micro_batches, schedule, cfg, 
     """One optimizer step of DINO + HVP over the step's micro-batches: views made on the device;
     the hardest (even, odd, top-L locals) tuple of each image (every --hvp_every steps from
     --hvp_start_epoch on; otherwise globals 0, 1 and the first L locals); the teacher's outputs of
-    the chosen globals (reused from the selection, DESIGN.md, DESIGN.md, D3); an ordinary DINO forward and
+    the chosen globals (reused from the selection, DESIGN.md, D3); an ordinary DINO forward and
     backward with per-parameter clipping and the frozen last layer; after the last micro-batch the
     optimizer step, the teacher EMA and the centre update. `schedule` is distillation_schedule's
     dict, applied here. Returns (record, views to show or None)."""
@@ -338,18 +338,18 @@ def main():
     G, L_loader, L = cfg.global_views, cfg.local_views, cfg.local_crops_number
     # the teacher is the model DINO evaluates and exports
     run.start({"student": unwrapped, "teacher": teacher, "center": center, "optimizer": optimizer},
-              hvp.multicrop_transform(cfg, run.crops), export=teacher.backbone,
+              hvp.multicrop_transform(cfg, run.crops), export=teacher.backbone, export_name="teacher backbone",
               banner=f"{'+ HVP ' if G > 2 or L_loader > L else ''}| {cfg.arch} {cfg.image_size}/{cfg.local_size}px | "
                      f"globals {G} -> 2, locals {L_loader} -> {L} | lr {init_lr:.4g}")
     model.train()
     teacher.train()  # as DINO: BatchNorm in the teacher normalises with batch statistics
-    for epoch, micro_batches in run.steps():
-        schedule = hvp.distillation_schedule(run.step, cfg, init_lr, run.steps_per_epoch, run.total_steps)
-        record, shown = train_step(model, teacher, optimizer, center, micro_batches, schedule, cfg, run.accelerator,
-                                   run.step, epoch, patch, run.log_now)
-        for name, (views, chosen) in (shown or {}).items() if run.grid_now else ():
-            run.save_grid(name, views, chosen)
-        run.log(record)
+    for step in run.steps():
+        schedule = hvp.distillation_schedule(step.index, cfg, init_lr, run.steps_per_epoch, run.total_steps)
+        record, shown = train_step(model, teacher, optimizer, center, step.micro_batches, schedule, cfg,
+                                   run.accelerator, step.index, step.epoch, patch, step.log_now)
+        for name, (views, chosen) in (shown or {}).items() if step.grid_now else ():
+            run.save_grid(step, name, views, chosen)
+        run.log(step, record)
     run.finish()
 
 

@@ -1,7 +1,7 @@
 """iBOT (masked image modelling + self-distillation) with Hard View Pretraining (HVP), in one file.
 
 Every step draws --global_views G candidate global crops (even ones with global transform 1, odd
-ones with transform 2, as DINO; DESIGN.md, DESIGN.md, D5), each with its own block-wise mask, and --local_views
+ones with transform 2, as DINO; DESIGN.md, D5), each with its own block-wise mask, and --local_views
 L_loader candidate local crops per image. One pass without gradients runs the teacher on all
 unmasked globals and the student on all masked globals and all locals, and keeps per image the
 (even global, odd global, --local_crops_number L locals) tuple with the highest iBOT loss:
@@ -440,7 +440,7 @@ def teacher_temperatures(epoch, cfg):
 @torch.no_grad()
 def select_hard_views(student, teacher, global_views, masks, local_views, centers, temps, cfg, accelerator,
                       patch=1, generator=None):
-    """One no-grad pass (train mode, same autocast as training; DESIGN.md, DESIGN.md, D1): the teacher on the G unmasked
+    """One no-grad pass (train mode, same autocast as training; DESIGN.md, D1): the teacher on the G unmasked
     candidate globals, the student on the G masked globals and all L_loader locals. Per sample the
     (even, odd, top-L locals) tuple with the highest iBOT loss wins (DESIGN.md, D4): the [CLS] terms come from a
     cross-entropy table (scaled by lambda1 / 2(L+1)), the masked-patch loss of each global is a
@@ -482,7 +482,7 @@ def train_step(model, teacher, optimizer, centers, micro_batches, schedule, cfg,
     masks (none before --pred_start_epoch); the hardest (even, odd, top-L locals) tuple of each
     image, whose globals keep their masks (every --hvp_every steps from --hvp_start_epoch on;
     otherwise globals 0, 1 and the first L locals); the teacher's outputs of the chosen globals
-    (reused from the selection, DESIGN.md, DESIGN.md, D3); an ordinary iBOT forward and backward with
+    (reused from the selection, DESIGN.md, D3); an ordinary iBOT forward and backward with
     per-parameter clipping and frozen last layers; after the last micro-batch the optimizer step,
     the teacher EMA and both centre updates. centers = ([CLS] centre, patch centre), updated in
     place; `schedule` is distillation_schedule's dict. Returns (record, views to show or None)."""
@@ -583,19 +583,19 @@ def main():
                                 cfg.pred_ratio_var)
     # the teacher is the model iBOT evaluates and exports
     run.start({"student": unwrapped, "teacher": teacher, "center": centers[0], "patch_center": centers[1],
-               "optimizer": optimizer}, transform, export=teacher.backbone,
+               "optimizer": optimizer}, transform, export=teacher.backbone, export_name="teacher backbone",
               banner=f"{'+ HVP ' if G > 2 or L_loader > L else ''}| {cfg.arch} {cfg.image_size}/{cfg.local_size}px "
                      f"patch {patch} | globals {G} -> 2, locals {L_loader} -> {L} | mask ratio {mask_ratio_text(cfg)} "
                      f"| lr {init_lr:.4g}")
     model.train()
     teacher.train()
-    for epoch, micro_batches in run.steps():
-        schedule = hvp.distillation_schedule(run.step, cfg, init_lr, run.steps_per_epoch, run.total_steps)
-        record, shown = train_step(model, teacher, optimizer, centers, micro_batches, schedule, cfg, run.accelerator,
-                                   run.step, epoch, patch, run.log_now)
-        for name, (views, chosen) in (shown or {}).items() if run.grid_now else ():
-            run.save_grid(name, views, chosen)
-        run.log(record)
+    for step in run.steps():
+        schedule = hvp.distillation_schedule(step.index, cfg, init_lr, run.steps_per_epoch, run.total_steps)
+        record, shown = train_step(model, teacher, optimizer, centers, step.micro_batches, schedule, cfg,
+                                   run.accelerator, step.index, step.epoch, patch, step.log_now)
+        for name, (views, chosen) in (shown or {}).items() if step.grid_now else ():
+            run.save_grid(step, name, views, chosen)
+        run.log(step, record)
     run.finish()
 
 

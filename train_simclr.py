@@ -312,14 +312,15 @@ def main():
         print("note: SyncBatchNorm needs GPUs; on CPU each process normalises its own batch", flush=True)
     warmup_steps = min(round(cfg.warmup_epochs * run.steps_per_epoch), run.total_steps)
     model.train()
-    for epoch, micro_batches in run.steps():
-        lr = hvp.cosine(run.step, run.total_steps, init_lr, cfg.min_lr, warmup_steps)
+    for step in run.steps():
+        lr = hvp.cosine(step.index, run.total_steps, init_lr, cfg.min_lr, warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        record, shown = train_step(model, optimizer, micro_batches, cfg, run.accelerator, run.step, epoch, run.log_now)
-        if shown and run.grid_now:
-            run.save_grid("", *shown)
-        run.log({**record, "lr": lr})
+        record, shown = train_step(model, optimizer, step.micro_batches, cfg, run.accelerator, step.index, step.epoch,
+                                   step.log_now)
+        if shown and step.grid_now:
+            run.save_grid(step, "", *shown)
+        run.log(step, {**record, "lr": lr})
     run.finish()
 
 

@@ -247,14 +247,15 @@ def main():
     if run.world > 1 and run.device.type != "cuda" and run.is_main:
         print("note: SyncBatchNorm needs GPUs; on CPU each process normalises its own batch", flush=True)
     model.train()
-    for epoch, micro_batches in run.steps():
-        lr = learning_rate(run.step, cfg, init_lr, run.steps_per_epoch, run.total_steps)
+    for step in run.steps():
+        lr = learning_rate(step.index, cfg, init_lr, run.steps_per_epoch, run.total_steps)
         for group in optimizer.param_groups:
             group["lr"] = init_lr if group["fix_lr"] else lr
-        record, shown = train_step(model, optimizer, micro_batches, cfg, run.accelerator, run.step, epoch, run.log_now)
-        if shown and run.grid_now:
-            run.save_grid("", *shown)
-        run.log({**record, "lr": lr})
+        record, shown = train_step(model, optimizer, step.micro_batches, cfg, run.accelerator, step.index, step.epoch,
+                                   step.log_now)
+        if shown and step.grid_now:
+            run.save_grid(step, "", *shown)
+        run.log(step, {**record, "lr": lr})
     run.finish()
 
 

@@ -28,9 +28,11 @@ leaves a report:
   train_fp16_plain  the plain runs in fp16 (last: the first part the budget drops)
 
 Each training run goes through this file's `_probe` mode: it imports the script as a module,
-wraps hvp_run.Run (start/log/finish: timings and peak memory), accelerate.Accelerator.backward (the
-injected overflow) and AcceleratedOptimizer.step (scale and skipped steps), then calls the
-script's main() with the command line it was given. The scripts themselves are not changed.
+wraps accelerate.Accelerator.backward (the injected overflow) and AcceleratedOptimizer.step (scale
+and skipped steps), then calls the script's main() with the command line it was given. The scripts
+and hvp_run.Run are not changed: the timings, peak memory and k-NN come from what the run writes
+itself (metrics.jsonl: startup_s, images_per_s, peak_mem_gib on CUDA, finish_s; config.json's "run"
+entry: global batch, workers, crops, device; knn.json).
 
 `datasets`: hvp_utils.open_source imports it only for image folders and Hub ids; a parquet file
 (what this check trains on) needs pyarrow alone. Where it is missing and no wheels are carried,
@@ -207,8 +209,8 @@ def tail(path, lines=25):
 # ----------------------------------------------------------------------------------- child modes
 
 def probe_main(argv):
-    """_probe RECORD INJECT_STEP SCRIPT ARGS...: run SCRIPT's main() with ARGS, recording timings,
-    peak memory, the optimizer steps (scale, skipped) and, with INJECT_STEP > 0, an overflow at that
+    """_probe RECORD INJECT_STEP SCRIPT ARGS...: run SCRIPT's main() with ARGS, recording the
+    optimizer steps (scale, skipped), the peak RSS and, with INJECT_STEP > 0, an overflow at that
     step (the loss given to accelerator.backward times inf) with what the optimizer step did."""
     record_path, inject, script, args = Path(argv[0]), int(argv[1]), argv[2], argv[3:]
     t0 = time.perf_counter()
@@ -221,7 +223,7 @@ def probe_main(argv):
 
     import hvp_run
     cuda = torch.cuda.is_available()
-    rec = {"script": script, "argv": args, "inject_step": inject, "steps": [], "log_times": [], "times": {}}
+    rec = {"script": script, "argv": args, "inject_step": inject, "steps": [], "times": {}}
     rec["times"]["imports"] = time.perf_counter() - t0
     calls = {"backward": 0, "step": 0}
     kept = {}
@@ -246,7 +248,7 @@ def probe_main(argv):
         injected = inject and n == inject
         if injected:
             if cuda:  # the copy below is the check's, not the run's: keep it out of the peak
-                kept["peak"] = torch.cuda.max_memory_allocated()
+                rec["peak_before_inject_mib"] = torch.cuda.max_memory_allocated() / 2**20
             params = [p for group in self.param_groups for p in group["params"]]
             before = [p.detach().clone() for p in params]
             grads_bad = any(p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in params)
@@ -270,47 +272,18 @@ def probe_main(argv):
             save()
         return out
 
-    real_start, real_log, real_finish = hvp_run.Run.start, hvp_run.Run.log, hvp_run.Run.finish
-
-    def start(self, *a, **kw):
-        out = real_start(self, *a, **kw)
-        rec["times"]["started"] = time.perf_counter() - t0
-        rec.update(global_batch=self.global_batch, num_workers=self.num_workers, crops=self.crops,
-                   precision=self.accelerator.mixed_precision, device=str(self.device),
-                   steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps)
-        save()
-        return out
-
-    def log(self, record):
-        rec["log_times"].append(time.perf_counter() - t0)
-        return real_log(self, record)
-
-    def finish(self):
-        rec["times"]["finish_begin"] = time.perf_counter() - t0
-        if cuda:
-            torch.cuda.synchronize()
-            rec["peak_allocated_mib"] = max(kept.get("peak", 0), torch.cuda.max_memory_allocated()) / 2**20
-            rec["peak_reserved_mib"] = torch.cuda.max_memory_reserved() / 2**20
-        rec["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        if "sums" in kept:
-            rec["overflow"]["params_changed_after"] = any(bool(p.detach().double().sum() != total)
-                                                          for total, p in zip(kept["sums"], kept["params"]))
-            kept.clear()
-        save()
-        result = real_finish(self)
-        rec["times"]["finish_end"] = time.perf_counter() - t0
-        rec["knn"] = result
-        save()
-        return result
-
     accelerate.Accelerator.backward, AcceleratedOptimizer.step = backward, step
-    hvp_run.Run.start, hvp_run.Run.log, hvp_run.Run.finish = start, log, finish
     sys.argv = [script, *args]
     module = importlib.import_module(Path(script).stem)
     try:
         hvp_run.run_main(module.main)
     finally:
         rec["times"]["end"] = time.perf_counter() - t0
+        rec["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if "sums" in kept:  # did training go on after the injected step?
+            rec["overflow"]["params_changed_after"] = any(bool(p.detach().double().sum() != total)
+                                                          for total, p in zip(kept["sums"], kept["params"]))
+            kept.clear()
         save()
 
 
@@ -822,29 +795,46 @@ def __getattr__(name):
 
 # ----------------------------------------------------------------------------------- run summaries
 
+def read_json(path):
+    """The JSON object in `path`, or {} where it is missing or cut short."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def summarize_run(name, script, kind, views, precision, crops, inject, rc, wall, metrics, record, log, s):
-    records = []
+    """One training run's numbers, from what the run wrote (metrics.jsonl, config.json, knn.json in
+    its output folder) and what the probe recorded (optimizer steps, overflow, peak RSS)."""
+    lines = []
     if metrics.exists():
         for line in metrics.read_text().splitlines():
             try:
-                r = json.loads(line)
+                lines.append(json.loads(line))
             except ValueError:
                 continue
-            if "loss" in r:
-                records.append(r)
-    probe = json.loads(record.read_text()) if record.exists() else {}
+    records = [r for r in lines if "loss" in r]
+    probe = read_json(record) if record.exists() else {}
+    derived = read_json(metrics.parent / "config.json").get("run", {})
     measured = [r for r in records if r["step"] > s.warmup and r["step"] != inject]
-    batch = probe.get("global_batch", s.batch)
+    batch = derived.get("global_batch", s.batch)
     step_ms = [1e3 * batch / r["images_per_s"] for r in measured if r.get("images_per_s")]
     compute = [1e3 * (r["select_s"] + r["train_s"]) for r in measured if "select_s" in r]
     losses = [r["loss"] for r in records]
-    times = probe.get("times", {})
-    logs = probe.get("log_times", [])
+    # the loop: the steps after the first logged one (each record holds the time since the previous one)
+    loop = [(b["step"] - a["step"]) * batch / b["images_per_s"] for a, b in zip(records, records[1:])
+            if b.get("images_per_s")]
+    peaks = [1024 * r["peak_mem_gib"] for r in records if "peak_mem_gib" in r]
+    if peaks and probe.get("peak_before_inject_mib"):
+        peaks.append(probe["peak_before_inject_mib"])
+    startup = next((r["startup_s"] for r in records if "startup_s" in r), None)
+    finish = next((r["finish_s"] for r in lines if "finish_s" in r), None)
+    knn = read_json(metrics.parent / "knn.json") or None
     run = {
         "name": name, "script": script, "kind": kind, "views": views, "precision": precision, "crops": crops,
         "inject": inject, "exit": rc, "wall_s": wall, "status": "ok" if rc == 0 else (
             "killed at its time limit" if rc is None else f"exit {rc}"),
-        "batch": batch, "num_workers": probe.get("num_workers"), "device": probe.get("device"),
+        "batch": batch, "num_workers": derived.get("num_workers"), "device": derived.get("device"),
         "steps_logged": len(records), "steps_measured": len(measured),
         "images_per_s": median([r.get("images_per_s") for r in measured]),
         "step_ms": median(step_ms), "compute_ms": median(compute),
@@ -852,11 +842,9 @@ def summarize_run(name, script, kind, views, precision, crops, inject, rc, wall,
         "train_ms": median([1e3 * r["train_s"] for r in measured if "train_s" in r]),
         "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
         "losses_finite": bool(losses) and all(math.isfinite(v) for v in losses),
-        "peak_allocated_mib": probe.get("peak_allocated_mib"), "peak_reserved_mib": probe.get("peak_reserved_mib"),
-        "peak_rss_mib": probe.get("peak_rss_mib"),
-        "startup_s": logs[0] if logs else None, "loop_s": (logs[-1] - logs[0]) if len(logs) > 1 else None,
-        "finish_s": (times["finish_end"] - times["finish_begin"]) if "finish_end" in times else None,
-        "knn": probe.get("knn"), "optimizer_steps": probe.get("steps", []), "overflow": probe.get("overflow"),
+        "peak_allocated_mib": max(peaks) if peaks else None, "peak_rss_mib": probe.get("peak_rss_mib"),
+        "startup_s": startup, "loop_s": sum(loop) if loop else None, "finish_s": finish,
+        "knn": knn, "optimizer_steps": probe.get("steps", []), "overflow": probe.get("overflow"),
         "injected": probe.get("injected"), "losses": losses,
     }
     run["skipped_steps"] = [e["step"] for e in run["optimizer_steps"] if e.get("skipped")]
@@ -955,7 +943,9 @@ def report(s):
               "(--log_every 1). images/s and step time: metrics.jsonl's images_per_s (wall clock between steps, data "
               f"waits included); compute: its select_s + train_s (GPU synchronised); medians over the steps after the "
               f"first {s['settings']['warmup']} (and without an injected step). Peak memory: "
-              "torch.cuda.max_memory_allocated over the whole run (CPU: peak RSS). Every step is a logged one, so the "
+              "torch.cuda.max_memory_allocated over the whole run (CPU: peak RSS). Start / loop / finish: the run's "
+              "own startup_s (process start to its first batch), the steps after the first, its finish_s (final "
+              "checkpoint, k-NN, export). Every step is a logged one, so the "
               "HVP steps also compute their selection statistics. DINO and iBOT run with --freeze_last_layer 0 (every "
               "parameter trained, as after a real run's first epoch).", "",
               "| run | views | precision | crops | images/s | step ms | compute ms (select + train) | peak MiB "

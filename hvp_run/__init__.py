@@ -10,7 +10,8 @@ What a run needs around the method's step, written once for the four scripts:
   `load_backbone` from any source.
 - `knn`: weighted k-NN on frozen features.
 - `hub`: model cards and the background Hub push.
-- `lifecycle`: `Run`, the set-up, resume, signals, logging and finish of a training run.
+- `lifecycle`: `Run`, the set-up, resume, signals, logging and finish of a training run (its
+  `steps()` yields a `Step` per optimizer step), and `torch_threads`, its CPU thread rule.
 
 The scripts' `main()` and `eval/` use it; `hvp_utils` never imports it.
 """
@@ -27,4 +28,4 @@ from .checkpoints import (  # noqa: F401
 from .knn import eval_loader, EvalTransform, extract_features, knn_accuracy, knn_classify  # noqa: F401
 from .hub import HUB_CUSTOM_LIBRARY, HUB_DATASETS, HUB_LICENSE, HubPusher, model_card  # noqa: F401
 from .lifecycle import (  # noqa: F401
-    make_accelerator, on_main, resolve_precision, Run, RunLock, save_view_grid)
+    make_accelerator, on_main, resolve_precision, Run, RunLock, save_view_grid, Step, torch_threads)

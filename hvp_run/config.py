@@ -45,9 +45,15 @@ class RunConfig:
     label_column: str = "label"  # dataset column holding labels (k-NN only)
     output_dir: str = "outputs/hvp"  # checkpoints, backbone export, metrics.jsonl, TensorBoard logs (one run per folder)
     recipe: str = ""  # a named published recipe (see RECIPES in the script) replacing the defaults of flags not given
+    image_size: int = 224  # training crop size (also the k-NN evaluation size and the export's input size)
+    epochs: int = 100  # length of the run (steps per epoch = examples // global batch)
+    max_steps: int = 0  # if > 0, stop after this many optimizer steps (the schedules span them)
+    batch_size: int = 64  # images per process per micro-step; global batch = this x processes x grad_accum
+    grad_accum: int = 1  # micro-steps per optimizer step (or set --global_batch)
     global_batch: int = 0  # if > 0: images per optimizer step over all processes; sets --grad_accum from the process count
     mixed_precision: str = ""  # auto (bf16 where native, else fp32) | no | fp16 | bf16; "" = as `accelerate launch` says
     num_workers: int = -1  # loader workers per process; -1 = the process's share of the CPU cores, minus one
+    threads: int = 0  # torch CPU threads per process; 0 = OMP_NUM_THREADS if set, else (CPU runs) the process's share of the cores minus its loader workers
     crops: str = "auto"  # where views are cut and resized: worker (loader workers), device (batched on the training device), auto (device on CUDA, worker on CPU)
     shuffle_buffer: int = 5000  # rows each loader worker shuffles among (pieces are shuffled too)
     seed: int = 0  # seeds every random source; a CPU run is reproducible
@@ -74,8 +80,8 @@ def check_run_config(cfg):
         raise HVPError(f"--crops must be auto, worker or device, got {cfg.crops!r}")
     if cfg.resume not in ("", "yes", "auto"):
         raise HVPError(f"--resume takes no value or 'auto', got {cfg.resume!r}")
-    if cfg.global_batch < 0 or cfg.log_every < 1 or cfg.save_every < 1 or cfg.shuffle_buffer < 1:
-        raise HVPError("--global_batch must be >= 0 and --log_every, --save_every, --shuffle_buffer >= 1")
+    if cfg.global_batch < 0 or cfg.threads < 0 or cfg.log_every < 1 or cfg.save_every < 1 or cfg.shuffle_buffer < 1:
+        raise HVPError("--global_batch and --threads must be >= 0 and --log_every, --save_every, --shuffle_buffer >= 1")
 
 
 def _field_comments(cls):
@@ -105,12 +111,20 @@ def parse_config(cls, argv=None, presets=None, recipes=None, description=None):
     many values as its default has, except a tuple default of length 1, which means "one number or
     more" (e.g. --pred_ratio 0 0.3); a field with metadata {"const": v} may be given bare (--resume
     means --resume yes). Local dataset paths are stored resolved.
-    Returns (config, notes): notes are start-up lines naming what a recipe or preset set.
+    Returns (config, notes): notes are start-up lines naming what a recipe or preset set. --help
+    shows each flag's default and, where the shipped dataset's preset replaces it, the preset's value
+    (what a run without arguments uses).
     """
-    parser = argparse.ArgumentParser(description=description)
+    shipped = {dataset_key(k): v for k, v in (presets or {}).items()}.get(dataset_key(DEFAULT_DATASET), {})
+    epilog = ("Defaults: the method's published settings; on the shipped dataset (the default --dataset) a CPU preset "
+              "replaces some of them, shown as '; <value> on the shipped dataset'. --recipe replaces them with a "
+              "published recipe's values.") if shipped else None
+    parser = argparse.ArgumentParser(description=description, epilog=epilog)
     comments = _field_comments(cls)
     for f in dataclasses.fields(cls):
-        kwargs = dict(default=argparse.SUPPRESS, help=f"{comments.get(f.name, '')} (default: {f.default})")
+        preset = (f"; {_show(shipped[f.name])} on the shipped dataset"
+                  if f.name in shipped and shipped[f.name] != f.default else "")
+        kwargs = dict(default=argparse.SUPPRESS, help=f"{comments.get(f.name, '')} (default: {f.default}{preset})")
         if isinstance(f.default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif isinstance(f.default, tuple):

@@ -1,6 +1,7 @@
-"""The lifecycle of a training run around the method's step: precision, the Accelerator, the run
-lock, stop signals, metrics, checkpoints, k-NN, export and Hub push (`Run`)."""
+"""The lifecycle of a training run around the method's step: precision, CPU threads, the
+Accelerator, the run lock, stop signals, metrics, checkpoints, k-NN, export and Hub push (`Run`)."""
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -8,6 +9,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -113,13 +115,13 @@ class StopRequest:
 
     def __init__(self, accelerator):
         self.requested, self.first_at, self.signal_name = False, None, None
-        self.accelerator, self.group, self.pending = accelerator, None, None
+        self.accelerator, self.group, self.pending, self.previous = accelerator, None, None, {}
         if accelerator.num_processes > 1:
             import torch.distributed as dist
             self.group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
         try:
             for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, self._handle)
+                self.previous[sig] = signal.signal(sig, self._handle)
         except ValueError:  # not the main thread
             pass
 
@@ -147,21 +149,27 @@ class StopRequest:
         return stop
 
     def close(self):
+        """Wait for the last exchange; give the signals back to the handlers they had before
+        (a run inside a longer program, e.g. a notebook, leaves Ctrl-C as it found it)."""
         if self.pending is not None:
             self.pending[0].wait()
             self.pending = None
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
 
 
 def tracker_name(key):
     """TensorBoard (or other tracker) name of a metrics.jsonl key, grouped by prefix; None for what
     is not a time series (constants such as k or sample counts, histograms)."""
-    if key in ("step", "epoch", "k", "temperature", "train_samples", "test_samples") or key.endswith("_hist"):
+    if key in ("step", "epoch", "k", "temperature", "train_samples", "test_samples", "startup_s", "finish_s") \
+            or key.endswith("_hist"):
         return None
     if key.startswith(("hard_", "random_")):
         return f"hvp/{key}"
     if key.startswith("knn_"):
         return f"knn/{key[4:]}"
-    if key in ("images_per_s", "select_s", "train_s"):
+    if key in ("images_per_s", "select_s", "train_s", "peak_mem_gib"):
         return f"speed/{key}"
     if key == "skipped_images":
         return f"data/{key}"
@@ -209,10 +217,12 @@ def _record_step(line):
         return float("inf")
 
 
-def write_run_info(output_dir, config):
-    """Record the resolved config, versions and the command line next to the results."""
+def write_run_info(output_dir, config, derived=None):
+    """Record the resolved config, what the run derived from it (`derived`), versions and the
+    command line next to the results."""
     import platform
-    info = {"config": dataclasses.asdict(config), "argv": sys.argv, "processes": int(os.environ.get("WORLD_SIZE", 1)),
+    info = {"config": dataclasses.asdict(config), "run": derived or {}, "argv": sys.argv,
+            "processes": int(os.environ.get("WORLD_SIZE", 1)),
             "python": platform.python_version(), "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     for mod in ("timm", "accelerate", "datasets"):
         try:
@@ -299,25 +309,67 @@ def _same(a, b):
     return json.loads(json.dumps(a)) == json.loads(json.dumps(b))
 
 
-class Run:
-    """The lifecycle of one training run, shared by the four scripts:
+def torch_threads(requested, omp_num_threads, on_cpu, cores, processes_per_node, workers):
+    """Torch's CPU threads per process, or None to leave torch's own count: --threads when given
+    (> 0); torch's own where OMP_NUM_THREADS is set (torch reads it) or the run is not on the CPU;
+    else the process's share of the cores it may use, less its loader workers (they decode and
+    augment beside the training loop), at least 1. On 2 cores, torch's default 2 threads beside
+    one loader worker ran 1.08x slower than 1 thread while using 1.75x the CPU."""
+    if requested > 0:
+        return requested
+    if omp_num_threads or not on_cpu:
+        return None
+    return max(1, cores // max(1, processes_per_node) - workers)
 
-        run = hvp.Run(cfg, "DINO", MODEL_FIELDS)    # accelerator, every check that needs no model
-        ...build the models (the same on every process: torch is seeded with --seed until start)...
+
+def _process_age():
+    """Seconds since this process started (its imports included)."""
+    import psutil
+    return time.time() - psutil.Process().create_time()
+
+
+@dataclasses.dataclass
+class Step:
+    """One optimizer step, as `Run.steps()` yields it."""
+    index: int  # optimizer steps done before this one (0, 1, ...): what schedules take
+    epoch: int  # the epoch the step belongs to
+    micro_batches: Iterator  # the step's run.grad_accum batches; torch is seeded before each
+    log_now: bool  # run.log writes this step's record: compute what is worth logging (selection statistics)
+    grid_now: bool  # also save a view grid (main process, the first logged step of each epoch)
+
+
+class Run:
+    """The lifecycle of one training run, shared by the four scripts. One order, each call once:
+
+        run = hvp_run.Run(cfg, "SimSiam", MODEL_FIELDS, notes)  # accelerator, every check that needs no model;
+                                                                 # seeds torch with --seed
+        model, optimizer = ...                                   # built after Run(): the same on every process
         model, optimizer = run.prepare(model, optimizer)
-        run.start({"student": ..., "teacher": ..., "optimizer": optimizer}, transform, export=teacher.backbone)
-        for epoch, micro_batches in run.steps():
-            record = train_step(...)                 # the method's step; run.log_now says if it is logged
-            run.log(record)
-        run.finish()                                  # final checkpoint, k-NN, export, Hub push
+        run.start({"model": run.accelerator.unwrap_model(model), "optimizer": optimizer}, transform,
+                  export=run.accelerator.unwrap_model(model).backbone)  # or loader=... instead of transform
+        for step in run.steps():
+            record = train_step(model, optimizer, step.micro_batches, ...)  # the method's step
+            run.log(step, record)                                            # written when step.log_now
+        run.finish()                                             # final checkpoint, k-NN, export, Hub push
+
+    What the run uses of the config is declared in `RunConfig` (the method's model fields are passed
+    as `model_fields`: --resume refuses a checkpoint that differs in them; any other change is
+    printed as a note). The caller's config is not changed: what the run derives from it is an
+    attribute (`grad_accum`, `global_batch`, `steps_per_epoch`, `total_steps`, `num_workers`,
+    `crops`, `threads`) and is recorded in config.json's "run" entry.
 
     Checked before any model is built, each failing with one line (exit status 2) on every process:
     the output folder (writable, not used by another run, resumable or new as --resume says), the
     Hub settings, the dataset, its training split and the labelled evaluation split. The decisions
     (which checkpoint, which step) are made by the main process and shared; at start the main
     process's state (fresh or resumed) is sent to every process, so no process needs to read the
-    checkpoint and all start identical (students and teachers alike), with or without a shared file
-    system. Only the main process writes to --output_dir.
+    checkpoint and all start identical (every model and buffer in the state), with or without a
+    shared file system. Only the main process writes to --output_dir.
+
+    metrics.jsonl gets one record per logged step (`run.log`), the k-NN results, and, once per
+    process lifetime, `startup_s` (seconds from the process start to its first batch; in the first
+    logged record) and a last record with `finish_s` (seconds `finish` took). On CUDA every logged
+    record has `peak_mem_gib` (torch.cuda.max_memory_allocated).
     """
 
     def __init__(self, cfg, method, model_fields=(), notes=()):
@@ -325,35 +377,42 @@ class Run:
         self.tag = f"hvp_{method.lower()}"
         self.output_dir = Path(cfg.output_dir)
         world = int(os.environ.get("WORLD_SIZE", 1))
-        if getattr(cfg, "global_batch", 0):
+        self.grad_accum = cfg.grad_accum
+        if cfg.global_batch:  # --global_batch sets the accumulation from the process count
             per_step = cfg.batch_size * world
             if cfg.global_batch % per_step:
                 raise HVPError(f"--global_batch {cfg.global_batch} is not a multiple of --batch_size {cfg.batch_size} "
                                f"x {world} process(es)")
-            cfg.grad_accum = cfg.global_batch // per_step
+            self.grad_accum = cfg.global_batch // per_step
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         precision, self.precision_note = resolve_precision(cfg.mixed_precision, device)
-        self.accelerator = acc = make_accelerator(precision, cfg.grad_accum, cfg.report_to, self.output_dir)
+        self.accelerator = acc = make_accelerator(precision, self.grad_accum, cfg.report_to, self.output_dir)
         self.rank, self.world, self.device, self.is_main = acc.process_index, acc.num_processes, acc.device, acc.is_main_process
         if self.device.type == "cuda":  # TF32 matmuls/convolutions (fp32 runs) and the fastest kernels for fixed shapes
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
             torch.backends.cudnn.benchmark = True
-        self.lock, self.stopped, self.state, self.step = None, False, {}, 0
-        self.pusher = self._everywhere(lambda: HubPusher.from_config(cfg, acc, method))
+        self.lock, self.stopped, self.state, self.step, self._batches = None, False, {}, 0, None
+        self.pusher = self._everywhere(lambda: HubPusher.from_config(self.resolved_config(), acc, method))
         self.source = Source(**self._on_main(lambda: dataclasses.asdict(
             open_source(cfg.dataset, cfg.split, cfg.image_column, cfg.label_column))))
         self.eval_source = self._on_main(self._open_eval_split)
         self.eval_source = Source(**self.eval_source) if self.eval_source else None
         self.decision = self._on_main(self._claim_output_dir)
-        self.global_batch = cfg.batch_size * self.world * cfg.grad_accum
+        self.global_batch = cfg.batch_size * self.world * self.grad_accum
         self.steps_per_epoch = self.source.num_rows // self.global_batch
         if self.steps_per_epoch == 0:
             raise HVPError(f"split {cfg.split!r} has {self.source.num_rows} images, fewer than one global batch "
                            f"({self.global_batch})")
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
-        self.num_workers = cfg.num_workers if cfg.num_workers >= 0 else default_workers(
-            int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        self.num_workers = cfg.num_workers if cfg.num_workers >= 0 else default_workers(per_node)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = torch_threads(cfg.threads, os.environ.get("OMP_NUM_THREADS"), self.device.type == "cpu", cores,
+                                per_node, self.num_workers)
+        if threads:
+            torch.set_num_threads(threads)
+        self.threads = torch.get_num_threads()
         # where views are cut: batched on a GPU; on a CPU the workers' resizes are cheaper (bench_data.py)
         self.crops = cfg.crops if cfg.crops != "auto" else ("device" if self.device.type == "cuda" else "worker")
         torch.manual_seed(cfg.seed)  # the same initial weights on every process
@@ -362,6 +421,11 @@ class Run:
     def resuming(self):
         """True when this run continues from a checkpoint (decided at construction)."""
         return self.decision["checkpoint"] is not None
+
+    def resolved_config(self):
+        """The config as this run uses it: the caller's, with the derived --grad_accum (what
+        config.json, checkpoints and the model card record)."""
+        return dataclasses.replace(self.cfg, grad_accum=self.grad_accum)
 
     # --- agreement between processes
 
@@ -417,14 +481,14 @@ class Run:
         if notes:
             notes.append(f"resuming from the previous good checkpoint, {ckpt.name}")
         saved = checkpoint_config(ckpt)
-        mine = dataclasses.asdict(cfg)
+        mine = dataclasses.asdict(self.resolved_config())
         differ = [f for f in self.model_fields if f in saved and not _same(saved[f], mine[f])]
         if differ:
             raise HVPError(f"--resume: {ckpt} holds a model with " + ", ".join(f"--{f} {saved[f]}" for f in differ)
                            + "; this command asks for " + ", ".join(f"--{f} {mine[f]}" for f in differ))
-        quiet = {"resume", "output_dir", "max_steps", "epochs", "num_workers", "log_every", "save_every", "knn_every",
-                 "report_to", "push_to_hub", "hub_model_id", "hub_private", "hub_every", "hub_push_state", "init_from"}
-        changed = [f"{f} {saved[f]} -> {mine[f]}" for f in mine if f in saved and f not in quiet and not _same(saved[f], mine[f])]
+        # everything but the model may change (a longer run, another lr, more workers); --resume itself always does
+        changed = [f"{f} {saved[f]} -> {mine[f]}" for f in mine
+                   if f in saved and f != "resume" and not _same(saved[f], mine[f])]
         if changed:
             notes.append("note: resuming with changed settings: " + ", ".join(changed))
         step = json.loads((ckpt / "state.json").read_text())["step"]
@@ -462,15 +526,30 @@ class Run:
         """accelerator.prepare (DDP, autocast, fp16 scaler) of the trained model and its optimizer."""
         return self.accelerator.prepare(*objects)
 
-    def start(self, state, transform, export, evaluate=None, banner="", data_config=None):
+    def start(self, state, transform=None, *, export, loader=None, evaluate=None, banner="", data_config=None,
+              export_name="backbone"):
         """Begin (or resume) training.
 
         state: what a checkpoint holds, {name: module, optimizer or tensor}; export: the backbone
-        written as the timm export (and pushed); evaluate: the backbone k-NN evaluates (default
-        export); transform: the training views of one image, transform(image, generator) -> dict;
-        banner: the method's part of the start-up line."""
+        written as the timm export (and pushed), called `export_name` in the closing message;
+        evaluate: the backbone k-NN evaluates (default export); banner: the method's part of the
+        start-up line.
+
+        The batches come from one of:
+        - transform: the training views of one image, transform(image, generator) -> dict; the
+          built-in loader (a BatchStream over --dataset in --num_workers workers) batches them;
+        - loader: your own, an iterable of this process's batches (iterated once per epoch, e.g. a
+          DataLoader) or a function epoch -> such an iterable. A batch is whatever your step reads
+          (the scripts' steps read hvp.collate_views of MultiViewTransform outputs); a dict's
+          "skipped" count, if any, is added to the logged skipped_images. Epochs are counted in
+          --dataset's size: the run takes run.steps_per_epoch x run.grad_accum batches of each of
+          your epochs (fewer is an error); to resume exactly, give the same batches for the same
+          epoch. --dataset is still opened: it sets the steps per epoch and is the k-NN memory bank."""
         cfg, acc = self.cfg, self.accelerator
+        if (transform is None) == (loader is None):
+            raise TypeError("Run.start takes either a transform (for the built-in loader) or a loader")
         self.state, self.export, self.evaluate = dict(state), export, evaluate or export
+        self.export_name = export_name
         if acc.scaler is not None:
             self.state["scaler"] = acc.scaler
         self.data_config = data_config or {"input_size": (3, cfg.image_size, cfg.image_size), "interpolation": "bicubic",
@@ -484,25 +563,55 @@ class Run:
         seed_all(cfg.seed + self.rank)
         self.metrics = MetricsLog(acc, self.output_dir, self.step)
         if self.is_main:
-            write_run_info(self.output_dir, cfg)
-        hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in dataclasses.asdict(cfg).items()}
+            write_run_info(self.output_dir, self.resolved_config(), self._derived())
+        hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+                   for k, v in dataclasses.asdict(self.resolved_config()).items()}
         purge = {"tensorboard": {"purge_step": self.step + 1}} if self.step and "tensorboard" in cfg.report_to else {}
         acc.init_trackers(self.tag, config=hparams, init_kwargs=purge)
         if self.is_main:
             self._print_banner(banner)
         self._stop = StopRequest(acc)
-        pin = self.device.type == "cuda"
-        batches = self.steps_per_epoch * cfg.grad_accum
+        if loader is None:
+            self._batches = training_batches(self._dataset_loader(transform), self.steps_per_epoch, self.step,
+                                             self.grad_accum, total_steps=self.total_steps)
+        else:
+            self._batches = self._user_batches(loader)
+        self.bar = progress_bar(self.total_steps, self.step, self.method, self.is_main)
+        self.skipped, self._last_log = 0, (time.perf_counter(), self.step)
+        self._startup_s, self._startup_logged = None, False
+
+    def _dataset_loader(self, transform):
+        """The built-in epoch loader: (epoch, skip) -> DataLoader over this process's BatchStream."""
+        cfg, pin = self.cfg, self.device.type == "cuda"
+        batches = self.steps_per_epoch * self.grad_accum
 
         def epoch_loader(epoch, skip):
             stream = BatchStream(self.source, transform, cfg.batch_size, epoch, cfg.seed, self.rank, self.world,
                                  batches, skip, cfg.shuffle_buffer)
             return make_loader(stream, self.num_workers, pin_memory=pin)
+        return epoch_loader
 
-        self._batches = training_batches(epoch_loader, self.steps_per_epoch, self.step, cfg.grad_accum,
-                                         total_steps=self.total_steps)
-        self.bar = progress_bar(self.total_steps, self.step, self.method, self.is_main)
-        self.skipped, self._last_log = 0, (time.perf_counter(), self.step)
+    def _user_batches(self, loader):
+        """(epoch, batch) from a user's loader (see `start`), from the current step on."""
+        per_epoch = self.steps_per_epoch * self.grad_accum
+        epoch, done = divmod(self.step * self.grad_accum, per_epoch)
+        while True:
+            count = 0
+            for batch in itertools.islice(loader(epoch) if callable(loader) else loader, per_epoch):
+                count += 1
+                if count > done:  # resuming mid-epoch: the batches before are the ones already trained on
+                    yield epoch, batch
+            if count < per_epoch:
+                raise HVPError(f"the loader's epoch {epoch} has {count} batches; this run takes {per_epoch} per epoch "
+                               f"({self.steps_per_epoch} steps x {self.grad_accum} micro-batches)")
+            epoch, done = epoch + 1, 0
+
+    def _derived(self):
+        """What the run derived from the config and the machine (config.json's "run" entry)."""
+        return {"grad_accum": self.grad_accum, "global_batch": self.global_batch, "processes": self.world,
+                "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+                "num_workers": self.num_workers, "crops": self.crops, "threads": self.threads,
+                "device": str(self.device), "precision": self.accelerator.mixed_precision}
 
     def _load_and_check_room(self):
         """Main process: load the chosen checkpoint into the state; check there is room for the next."""
@@ -533,10 +642,10 @@ class Run:
         cfg = self.cfg
         precision = self.accelerator.mixed_precision
         line = (f"{self.method} {banner} | {self.world} process(es) on {self.device.type} | global batch "
-                f"{self.global_batch} ({cfg.batch_size} x {self.world} x {cfg.grad_accum} accumulated) | "
+                f"{self.global_batch} ({cfg.batch_size} x {self.world} x {self.grad_accum} accumulated) | "
                 f"{self.steps_per_epoch} steps/epoch | {self.total_steps} steps | precision {precision}"
                 + (f" ({self.precision_note})" if self.precision_note else "")
-                + f" | {self.num_workers} loader workers, crops on the {self.crops}"
+                + f" | {self.num_workers} loader workers, crops on the {self.crops} | {self.threads} torch thread(s)"
                 + (f" | resumed at step {self.step}" if self.step else ""))
         print(line, flush=True)
         for note in self.notes:
@@ -548,19 +657,20 @@ class Run:
     # --- the loop
 
     def steps(self):
-        """Yield (epoch, micro_batches) for each remaining optimizer step. micro_batches yields the
-        step's --grad_accum batches and seeds torch from (seed, rank, step, micro-step) before each,
-        so drop-path and other randomness inside a step replay exactly after a resume. Between
-        steps: progress bar, periodic checkpoint and k-NN, and the stop check."""
+        """Yield a `Step` for each remaining optimizer step. Its micro_batches yields the step's
+        run.grad_accum batches and seeds torch from (seed, rank, step, micro-step) before each, so
+        drop-path and other randomness inside a step replay exactly after a resume; the step must
+        use all of them. Between steps: progress bar, periodic checkpoint and k-NN, the stop check."""
+        if self._batches is None:
+            raise RuntimeError("Run.steps: call run.start(...) first")
         cfg = self.cfg
         while self.step < self.total_steps:
-            last = self.step + 1 == self.total_steps
-            self.log_now = (self.step + 1) % cfg.log_every == 0 or last
-            self.grid_now = self.log_now and self.is_main and self.step % self.steps_per_epoch < cfg.log_every
+            log_now = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == self.total_steps
             self._used = 0
-            yield self.step // self.steps_per_epoch, self._micro_batches()
-            if self._used != cfg.grad_accum:
-                raise RuntimeError(f"the training step used {self._used} of its {cfg.grad_accum} micro-batches")
+            yield Step(self.step, self.step // self.steps_per_epoch, self._micro_batches(), log_now,
+                       grid_now=log_now and self.is_main and self.step % self.steps_per_epoch < cfg.log_every)
+            if self._used != self.grad_accum:
+                raise RuntimeError(f"the training step used {self._used} of its {self.grad_accum} micro-batches")
             self.step += 1
             self.bar.update(1)
             if self.step % cfg.save_every == 0 and self.step < self.total_steps:
@@ -574,38 +684,45 @@ class Run:
                 return
 
     def _micro_batches(self):
-        for micro in range(self.cfg.grad_accum):
+        for micro in range(self.grad_accum):
             _, batch = next(self._batches)
+            if self._startup_s is None:
+                self._startup_s = _process_age()
             # seeded after the fetch: starting a loader draws from torch's generator too
             torch.manual_seed(mix_seed(self.cfg.seed, self.rank, self.step, micro))
-            self.skipped += int(batch["skipped"])
+            self.skipped += int(batch.get("skipped", 0)) if isinstance(batch, dict) else 0
             self._used += 1
             yield batch
 
-    def log(self, record):
-        """Write a logged step's record (call when run.log_now): `loss` (a tensor) is averaged over
-        processes and must be finite; tensors become numbers; speed and skipped images are added."""
-        if not self.log_now:
+    def log(self, step, record):
+        """Write the record of `step` if step.log_now: `loss` (a tensor) is averaged over processes
+        and must be finite; tensors become numbers; speed and skipped images are added (and, once,
+        startup_s; on CUDA peak_mem_gib)."""
+        if not step.log_now:
             return
+        done = step.index + 1
         loss = self.accelerator.reduce(record.pop("loss").detach().float(), reduction="mean").item()
         if not math.isfinite(loss):
-            raise HVPError(f"loss became {loss} at step {self.step + 1}: training diverged; the last checkpoint in "
+            raise HVPError(f"loss became {loss} at step {done}: training diverged; the last checkpoint in "
                            f"{self.output_dir} is intact (try a lower --lr)")
         (since, from_step), now = self._last_log, time.perf_counter()
-        full = {"step": self.step + 1, "epoch": round((self.step + 1) / self.steps_per_epoch, 4), "loss": loss}
+        full = {"step": done, "epoch": round(done / self.steps_per_epoch, 4), "loss": loss}
         for key, value in record.items():
             full[key] = float(value) if torch.is_tensor(value) and value.numel() == 1 else value
-        full.update(images_per_s=(self.step + 1 - from_step) * self.global_batch / (now - since),
-                    skipped_images=self.skipped)
+        full.update(images_per_s=(done - from_step) * self.global_batch / (now - since), skipped_images=self.skipped)
+        if self._startup_s is not None and not self._startup_logged:
+            full["startup_s"], self._startup_logged = self._startup_s, True
+        if self.device.type == "cuda":
+            full["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.metrics.log(full)
         self.bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{full['images_per_s']:.0f}")
-        self._last_log = (now, self.step + 1)
+        self._last_log = (now, done)
 
-    def save_grid(self, name, views, chosen):
+    def save_grid(self, step, name, views, chosen):
         """grids/step-<step><name>.png: a few images' candidate views, the chosen ones framed (main process)."""
         if self.is_main:
             (self.output_dir / "grids").mkdir(exist_ok=True)
-            save_view_grid(self.output_dir / "grids" / f"step-{self.step + 1:08d}{name}.png", views, chosen)
+            save_view_grid(self.output_dir / "grids" / f"step-{step.index + 1:08d}{name}.png", views, chosen)
 
     # --- checkpoints, evaluation, the end
 
@@ -615,7 +732,7 @@ class Run:
         path = self.output_dir / f"checkpoint-{self.step:08d}"
         if self.is_main:
             state = {name: _state_of(obj) for name, obj in self.state.items()}
-            state.update(step=self.step, config=dataclasses.asdict(self.cfg))
+            state.update(step=self.step, config=dataclasses.asdict(self.resolved_config()))
             save_checkpoint(self.output_dir, self.step, state, self.export, self.data_config, self.tag,
                             self.cfg.keep_checkpoints)
             tmp = self.output_dir / f"backbone.tmp-{os.getpid()}"
@@ -641,7 +758,7 @@ class Run:
 
     def finish(self):
         """Final checkpoint; then, unless stopped by a signal: k-NN (knn.json), export, Hub push."""
-        cfg = self.cfg
+        cfg, began = self.cfg, time.perf_counter()
         self.bar.close()
         self._batches = None  # ends the loader workers before evaluation starts its own
         path = self.save()
@@ -659,10 +776,12 @@ class Run:
                       f"top-1 {result['knn_top1']:.2f} %, top-5 {result['knn_top5']:.2f} %{skipped}", flush=True)
             if self.is_main:
                 export = self.output_dir / "backbone"
-                print(f"{'teacher ' if 'teacher' in self.state else ''}backbone exported to {export} (timm: "
-                      f"create_model('local-dir:{export}', pretrained=True))", flush=True)
+                print(f"{self.export_name} exported to {export} (timm: create_model('local-dir:{export}', "
+                      "pretrained=True))", flush=True)
             self.pusher.push(self.output_dir / "backbone", self.step, results=result, state_dir=path)
         self.pusher.close()
+        self.metrics.log({"step": self.step, "epoch": self.step / self.steps_per_epoch,
+                          "finish_s": time.perf_counter() - began})
         self.metrics.close()
         self._stop.close()
         self.accelerator.end_training()

@@ -10,6 +10,7 @@ output folder, as nodes without a shared file system would.
 
     accelerate launch ... tests/rank_params_probe.py train_simsiam.py --output_dir X ...
 """
+import dataclasses
 import importlib
 import json
 import os
@@ -41,12 +42,12 @@ def dump(run, when):
 
 
 original_init, original_start, original_finish = hvp_run.Run.__init__, hvp_run.Run.start, hvp_run.Run.finish
-original_micro = hvp_run.Run._micro_batches
+original_steps = hvp_run.Run.steps
 
 
 def init(self, cfg, *a, **kw):
     if os.environ.get("HVP_PROBE_PER_RANK_DIR") and rank > 0:
-        cfg.output_dir = f"{cfg.output_dir}-rank{rank}"
+        cfg = dataclasses.replace(cfg, output_dir=f"{cfg.output_dir}-rank{rank}")
     original_init(self, cfg, *a, **kw)
 
 
@@ -55,10 +56,15 @@ def start(self, *a, **kw):
     dump(self, "start")
 
 
-def micro_batches(self):
-    for batch in original_micro(self):
+def recorded(micro_batches):
+    for batch in micro_batches:
         labels.append(batch["label"].tolist())
         yield batch
+
+
+def steps(self):
+    for step in original_steps(self):
+        yield dataclasses.replace(step, micro_batches=recorded(step.micro_batches))
 
 
 def finish(self):
@@ -67,7 +73,8 @@ def finish(self):
     return original_finish(self)
 
 
-hvp_run.Run.__init__, hvp_run.Run.start, hvp_run.Run.finish, hvp_run.Run._micro_batches = init, start, finish, micro_batches
+# the public methods only: the set-up, the steps (each step's batches pass through `recorded`) and the end
+hvp_run.Run.__init__, hvp_run.Run.start, hvp_run.Run.steps, hvp_run.Run.finish = init, start, steps, finish
 sys.argv = [script, *args]
 module = importlib.import_module(Path(script).stem)
 hvp_run.run_main(module.main)

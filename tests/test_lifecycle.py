@@ -1,8 +1,10 @@
 """The run lifecycle the four scripts share (hvp_run.Run): one teacher on every process, every example once
 per epoch, resume across nodes, preemption, one run per folder, checks before the model is built.
 Real subprocesses and the real CLI; SimSiam stands in for all scripts where the lifecycle is the point."""
+import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -212,3 +214,81 @@ def test_an_output_folder_without_room_for_a_checkpoint_stops_at_start(tiny_data
         run.start({"model": model}, ts.hvp.MultiViewTransform({"views": [ts.simsiam_aug(cfg)] * 2}),
                   export=model.backbone)
     run.lock.release()
+
+
+# ----------------------------------------------------------------------------------- the Run API
+
+def test_every_config_field_the_run_reads_is_declared_in_run_config():
+    source = (REPO / "hvp_run" / "lifecycle.py").read_text()
+    read = set(re.findall(r"\bcfg\.(\w+)", source))
+    declared = {f.name for f in dataclasses.fields(hvp_run.RunConfig)}
+    assert "getattr(cfg" not in source and len(read) > 20
+    assert read <= declared, f"read but not declared in RunConfig: {sorted(read - declared)}"
+
+
+def test_global_batch_sets_the_runs_grad_accum_and_leaves_the_callers_config_as_given(tiny_dataset, tmp_path):
+    import train_simsiam as ts
+    args = simsiam(tmp_path / "out", tiny_dataset, "--global_batch", 16, "--batch_size", 8)
+    cfg, notes = hvp_run.parse_config(ts.Config, [str(a) for a in args[1:]])
+    run = hvp_run.Run(cfg, "SimSiam", ts.MODEL_FIELDS, notes)
+    assert (run.grad_accum, run.global_batch, run.steps_per_epoch) == (2, 16, 96 // 16)
+    assert cfg.grad_accum == 1, "the caller's config is not changed"
+    assert run.resolved_config().grad_accum == 2
+
+
+def test_config_json_records_the_grad_accum_a_global_batch_gives(tiny_dataset, tmp_path):
+    out = tmp_path / "out"
+    result = run_script(simsiam(out, tiny_dataset, "--global_batch", 16, "--batch_size", 8, "--max_steps", 1))
+    assert "global batch 16 (8 x 1 x 2 accumulated)" in result.stdout
+    info = json.loads((out / "config.json").read_text())
+    assert info["config"]["grad_accum"] == 2 and info["run"]["grad_accum"] == 2
+    assert info["run"]["global_batch"] == 16 and info["run"]["steps_per_epoch"] == 6
+
+
+def test_a_run_trains_from_a_loader_of_the_users_own(tiny_dataset, tmp_path):
+    """run.start(..., loader=f) instead of a transform: f(epoch) gives the batches (here made by hand
+    from 8 random images); the run takes as many as its steps need, logs, checkpoints and exports."""
+    import numpy as np
+    from PIL import Image
+    import train_simsiam as ts
+    out = tmp_path / "out"
+    cfg, notes = hvp_run.parse_config(ts.Config, [str(a) for a in simsiam(out, tiny_dataset, "--max_steps", 3,
+                                                                          "--num_views", 2)[1:]])
+    run = hvp_run.Run(cfg, "SimSiam", ts.MODEL_FIELDS, notes)
+    model = ts.SimSiam(hvp_run.create_backbone("resnet18", 28, True), 64, 16)
+    model, optimizer = run.prepare(model, torch.optim.SGD(model.parameters(), lr=0.05))
+    unwrapped = run.accelerator.unwrap_model(model)
+    transform = ts.hvp.MultiViewTransform({"views": [ts.simsiam_aug(cfg)] * 2})
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)) for _ in range(8)]
+    served = []
+
+    def my_loader(epoch):
+        for i in range(run.steps_per_epoch):
+            served.append((epoch, i))
+            yield ts.hvp.collate_views([transform(image, torch.Generator().manual_seed(i)) for image in images])
+
+    before = {k: v.clone() for k, v in unwrapped.state_dict().items()}
+    run.start({"model": unwrapped, "optimizer": optimizer}, export=unwrapped.backbone, loader=my_loader)
+    for step in run.steps():
+        record, _ = ts.train_step(model, optimizer, step.micro_batches, cfg, run.accelerator, step.index, step.epoch,
+                                  step.log_now)
+        run.log(step, record)
+    run.finish()
+    assert served == [(0, 0), (0, 1), (0, 2)]
+    assert steps_logged(out) == [1, 2, 3]
+    assert any(not torch.equal(before[k], v) for k, v in unwrapped.state_dict().items()), "the model trained"
+    assert hvp_run.load_checkpoint(hvp_run.latest_checkpoint(out))["step"] == 3 and (out / "backbone").is_dir()
+
+
+@pytest.mark.parametrize("requested,omp,on_cpu,cores,per_node,workers,expected", [
+    (0, None, True, 2, 1, 1, 1),     # 2 cores, one loader worker: one thread beside it
+    (0, None, True, 16, 2, 3, 5),    # 16 cores shared by 2 processes, 3 workers each
+    (0, None, True, 2, 1, 4, 1),     # more workers than cores: still one thread
+    (0, "4", True, 16, 1, 1, None),  # OMP_NUM_THREADS set: torch's own count (it reads the variable)
+    (0, None, False, 16, 1, 1, None),  # CUDA: torch's own count
+    (3, "4", True, 2, 1, 1, 3),      # --threads wins over everything
+])
+def test_torch_threads_are_the_processes_share_of_its_cores_minus_its_loader_workers(
+        requested, omp, on_cpu, cores, per_node, workers, expected):
+    assert hvp_run.torch_threads(requested, omp, on_cpu, cores, per_node, workers) == expected

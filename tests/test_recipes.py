@@ -142,6 +142,21 @@ def test_without_a_recipe_the_shipped_dataset_still_gets_its_cpu_preset():
     assert len(notes) == 1 and notes[0].startswith("preset for the shipped dataset: ")
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_shows_the_value_a_run_without_arguments_uses_beside_each_default(script, capsys):
+    module = MODULES[script]
+    with pytest.raises(SystemExit):
+        resolve(script, ["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    defaults = {f.name: f.default for f in dataclasses.fields(module.Config)}
+    preset = module.PRESETS[hvp_run.DEFAULT_DATASET]
+    assert "a CPU preset replaces some of them" in text
+    for key, value in preset.items():
+        if value != defaults[key]:
+            assert f"(default: {defaults[key]}; {shown(value)} on the shipped dataset)" in text, key
+    assert f"(default: {defaults['seed']})" in text, "a flag the preset leaves alone shows its default alone"
+
+
 def test_an_unknown_recipe_is_a_one_line_error_naming_the_recipes():
     with pytest.raises(hvp_run.HVPError, match=r"unknown --recipe 'dino_vitb8' \(recipes: dino_vitb16_400ep, "):
         resolve("train_dino.py", ["--recipe", "dino_vitb8"])

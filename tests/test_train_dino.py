@@ -44,6 +44,7 @@ def test_vit_smoke_run_selects_tuples_logs_exports_the_teacher_and_prints_knn(ti
     # (scores equal in exact arithmetic may differ in float32 by summation order: a relative slack)
     assert all(r["hard_score"] >= r["random_score"] * (1 - 1e-6) for r in logged)
     assert "k-NN (k=20, T=0.07) on" in result.stdout and json.loads((out / "knn.json").read_text())["knn_top1"] > 0
+    assert f"teacher backbone exported to {out / 'backbone'}" in result.stdout
     assert sorted(p.name for p in (out / "grids").glob("*.png")) == ["step-00000001-globals.png",
                                                                      "step-00000001-locals.png"]
     state = final_state(out)

@@ -49,9 +49,14 @@ def test_smoke_run_selects_hard_pairs_logs_exports_the_backbone_and_prints_knn(t
 
 
 def test_two_views_is_plain_simclr_without_a_selection_pass(tiny_dataset, tmp_path):
-    run_script(train_args(tmp_path / "plain", tiny_dataset, "--max_steps", 2, "--num_views", 2))
-    for r in records(tmp_path / "plain"):
-        assert "hard_score" not in r and r["select_s"] < 0.01
+    """No selection statistics and no selection time in any record (an HVP run logs both: the smoke test)."""
+    result = run_script(train_args(tmp_path / "plain", tiny_dataset, "--max_steps", 2, "--num_views", 2))
+    assert "SimCLR | resnet18" in result.stdout, "the banner says plain SimCLR (no '+ HVP')"
+    logged = records(tmp_path / "plain")
+    assert [r["step"] for r in logged] == [1, 2]
+    for r in logged:
+        assert not any(k.startswith(("hard_", "random_")) for k in r) and r["select_s"] < 0.01, r
+    assert not (tmp_path / "plain" / "grids").exists(), "no selection, no view grid"
 
 
 @pytest.mark.parametrize("extra,message", [

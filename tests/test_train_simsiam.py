@@ -45,9 +45,14 @@ def test_smoke_run_logs_metrics_exports_the_backbone_and_prints_knn(tiny_dataset
 
 
 def test_two_views_is_plain_simsiam_without_a_selection_pass(tiny_dataset, tmp_path):
-    run_script(train_args(tmp_path / "plain", tiny_dataset, "--max_steps", 2, "--num_views", 2))
-    for r in records(tmp_path / "plain"):
-        assert "hard_score" not in r and r["select_s"] < 0.01
+    """No selection statistics and no selection time in any record (an HVP run logs both: the smoke test)."""
+    result = run_script(train_args(tmp_path / "plain", tiny_dataset, "--max_steps", 2, "--num_views", 2))
+    assert "SimSiam | resnet18" in result.stdout, "the banner says plain SimSiam (no '+ HVP')"
+    logged = records(tmp_path / "plain")
+    assert [r["step"] for r in logged] == [1, 2]
+    for r in logged:
+        assert not any(k.startswith(("hard_", "random_")) for k in r) and r["select_s"] < 0.01, r
+    assert not (tmp_path / "plain" / "grids").exists(), "no selection, no view grid"
 
 
 def test_reduced_resolution_selection_and_hvp_every_run(tiny_dataset, tmp_path):

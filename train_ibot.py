@@ -14,9 +14,10 @@ teacher outputs of the selection pass (DESIGN.md, D3). --global_views 2 --local_
     accelerate launch train_ibot.py --arch vit_small --dataset <hub id | image folder | parquet>
     accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 train_ibot.py \\
         --arch vit_small --dataset ILSVRC/imagenet-1k --batch_size 64 --local_views 20 --local_crops_number 10
-    # iBOT's published ViT-S/16 run with hard views (RECIPES; batch 1024 over all processes)
+    # iBOT's published ViT-S/16 run with hard views (RECIPES; batch 1024 over all processes; fp16 as
+    # iBOT's run: the recipe pins it, --mixed_precision bf16 after train_ibot.py replaces it)
     accelerate launch --multi_gpu --num_machines 2 --machine_rank $RANK --main_process_ip $HOST \\
-        --num_processes 16 --mixed_precision bf16 train_ibot.py --recipe hvp_ibot_vits16_800ep \\
+        --num_processes 16 train_ibot.py --recipe hvp_ibot_vits16_800ep \\
         --dataset ILSVRC/imagenet-1k --batch_size 64 --resume auto
     python train_ibot.py --resume                    # continue the run in --output_dir
 
@@ -37,9 +38,12 @@ per view in the data workers from the view's own seeded generator (exact on resu
 own ratio drawn as the reference does: one of the --pred_ratio values picked at random, each
 uniform within -/+ its --pred_ratio_var (the reference's ViT-S/16 recipe, --pred_ratio 0 0.3
 --pred_ratio_var 0 0.2, leaves half the views unmasked and masks 10-50 % of the others); no masking
-before --pred_start_epoch. As in the reference (--shared_head_teacher, its default), the teacher
-computes patch targets with its [CLS] last layer while the student has a separate patch last
-layer, which the teacher EMA skips (it averages the parameters both have, by name).
+before --pred_start_epoch, and the patch temperature's warm-up starts at that epoch (as in the
+reference). As in the reference (--shared_head_teacher, its default), the teacher computes patch
+targets with its [CLS] last layer while the student has a separate patch last layer, which the
+teacher EMA skips (it averages the parameters both have, by name); the teacher's one last layer
+starts as the student's patch last layer (the reference's load order) and the EMA draws it
+towards the student's [CLS] one.
 
 Differences from the reference iBOT code: globals alternate the two transforms (the reference gives
 transform 1 to view 0 only, DESIGN.md, D5); only the global views get masks (the reference also draws masks
@@ -96,7 +100,7 @@ class Config(hvp_run.RunConfig):  # + the data, output, lifecycle and Hub flags 
     warmup_teacher_temp: float = 0.04  # teacher [CLS] temperature at epoch 0
     teacher_patch_temp: float = 0.07  # teacher patch softmax temperature after warm-up
     warmup_teacher_patch_temp: float = 0.04  # teacher patch temperature at epoch 0
-    warmup_teacher_temp_epochs: int = 30  # epochs of linear warm-up of both teacher temperatures
+    warmup_teacher_temp_epochs: int = 30  # epochs of linear warm-up of both teacher temperatures (patch: from --pred_start_epoch)
     student_temp: float = 0.1  # student softmax temperature ([CLS] and patches)
     center_momentum: float = 0.9  # EMA momentum of the [CLS] centre
     center_momentum2: float = 0.9  # EMA momentum of the patch centre
@@ -104,7 +108,7 @@ class Config(hvp_run.RunConfig):  # + the data, output, lifecycle and Hub flags 
     lambda2: float = 1.0  # weight of the masked-patch (MIM) self-distillation loss
     pred_ratio: tuple = (0.3,)  # fraction of a global crop's patches masked for the student (0 = no MIM); several: one per view
     pred_ratio_var: tuple = (0.0,)  # each view's ratio is uniform in pred_ratio -/+ this (one number, or one per pred_ratio)
-    pred_start_epoch: int = 0  # no masking (no MIM loss) before this epoch
+    pred_start_epoch: int = 0  # no masking (no MIM loss) before this epoch; the patch temperature warm-up starts here
     pred_aspect: tuple = (0.3, 1 / 0.3)  # aspect-ratio range of the mask blocks
     global_views: int = 4  # candidate global crops per image (even number); 2 = no global selection
     local_views: int = 0  # candidate local crops per image; = local_crops_number: no local selection
@@ -120,21 +124,26 @@ class Config(hvp_run.RunConfig):  # + the data, output, lifecycle and Hub flags 
 MODEL_FIELDS = ("arch", "small_stem", "patch_size", "image_size", "out_dim", "patch_out_dim", "shared_head",
                 "shared_head_teacher", "hidden_dim", "bottleneck_dim", "norm_last_layer")
 
-# Published recipes (--recipe NAME): each replaces the defaults of the flags you do not give.
+# Published recipes (--recipe NAME): each replaces the defaults of the flags you do not give. Each
+# pins the precision its source trained in (--mixed_precision bf16 on the script's command line
+# replaces it, as any recipe value).
 _IBOT_S16 = dict(arch="vit_small", image_size=224, local_size=96, epochs=800, global_batch=1024, lr=5e-4, min_lr=1e-6,
                  teacher_temp=0.07, warmup_teacher_temp=0.04, teacher_patch_temp=0.07, warmup_teacher_patch_temp=0.04,
                  warmup_teacher_temp_epochs=30, norm_last_layer=False, shared_head=True, shared_head_teacher=True,
                  out_dim=8192, patch_out_dim=8192, local_crops_number=10, global_scale=(0.25, 1.0),
-                 local_scale=(0.05, 0.25), pred_ratio=(0.0, 0.3), pred_ratio_var=(0.0, 0.2))
+                 local_scale=(0.05, 0.25), pred_ratio=(0.0, 0.3), pred_ratio_var=(0.0, 0.2), mixed_precision="fp16")
 RECIPES = {
     # iBOT ViT-S/16, 800 epochs, the command in bytedance/ibot's README (2 nodes x 8 GPUs x 64 = 1024):
-    # teacher temperatures 0.07 (patch warm-up from 0.04 over 30 epochs), last layer not normalised,
-    # shared head, 8192 prototypes, 10 locals, scales 0.25-1 / 0.05-0.25, mask ratio 0 or 0.1-0.5
-    # (--pred_ratio 0 0.3 --pred_ratio_var 0 0.2); main_ibot.py defaults for the rest. k-NN 75.2 %,
-    # linear 77.9 % (README). Plain iBOT: 2 globals, 10 locals.
+    # teacher temperatures 0.07 for [CLS] and patches (both warm up from 0.04 over 30 epochs), last
+    # layer not normalised, shared head, 8192 prototypes, 10 locals, scales 0.25-1 / 0.05-0.25, mask
+    # ratio 0 or 0.1-0.5 (--pred_ratio 0 0.3 --pred_ratio_var 0 0.2); main_ibot.py defaults for the
+    # rest, fp16 included (--use_fp16 defaults to true; neither the command nor run.sh changes it).
+    # k-NN 75.2 %, linear 77.9 % (README). Plain iBOT: 2 globals, 10 locals.
     "ibot_vits16_800ep": dict(_IBOT_S16, global_views=2, local_views=10),
-    # The same with the authors' HVP settings (automl/hvp, branch ibot: hvs with 4 candidate globals;
-    # their code cannot select locals, here the 10 hardest of 16 candidates are kept).
+    # The same with hard views. The HVP paper gives no setting of its iBOT run, and the authors' iBOT
+    # code (automl/hvp, branch ibot: iBOT's main_ibot.py with hvs, fp16 as iBOT) takes any number of
+    # candidate globals above 2 and cannot select locals. G = 4 candidate globals (as the authors' DINO
+    # runs) and 16 candidate locals, of which the 10 hardest are kept, are our choice.
     "hvp_ibot_vits16_800ep": dict(_IBOT_S16, global_views=4, local_views=16),
 }
 
@@ -395,10 +404,16 @@ def build_teacher(cfg):
 
 def copy_student_into(teacher, student):
     """Start the teacher from the student's weights: every teacher entry is copied from the student
-    entry of the same name (a missing one is an error); student entries the teacher lacks (its
-    separate patch last layer, when the teacher's head is shared) are left out."""
+    entry of the same name (a missing one is an error), except that a shared-head teacher of a student
+    with a separate patch last layer starts its one last layer from that patch layer (`last_layer2`),
+    as official iBOT's does: its shared layer is registered under both names and load_state_dict
+    loads the later name last. The EMA then draws it towards the student's [CLS] `last_layer`."""
+    source = student.state_dict()
+    if teacher.head.last_layer2 is None and student.head.last_layer2 is not None:
+        prefix = "head.last_layer2."
+        source.update({"head.last_layer." + k[len(prefix):]: v for k, v in source.items() if k.startswith(prefix)})
     names = teacher.state_dict().keys()
-    teacher.load_state_dict({k: v for k, v in student.state_dict().items() if k in names})
+    teacher.load_state_dict({k: v for k, v in source.items() if k in names})
 
 
 # ----------------------------------------------------------------------------------- loss
@@ -429,10 +444,14 @@ def ibot_loss(student_out, teacher_out, masks, centers, temps, cfg):
 
 def teacher_temperatures(epoch, cfg):
     """([CLS], patch) teacher temperatures: linear warm-ups that reach their final values at the last
-    of the warmup_teacher_temp_epochs epochs (as iBOT's np.linspace schedules)."""
-    epochs = cfg.warmup_teacher_temp_epochs
-    return (hvp.linear_warmup(epoch, cfg.warmup_teacher_temp, cfg.teacher_temp, epochs),
-            hvp.linear_warmup(epoch, cfg.warmup_teacher_patch_temp, cfg.teacher_patch_temp, epochs))
+    of the warmup_teacher_temp_epochs epochs (as iBOT's np.linspace schedules). The patch warm-up
+    starts at --pred_start_epoch and the patch temperature keeps its warm-up value before (official
+    iBOT's schedule with mim_start_epoch): it warms up over the epochs that have masked patches."""
+    epochs, start = cfg.warmup_teacher_temp_epochs, cfg.pred_start_epoch
+    cls_temp = hvp.linear_warmup(epoch, cfg.warmup_teacher_temp, cfg.teacher_temp, epochs)
+    if epoch < start:
+        return cls_temp, cfg.warmup_teacher_patch_temp
+    return cls_temp, hvp.linear_warmup(epoch - start, cfg.warmup_teacher_patch_temp, cfg.teacher_patch_temp, epochs)
 
 
 # ----------------------------------------------------------------------------------- hard-view selection
@@ -569,7 +588,7 @@ def main():
                            f"of the ViT patch size {patch}")
     grid = (cfg.image_size // patch, cfg.image_size // patch)
     teacher = build_teacher(cfg)  # no drop-path; kept out of `prepare`: it has no gradients and no DDP
-    copy_student_into(teacher, student)  # the common entries (the shared-head teacher lacks last_layer2)
+    copy_student_into(teacher, student)  # a shared-head teacher's one last layer: the student's last_layer2, as iBOT
     teacher.requires_grad_(False)
     teacher.to(run.device)
     optimizer = torch.optim.AdamW(hvp.adamw_param_groups(student), lr=0.0)

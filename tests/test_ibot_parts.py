@@ -323,9 +323,24 @@ def test_the_shared_head_teacher_computes_patch_logits_with_its_cls_last_layer()
 def test_the_teacher_starts_from_the_students_entries_of_the_same_names(teacher_head):
     student, teacher = vit_pair(tiny_cfg(**teacher_head))
     s, t = student.state_dict(), teacher.state_dict()
-    assert all(torch.equal(t[k], s[k]) for k in t)
+    same_name = [k for k in t if not (teacher_head and k.startswith("head.last_layer."))]
+    assert all(torch.equal(t[k], s[k]) for k in same_name)
     left_out = {k for k in s if k.startswith("head.last_layer2.")} if teacher_head else set()
     assert set(s) - set(t) == left_out
+
+
+def test_the_shared_head_teacher_starts_its_last_layer_from_the_students_patch_last_layer():
+    student, teacher = vit_pair(tiny_cfg(**SHARED_TEACHER))
+    s, t = student.state_dict(), teacher.state_dict()
+    layer = [k for k in t if k.startswith("head.last_layer.")]
+    assert layer and all(torch.equal(t[k], s[k.replace("last_layer.", "last_layer2.")]) for k in layer)
+    assert not all(torch.equal(t[k], s[k]) for k in layer)  # not the student's [CLS] last layer
+    # official iBOT: the teacher's shared layer is registered as last_layer and as last_layer2, and
+    # teacher.load_state_dict(student.state_dict(), strict=False) loads last_layer2, the later name, last
+    official = ti.build_teacher(tiny_cfg(**SHARED_TEACHER))
+    official.head.last_layer2 = official.head.last_layer
+    official.load_state_dict(s, strict=False)
+    assert all(torch.equal(t[k], v) for k, v in official.state_dict().items() if k in t)
 
 
 def test_a_teacher_entry_the_student_lacks_is_an_error():
@@ -471,6 +486,27 @@ def test_reduced_resolution_selection_resizes_masks_to_the_coarser_grid():
                                   (0.04, 0.07), cfg, NoAccelerator(), patch=4)
     assert seen == {"globals": (3, 4, 3, 8, 8), "masks": (3, 4, 2, 2), "locals": (3, 4, 3, 4, 4)}
     assert chosen["teacher_out"] is None and chosen["globals"].shape == (3, 2)
+
+
+def official_patch_temperatures(warmup, final, warmup_epochs, epochs, start):
+    """iBOTLoss.teacher_temp2_schedule of official iBOT restated: with mim_start_epoch = start > 0 the
+    warm-up value is held for `start` epochs, then the np.linspace warm-up, then the final value."""
+    if start == 0:
+        return np.concatenate((np.linspace(warmup, final, warmup_epochs), np.ones(epochs - warmup_epochs) * final))
+    return np.concatenate((np.ones(start) * warmup, np.linspace(warmup, final, warmup_epochs),
+                           np.ones(epochs - warmup_epochs - start) * final))
+
+
+@pytest.mark.parametrize("warmup_epochs,start", [(3, 0), (3, 2), (1, 2), (0, 3), (30, 10)])
+def test_the_patch_temperature_warm_up_starts_at_pred_start_epoch_as_official_ibot(warmup_epochs, start):
+    epochs = warmup_epochs + start + 3
+    cfg = tiny_cfg(warmup_teacher_temp=0.04, teacher_temp=0.06, warmup_teacher_patch_temp=0.04,
+                   teacher_patch_temp=0.07, warmup_teacher_temp_epochs=warmup_epochs, pred_start_epoch=start)
+    temps = [ti.teacher_temperatures(e, cfg) for e in range(epochs)]
+    assert [p for _, p in temps] == pytest.approx(official_patch_temperatures(0.04, 0.07, warmup_epochs, epochs, start))
+    # the [CLS] warm-up does not wait for masked image modelling (teacher_temp_schedule has no start)
+    cls_official = np.concatenate((np.linspace(0.04, 0.06, warmup_epochs), np.ones(epochs - warmup_epochs) * 0.06))
+    assert [c for c, _ in temps] == pytest.approx(cls_official)
 
 
 def test_teacher_temperatures_warm_up_separately():

@@ -167,15 +167,19 @@ def test_an_unknown_recipe_is_a_one_line_error_naming_the_recipes():
 # checkpoint, the command in iBOT's README, the HVP authors' configs (automl/hvp). A recipe that does
 # not set a value listed here, or sets another, fails.
 
+# Precision: DINO's args.txt say "use_fp16": false (fp32: mixed_precision "no"), as does the authors' long
+# HVP config (fp16: false); iBOT's README command keeps main_ibot.py's --use_fp16 default, true; the
+# authors' default DINO config (automl/hvp, branch dino) says fp16: true.
 DINO_B16_400 = dict(arch="vit_base", epochs=400, global_batch=1024, lr=7.5e-4, min_lr=2e-6, teacher_temp=0.07,
                     warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=50, clip_grad=0.3, freeze_last_layer=3,
-                    local_crops_number=10, global_scale=(0.25, 1.0), local_scale=(0.05, 0.25))
+                    local_crops_number=10, global_scale=(0.25, 1.0), local_scale=(0.05, 0.25), mixed_precision="no")
 DINO_S16_800 = dict(arch="vit_small", epochs=800, norm_last_layer=False, clip_grad=0.0, min_lr=1e-5, teacher_temp=0.07,
                     warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=30, local_crops_number=10,
-                    global_scale=(0.25, 1.0), local_scale=(0.05, 0.25))
+                    global_scale=(0.25, 1.0), local_scale=(0.05, 0.25), mixed_precision="no")
 IBOT_S16_800 = dict(arch="vit_small", teacher_temp=0.07, warmup_teacher_temp_epochs=30, norm_last_layer=False,
                     epochs=800, global_batch=64 * 16, shared_head=True, out_dim=8192, local_crops_number=10,
-                    global_scale=(0.25, 1.0), local_scale=(0.05, 0.25), pred_ratio=(0.0, 0.3), pred_ratio_var=(0.0, 0.2))
+                    global_scale=(0.25, 1.0), local_scale=(0.05, 0.25), pred_ratio=(0.0, 0.3), pred_ratio_var=(0.0, 0.2),
+                    mixed_precision="fp16")
 PLAIN_MULTICROP = dict(global_views=2, local_views=10)   # no selection: 2 globals, every local trained
 HVP_DINO = dict(global_views=4, local_views=16)          # the authors: G = 4 candidate globals, 16 candidate locals
 
@@ -184,7 +188,7 @@ PUBLISHED = {
     ("train_dino.py", "hvp_dino_vitb16_400ep"): {**DINO_B16_400, **HVP_DINO},
     ("train_dino.py", "dino_vits16_800ep"): {**DINO_S16_800, **PLAIN_MULTICROP},
     ("train_dino.py", "hvp_dino_vits16_800ep"): {**DINO_S16_800, **HVP_DINO},
-    ("train_dino.py", "hvp_dino_vits16_100ep"): dict(arch="vit_small", epochs=100, **HVP_DINO),
+    ("train_dino.py", "hvp_dino_vits16_100ep"): dict(arch="vit_small", epochs=100, mixed_precision="fp16", **HVP_DINO),
     ("train_ibot.py", "ibot_vits16_800ep"): {**IBOT_S16_800, **PLAIN_MULTICROP},
     ("train_ibot.py", "hvp_ibot_vits16_800ep"): {**IBOT_S16_800, "global_views": 4},
     ("train_simsiam.py", "hvp_simsiam_r50_100ep"): dict(arch="resnet50", epochs=100, global_batch=256, num_views=4),
@@ -207,6 +211,24 @@ def test_a_published_run_has_the_documented_values(script, name):
         assert cfg.local_views >= cfg.local_crops_number
 
 
+PINNED_PRECISION_SCRIPTS = ("train_dino.py", "train_ibot.py")
+PRECISION_WORDS = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}  # a --mixed_precision value as a source writes it
+
+
+@pytest.mark.parametrize("script,name", [(s, n) for s, n in ALL_RECIPES if s in PINNED_PRECISION_SCRIPTS])
+def test_a_recipe_pins_a_precision_and_its_source_comment_names_it(script, name):
+    precision = MODULES[script].RECIPES[name].get("mixed_precision")
+    assert precision in PRECISION_WORDS, f"{name}: no precision pinned (auto or the launcher's would decide)"
+    comment = recipes_table.recipe_comments(REPO / script)[name]
+    assert PRECISION_WORDS[precision] in comment, f"{name}: the comment does not say it trains in {PRECISION_WORDS[precision]}"
+
+
+def test_a_precision_on_the_command_line_replaces_the_recipes():
+    cfg, notes = resolve("train_dino.py", ["--recipe", "dino_vitb16_400ep", "--mixed_precision", "bf16"])
+    assert MODULES["train_dino.py"].RECIPES["dino_vitb16_400ep"]["mixed_precision"] == "no"
+    assert cfg.mixed_precision == "bf16" and "mixed_precision" not in note_values(notes[0], "dino_vitb16_400ep")
+
+
 def test_simclr_and_the_distillation_methods_scale_the_recipe_lr_by_global_batch_over_256():
     # SimCLR's LARS at lr 0.3 x B/256 (4.8 at 4096); DINO/iBOT AdamW at lr x B/256. No flag picks these:
     # the scripts' own code does, so that is what is checked.
@@ -221,11 +243,11 @@ def test_simclr_and_the_distillation_methods_scale_the_recipe_lr_by_global_batch
 def test_a_dino_run_under_a_recipe_prints_the_values_it_took_from_it(tiny_dataset, tmp_path):
     name = "hvp_dino_vitb16_400ep"
     # the recipe's ViT-B at 224/96 px, 65,536 prototypes and batch 1024 is replaced by a tiny model on the
-    # tiny dataset; everything else (schedules, temperatures, scales, G = 4, 16 -> 10 locals) is the recipe's
+    # tiny dataset; everything else (schedules, temperatures, scales, G = 4, 16 -> 10 locals, fp32) is the recipe's
     given = {"arch": "vit_tiny", "image_size": 16, "local_size": 8, "out_dim": 64, "global_batch": 0}
     result = run_script(["train_dino.py", "--recipe", name, "--max_steps", 1, "--dataset", tiny_dataset,
                          "--output_dir", tmp_path / "run", "--small_stem", "--batch_size", 2, "--hidden_dim", 64,
-                         "--bottleneck_dim", 32, "--num_workers", 0, "--report_to", "none", "--mixed_precision", "no",
+                         "--bottleneck_dim", 32, "--num_workers", 0, "--report_to", "none",
                          "--eval_split", "", *[a for k, v in given.items() for a in (f"--{k}", v)]])
     lines = [line for line in result.stdout.splitlines() if line.startswith(f"recipe {name}: ")]
     assert len(lines) == 1, result.stdout
@@ -233,5 +255,7 @@ def test_a_dino_run_under_a_recipe_prints_the_values_it_took_from_it(tiny_datase
     recipe = MODULES["train_dino.py"].RECIPES[name]
     assert taken == {k: shown(v) for k, v in recipe.items() if k not in given}
     assert "globals 4 -> 2, locals 16 -> 10" in result.stdout
-    resolved = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
+    written = json.loads((tmp_path / "run" / "config.json").read_text())
+    resolved = written["config"]
     assert resolved["recipe"] == name and resolved["lr"] == 7.5e-4 and resolved["local_crops_number"] == 10
+    assert resolved["mixed_precision"] == "no" and written["run"]["precision"] == "no"  # DINO's fp32, pinned

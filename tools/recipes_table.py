@@ -100,11 +100,13 @@ def render():
          "(`--check` fails when this table is out of date) -->"),
         ("Published recipes: `--recipe NAME` replaces the defaults of the flags you do not give, and flags on the "
          "command line still win. Under a recipe the CPU preset of the shipped dataset is not applied. The run "
-         "prints the values it took from the recipe (a line `recipe NAME: ...`)."),
+         "prints the values it took from the recipe (a line `recipe NAME: ...`). A recipe's `--mixed_precision` "
+         "is the precision its source trained in (`no`: fp32); give `--mixed_precision bf16` after the script "
+         "name to train in another."),
         "",
         "```bash",
-        "accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 train_dino.py \\",
-        "    --recipe hvp_dino_vitb16_400ep --dataset ILSVRC/imagenet-1k --batch_size 32   # global batch 1024: 32 x 8 x 4 accumulated",
+        "accelerate launch --multi_gpu --num_processes 8 train_dino.py \\",
+        "    --recipe hvp_dino_vitb16_400ep --dataset ILSVRC/imagenet-1k --batch_size 32   # global batch 1024: 32 x 8 x 4 accumulated, fp32",
         "```",
         "",
         "| script | `--recipe` | sets | source (the comment above the recipe in the script) |",

@@ -67,14 +67,15 @@ MODEL_FIELDS = ("arch", "small_stem", "image_size", "proj_hidden_dim", "proj_dim
 RECIPES = {
     # The HVP paper's SimCLR runs (automl/hvp, branch simclr: configs/pretrain_default.yaml): ResNet-50,
     # batch 4096, LARS lr 0.3 x B/256 (4.8), momentum 0.9, wd 1e-4, 10 warm-up epochs then cosine,
-    # NT-Xent temperature 0.1, 100 epochs; N = 4 candidate views (their default is 2: the plain run).
+    # NT-Xent temperature 0.1, 100 epochs, fp16 (the config's fp16); N = 4 candidate views (their default is
+    # 2: the plain run).
     "hvp_simclr_r50_100ep": dict(arch="resnet50", image_size=224, epochs=100, warmup_epochs=10.0, global_batch=4096,
                                  lr=0.3, weight_decay=1e-4, momentum=0.9, temperature=0.1, proj_hidden_dim=2048,
-                                 proj_dim=128, num_views=4),
-    # The same config with 2 views: the authors' plain SimCLR baseline (their default num_views).
+                                 proj_dim=128, num_views=4, mixed_precision="fp16"),
+    # The same config with 2 views, fp16: the authors' plain SimCLR baseline (their default num_views).
     "simclr_r50_100ep": dict(arch="resnet50", image_size=224, epochs=100, warmup_epochs=10.0, global_batch=4096,
                              lr=0.3, weight_decay=1e-4, momentum=0.9, temperature=0.1, proj_hidden_dim=2048,
-                             proj_dim=128, num_views=2),
+                             proj_dim=128, num_views=2, mixed_precision="fp16"),
 }
 
 # The shipped Fashion-MNIST subset: 28 px grayscale, 10k images, upscaled to 32 px for the standard

@@ -67,20 +67,21 @@ MODEL_FIELDS = ("arch", "small_stem", "image_size", "proj_dim", "proj_layers", "
 RECIPES = {
     # Official SimSiam (Chen & He 2021; facebookresearch/simsiam README and main_simsiam.py defaults):
     # ResNet-50, 100 epochs, batch 512, SGD lr 0.05 x B/256, wd 1e-4, momentum 0.9, --fix-pred-lr,
-    # cosine per epoch, 2 views. Linear probe 68.1 % (README).
+    # cosine per epoch, 2 views, fp32 (main_simsiam.py has no mixed precision). Linear probe 68.1 % (README).
     "simsiam_r50_100ep": dict(arch="resnet50", image_size=224, epochs=100, global_batch=512, lr=0.05,
                               weight_decay=1e-4, momentum=0.9, fix_pred_lr=True, proj_dim=2048, proj_layers=3,
-                              pred_dim=512, lr_schedule="epoch", num_views=2),
+                              pred_dim=512, lr_schedule="epoch", num_views=2, mixed_precision="no"),
     # The HVP paper's SimSiam runs (automl/hvp, branch main: configs/ImageNet/pretrain_default.yaml with
     # num_crops 4; the runs are named ep100-bs256-lr0.05-wd0.0001-mom0.9): the official recipe at batch
-    # 256 with N = 4 candidate views. Linear probe 68.98 % (HVP) vs 68.2 % (their plain run).
+    # 256 with N = 4 candidate views, fp16 (the config's fp16: True). Linear probe 68.98 % (HVP) vs 68.2 %
+    # (their plain run).
     "hvp_simsiam_r50_100ep": dict(arch="resnet50", image_size=224, epochs=100, global_batch=256, lr=0.05,
                                   weight_decay=1e-4, momentum=0.9, fix_pred_lr=True, proj_dim=2048, proj_layers=3,
-                                  pred_dim=512, lr_schedule="epoch", num_views=4),
-    # The same at 200 epochs (HVP 70.47 % vs 69.76 % plain in the authors' number-of-views analysis).
+                                  pred_dim=512, lr_schedule="epoch", num_views=4, mixed_precision="fp16"),
+    # The same at 200 epochs, fp16 (HVP 70.47 % vs 69.76 % plain in the authors' number-of-views analysis).
     "hvp_simsiam_r50_200ep": dict(arch="resnet50", image_size=224, epochs=200, global_batch=256, lr=0.05,
                                   weight_decay=1e-4, momentum=0.9, fix_pred_lr=True, proj_dim=2048, proj_layers=3,
-                                  pred_dim=512, lr_schedule="epoch", num_views=4),
+                                  pred_dim=512, lr_schedule="epoch", num_views=4, mixed_precision="fp16"),
 }
 
 # The shipped Fashion-MNIST subset: 28 px grayscale, 10k images. This preset pretrains on 2 CPU

@@ -191,9 +191,10 @@ PUBLISHED = {
     ("train_dino.py", "hvp_dino_vits16_100ep"): dict(arch="vit_small", epochs=100, mixed_precision="fp16", **HVP_DINO),
     ("train_ibot.py", "ibot_vits16_800ep"): {**IBOT_S16_800, **PLAIN_MULTICROP},
     ("train_ibot.py", "hvp_ibot_vits16_800ep"): {**IBOT_S16_800, "global_views": 4},
-    ("train_simsiam.py", "hvp_simsiam_r50_100ep"): dict(arch="resnet50", epochs=100, global_batch=256, num_views=4),
+    ("train_simsiam.py", "hvp_simsiam_r50_100ep"): dict(arch="resnet50", epochs=100, global_batch=256, num_views=4,
+                                                        mixed_precision="fp16"),
     ("train_simclr.py", "hvp_simclr_r50_100ep"): dict(arch="resnet50", global_batch=4096, lr=0.3, warmup_epochs=10,
-                                                      num_views=4),
+                                                      num_views=4, mixed_precision="fp16"),
 }
 
 
@@ -211,7 +212,7 @@ def test_a_published_run_has_the_documented_values(script, name):
         assert cfg.local_views >= cfg.local_crops_number
 
 
-PINNED_PRECISION_SCRIPTS = ("train_dino.py", "train_ibot.py")
+PINNED_PRECISION_SCRIPTS = SCRIPTS
 PRECISION_WORDS = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}  # a --mixed_precision value as a source writes it
 
 

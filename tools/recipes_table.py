@@ -102,7 +102,8 @@ def render():
          "command line still win. Under a recipe the CPU preset of the shipped dataset is not applied. The run "
          "prints the values it took from the recipe (a line `recipe NAME: ...`). A recipe's `--mixed_precision` "
          "is the precision its source trained in (`no`: fp32); give `--mixed_precision bf16` after the script "
-         "name to train in another."),
+         "name to train in another. On A100/H100-class GPUs `no` runs matmuls and convolutions in TF32 (the "
+         "runs turn it on); DINO's published fp32 runs used V100s, which have none."),
         "",
         "```bash",
         "accelerate launch --multi_gpu --num_processes 8 train_dino.py \\",

@@ -3,8 +3,9 @@
 What a run needs around the method's step, written once for the four scripts:
 
 - `config`: the shared flags (`RunConfig`), `parse_config` (presets, recipes), one-line errors.
-- `data`: `open_source` (Hub id, image folder, parquet, any `datasets` format) and `BatchStream`,
-  which splits a split row-exactly over processes and loader workers.
+- `data`: `open_source` (Hub id; image folder, parquet, webdataset .tar or save_to_disk folder;
+  .parquet/.tar/.arrow/CSV/JSON files, globs and {a,b}/{000..009} lists; any other `datasets`
+  format) and `BatchStream`, which splits a split row-exactly over processes and loader workers.
 - `models`: `create_backbone` (timm names, small stems, DINO-style position-embedding resampling).
 - `checkpoints`: safetensors checkpoints with a manifest and fall-back, the timm-loadable export,
   `load_backbone` from any source.

@@ -1,11 +1,15 @@
 """Training checkpoints (safetensors, a sha256 manifest written last, fall-back to the previous one),
 the timm-loadable backbone export, and loading a backbone from any source (run folder, checkpoint,
 export, hf-hub:<id>)."""
+import collections
+import copy
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -63,6 +67,8 @@ def load_backbone(source):
         else:
             raise HVPError(f"no backbone found at {source!r}: expected a folder with config.json and "
                            "model.safetensors, a checkpoint folder, a training output folder, or hf-hub:<id>")
+    if not str(source).startswith("hf-hub:"):  # the Hub client checks what it downloads itself
+        check_export(path)
     config = json.loads((path / "config.json").read_text())
     if config.get("hvp_small_stem"):
         args = {k: v for k, v in config.get("model_args", {}).items() if k not in ("num_classes", "in_chans", "global_pool")}
@@ -150,20 +156,11 @@ def _write_manifest(folder):
     (Path(folder) / MANIFEST).write_text(json.dumps({"files": manifest}, indent=1))
 
 
-def checkpoint_problem(path):
-    """None if the checkpoint folder is intact (every file of its manifest present with its size and
-    sha256), else a short reason. Checkpoints from before manifests were written pass unchecked."""
-    path = Path(path)
-    if not (path / "state.json").is_file() or not (path / "state.safetensors").is_file():
-        return "state.json or state.safetensors is missing"
-    if not (path / MANIFEST).is_file():
-        return None
-    try:
-        files = json.loads((path / MANIFEST).read_text())["files"]
-    except (OSError, ValueError, KeyError) as e:
-        return f"unreadable {MANIFEST} ({_first_error_line(e)})"
+def _mismatch(folder, files):
+    """The first of `files` ({name: {"bytes", "sha256"}}, as a manifest lists them) that `folder`
+    does not hold as listed, as a short reason; None if every one matches."""
     for name, want in files.items():
-        f = path / name
+        f = Path(folder) / name
         if not f.is_file():
             return f"{name} is missing"
         if f.stat().st_size != want["bytes"]:
@@ -173,31 +170,167 @@ def checkpoint_problem(path):
     return None
 
 
+def checkpoint_problem(path):
+    """None if the checkpoint folder is intact (every file of its manifest present with its size and
+    sha256), else a short reason. The manifest is written last, so a checkpoint without one is
+    incomplete (or was changed by hand)."""
+    path = Path(path)
+    if not (path / "state.json").is_file() or not (path / "state.safetensors").is_file():
+        return "state.json or state.safetensors is missing"
+    if not (path / MANIFEST).is_file():
+        return f"{MANIFEST} is missing, so its files cannot be checked"
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError) as e:
+        return f"unreadable {MANIFEST} ({_first_error_line(e)})"
+    return _mismatch(path, files)
+
+
+def check_export(path):
+    """Check a local backbone export against the checkpoint manifest that lists its files: that of
+    the checkpoint holding it, or, for a run's <output_dir>/backbone (hard links of a checkpoint's
+    export), those of the checkpoints beside it (the export matches one of them). A damaged file is
+    an HVPError naming it; an export no manifest lists (made by hand or by an older version, or
+    copied out of its run) loads with a one-line warning."""
+    path = Path(path)
+    owners = [path.parent] if (path.parent / MANIFEST).is_file() else checkpoints(path.parent)
+    prefix, listed = f"{path.name}/", []
+    for owner in owners:
+        try:
+            files = json.loads((owner / MANIFEST).read_text())["files"]
+        except (OSError, ValueError, KeyError):  # no manifest (or no checkpoint at all): nothing to check against
+            continue
+        export_files = {name[len(prefix):]: want for name, want in files.items() if name.startswith(prefix)}
+        if export_files:
+            listed.append((owner, export_files))
+    if not listed:
+        print(f"warning: no checkpoint manifest lists the files of {path} (an export made by hand or by an older "
+              "version, or copied out of its run): loading it unchecked", file=sys.stderr, flush=True)
+        return
+    owner, export_files = listed[0]  # the newest: normally what <output_dir>/backbone links to
+    problem = _mismatch(path, export_files)
+    # an export from an older checkpoint still kept (a kill between a save and the refresh) is fine too
+    if problem is None or any(_mismatch(path, files) is None for _, files in listed[1:]):
+        return
+    raise HVPError(f"the backbone export {path} is damaged: {problem} (checked against {owner / MANIFEST})")
+
+
 def save_checkpoint(output_dir, step, state, backbone=None, data_config=None, tag="hvp", keep=2,
                     license=HUB_LICENSE):
     """Write `output_dir/checkpoint-<step>/` atomically: state.safetensors (every tensor),
     state.json (everything else), backbone/ (timm export; the weights' `license` in its config.json),
     manifest.json (sizes and checksums). A kill at any moment leaves either the old or the new
     checkpoint complete, never a half-written latest one; a file damaged later is found by
-    `checkpoint_problem`."""
+    `checkpoint_problem`. A full disk is an HVPError naming the folder and the room needed, with
+    nothing of the new checkpoint left behind."""
     from safetensors.torch import save_file
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step:08d}"
     tmp = output_dir / f".tmp-checkpoint-{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     tensors = {}
     skeleton = _flatten(state, tensors, "")
-    save_file(tensors, tmp / "state.safetensors")
-    (tmp / "state.json").write_text(json.dumps(skeleton))
-    if backbone is not None:
-        export_backbone(backbone, tmp / "backbone", data_config, tag, license)
-    _write_manifest(tmp)
-    _replace_dir(tmp, final)
+    try:
+        tmp.mkdir(parents=True)
+        save_file(tensors, tmp / "state.safetensors")
+        (tmp / "state.json").write_text(json.dumps(skeleton))
+        if backbone is not None:
+            export_backbone(backbone, tmp / "backbone", data_config, tag, license)
+        _write_manifest(tmp)
+        _replace_dir(tmp, final)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
+        if not _out_of_room(e):
+            raise
+        need = _nbytes(tensors) + (_nbytes(backbone.state_dict()) if backbone is not None else 0)
+        free = shutil.disk_usage(output_dir).free
+        raise HVPError(f"the disk of {output_dir} is full: {final.name} needs about {need / 2**30:.2f} GiB, "
+                       f"{free / 2**30:.2f} GiB are free; the earlier checkpoints are intact: make room, then "
+                       "continue with --resume") from None
     old = sorted(p for p in output_dir.iterdir() if CHECKPOINT_RE.match(p.name))
     for p in old[:-keep] if keep > 0 else []:
         shutil.rmtree(p, ignore_errors=True)
     return final
+
+
+def _out_of_room(error):
+    """True for a write that failed on a full disk or quota. safetensors reports it as its own
+    error type, with the OS error number in the text."""
+    codes = (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(error, OSError):
+        return error.errno in codes
+    return isinstance(error, Exception) and any(f"(os error {code})" in str(error) for code in codes)
+
+
+TENSOR_OVERHEAD = 256  # bytes per saved tensor beside its data: its name and shape in the headers and JSON
+
+
+def _nbytes(obj):
+    """Bytes the tensors in a nested state take in a checkpoint."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size() + TENSOR_OVERHEAD
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def checkpoint_bytes(state, export=None):
+    """About the bytes `save_checkpoint` writes for `state` ({name: module, optimizer, tensor or
+    plain value}) and the backbone `export`: every tensor of the state, an optimizer's as it will be
+    once every parameter has its own (most create it at their first step), the export's weights,
+    and the JSON beside them."""
+    total = 64 * 2**10  # state.json's structure and config, the manifest, the export's config.json
+    for obj in state.values():
+        if isinstance(obj, torch.optim.Optimizer):
+            total += _optimizer_bytes(obj)
+        elif hasattr(obj, "state_dict"):
+            total += _nbytes(obj.state_dict())
+        else:
+            total += _nbytes(obj)
+    return total + (_nbytes(export.state_dict()) if export is not None else 0)
+
+
+def _optimizer_bytes(optimizer):
+    """Bytes of an optimizer's state once every parameter has its own."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the real one
+    total = 0
+    for group in optimizer.param_groups:
+        new_state = None
+        for param in group["params"]:
+            if optimizer.state.get(param):
+                total += _nbytes(optimizer.state[param])
+                continue
+            if new_state is None:
+                new_state = _new_state_bytes(optimizer, group, param)
+            per_element, per_param = new_state
+            total += per_element * param.numel() + per_param
+    return total
+
+
+def _new_state_bytes(optimizer, group, param):
+    """(bytes per parameter element, bytes per parameter) of the state the first step of
+    `optimizer` gives a parameter of `group`: measured by stepping a copy of it once over a
+    3-element stand-in, so that any optimizer class counts right (a state tensor the size of the
+    stand-in is one the size of the parameter; others, such as a step count, keep their size)."""
+    stand_in = torch.zeros(3, dtype=param.dtype, device=param.device, requires_grad=True)
+    stand_in.grad = torch.zeros_like(stand_in)
+    probe = copy.copy(optimizer)  # the same class and settings, with its own groups and state
+    probe.param_groups = [dict(group, params=[stand_in])]
+    probe.state = collections.defaultdict(dict)
+    try:  # the class's step: the instance may hold a patched one bound to the real optimizer (accelerate)
+        type(optimizer).step(probe)
+    except Exception:  # one that cannot step this way: assume Adam's two moments
+        return 2 * param.element_size(), 2 * TENSOR_OVERHEAD
+    per_element = per_param = 0
+    for value in probe.state[stand_in].values():
+        if torch.is_tensor(value) and value.numel() == stand_in.numel():
+            per_element += value.element_size()
+            per_param += TENSOR_OVERHEAD
+        else:
+            per_param += _nbytes(value)
+    return per_element, per_param
 
 
 def checkpoints(output_dir):

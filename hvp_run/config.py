@@ -3,6 +3,7 @@ import argparse
 import dataclasses
 import hashlib
 import inspect
+import json
 import os
 import re
 import sys
@@ -21,14 +22,24 @@ class HVPError(Exception):
     """A user-facing error: printed as one line, exit status 2, nothing half-written."""
 
 
+UNDO_ON_ERROR = []  # functions run_main calls when main() stops with an HVPError (a new Run removes its files)
+
+
 def run_main(main):
     """Run `main()`, turning HVPError into a one-line message (printed by the main process only:
-    every process raises the same one) and exit status 2."""
+    every process raises the same one) and exit status 2, after undoing what UNDO_ON_ERROR's
+    functions undo."""
+    UNDO_ON_ERROR.clear()  # only what this main() set up
     try:
         main()
     except HVPError as e:
+        for undo in list(UNDO_ON_ERROR):
+            undo()
+        message = str(e)
+        if message.startswith("Caught HVPError in DataLoader worker"):  # torch adds the worker's traceback
+            message = message.rstrip().splitlines()[-1].split("HVPError: ", 1)[-1]
         if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 
@@ -60,7 +71,7 @@ class RunConfig:
     log_every: int = 20  # steps between metrics.jsonl records
     save_every: int = 1000  # steps between checkpoints (plus one at the end and on SIGTERM/SIGINT)
     keep_checkpoints: int = 2  # checkpoints kept in output_dir
-    resume: str = dataclasses.field(default="", metadata={"const": "yes"})  # --resume: continue the run in output_dir; --resume auto: continue one if there is one, else start
+    resume: str = dataclasses.field(default="", metadata={"const": "yes"})  # --resume: continue the run in output_dir; --resume auto: one if there is one, else start; --resume PATH: from a checkpoint-N or run folder
     knn_every: int = 0  # epochs between k-NN evaluations during training (0 = only at the end)
     knn_k: int = 20  # neighbours for k-NN
     report_to: str = "tensorboard"  # Accelerate tracker(s), comma-separated, or "none"
@@ -70,6 +81,7 @@ class RunConfig:
     hub_private: bool = False  # create the Hub repo private
     hub_every: int = 0  # also push at the first checkpoint after every N steps (0 = only at the end)
     hub_push_state: bool = False  # also push the full training state to the repo's "training-state" branch
+    hub_license: str = "mit"  # licence of the trained weights: the model card and the export's config.json, a Hub licence id such as apache-2.0
 
 
 def check_run_config(cfg):
@@ -78,10 +90,51 @@ def check_run_config(cfg):
         raise HVPError(f"--mixed_precision must be auto, no, fp16 or bf16, got {cfg.mixed_precision!r}")
     if cfg.crops not in ("auto", "worker", "device"):
         raise HVPError(f"--crops must be auto, worker or device, got {cfg.crops!r}")
-    if cfg.resume not in ("", "yes", "auto"):
-        raise HVPError(f"--resume takes no value or 'auto', got {cfg.resume!r}")
+    if not cfg.hub_license.strip():
+        raise HVPError("--hub_license must name the weights' licence (a Hub licence id such as mit or apache-2.0)")
     if cfg.global_batch < 0 or cfg.threads < 0 or cfg.log_every < 1 or cfg.save_every < 1 or cfg.shuffle_buffer < 1:
         raise HVPError("--global_batch and --threads must be >= 0 and --log_every, --save_every, --shuffle_buffer >= 1")
+
+
+def run_folder_of(path):
+    """The run folder a --resume PATH names: the folder itself, or the one a checkpoint lies in (by
+    its name, so that nodes without the path agree)."""
+    path = Path(path).expanduser()
+    return path.parent if re.fullmatch(r"checkpoint-\d+", path.name) or (path / "state.json").is_file() else path
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (not its whole usage), exit status 2."""
+
+    def error(self, message):
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {message} (see --help)", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def _config_file(path, fields):
+    """--config FILE: the flags stored in a JSON file (a run's config.json, or a plain {flag: value}
+    object). --resume is left out: it says what to do with a folder, not how to train."""
+    try:
+        stored = json.loads(Path(path).expanduser().read_text())
+    except (OSError, ValueError) as e:
+        raise HVPError(f"--config: cannot read {path}: {_first_error_line(e)}") from None
+    stored = stored.get("config", stored) if isinstance(stored, dict) else None
+    if not isinstance(stored, dict):
+        raise HVPError(f"--config: {path} holds no JSON object of flags")
+    unknown = sorted(set(stored) - set(fields))
+    if unknown:
+        raise HVPError(f"--config: {path} has flags this script does not take: {', '.join(unknown)}")
+    return {k: tuple(v) if isinstance(fields[k].default, tuple) and isinstance(v, list) else v
+            for k, v in stored.items() if k != "resume"}
+
+
+def _launcher_precision():
+    """The precision `accelerate launch` (its --mixed_precision or config file) chose, if it chose
+    one: it passes it as ACCELERATE_MIXED_PRECISION. Its "no" is also what it passes when nothing
+    was chosen, so only fp16 and bf16 count as a choice."""
+    value = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower()
+    return value if value in ("fp16", "bf16") else None
 
 
 def _field_comments(cls):
@@ -107,21 +160,31 @@ def parse_config(cls, argv=None, presets=None, recipes=None, description=None):
 
     Values come, later ones winning, from: the dataclass defaults; the named --recipe (`recipes`:
     name -> values); the CPU preset of the dataset (`presets`: dataset -> values; used only without
-    --recipe); the flags on the command line. A bool becomes --flag/--no-flag; a tuple takes as
-    many values as its default has, except a tuple default of length 1, which means "one number or
-    more" (e.g. --pred_ratio 0 0.3); a field with metadata {"const": v} may be given bare (--resume
-    means --resume yes). Local dataset paths are stored resolved.
-    Returns (config, notes): notes are start-up lines naming what a recipe or preset set. --help
-    shows each flag's default and, where the shipped dataset's preset replaces it, the preset's value
-    (what a run without arguments uses).
+    --recipe); --config FILE (a run's config.json, or a {flag: value} JSON object); the precision
+    `accelerate launch` chose (its fp16 or bf16 replaces a --mixed_precision not on the command
+    line); the flags on the command line. A bool becomes --flag/--no-flag; a tuple takes as many
+    values as its default has, except a tuple default of length 1, which means "one number or more"
+    (e.g. --pred_ratio 0 0.3); a field with metadata {"const": v} may be given bare (--resume means
+    --resume yes). Local dataset paths are stored resolved; --resume PATH without --output_dir
+    continues in the run folder PATH names. A bad flag is a one-line error (exit status 2); flags
+    are never abbreviated.
+    Returns (config, notes): notes are start-up lines naming what a recipe, preset or --config file
+    set. --help shows each flag's default and, where the shipped dataset's preset replaces
+    it, the preset's value (what a run without arguments uses).
     """
     shipped = {dataset_key(k): v for k, v in (presets or {}).items()}.get(dataset_key(DEFAULT_DATASET), {})
     epilog = ("Defaults: the method's published settings; on the shipped dataset (the default --dataset) a CPU preset "
               "replaces some of them, shown as '; <value> on the shipped dataset'. --recipe replaces them with a "
               "published recipe's values.") if shipped else None
-    parser = argparse.ArgumentParser(description=description, epilog=epilog)
+    parser = _OneLineParser(description=description, epilog=epilog, allow_abbrev=False)
+    parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
+                        help="read the flags from FILE (a run's config.json, or a JSON object of flag: value); "
+                             "flags given here win")
     comments = _field_comments(cls)
-    for f in dataclasses.fields(cls):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if "recipe" in fields and recipes:
+        comments["recipe"] = f"{comments.get('recipe', '')}: {', '.join(sorted(recipes))}"
+    for f in fields.values():
         preset = (f"; {_show(shipped[f.name])} on the shipped dataset"
                   if f.name in shipped and shipped[f.name] != f.default else "")
         kwargs = dict(default=argparse.SUPPRESS, help=f"{comments.get(f.name, '')} (default: {f.default}{preset})")
@@ -138,13 +201,26 @@ def parse_config(cls, argv=None, presets=None, recipes=None, description=None):
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
     values = {f.name: f.default for f in dataclasses.fields(cls)}
     notes = []
+    launcher = _launcher_precision()
+    if launcher and "mixed_precision" in fields and "mixed_precision" not in given:
+        given["mixed_precision"] = launcher  # the launcher's explicit choice beats presets, recipes and files
+    if "config" in given:
+        path = given.pop("config")
+        stored = {k: v for k, v in _config_file(path, fields).items() if k not in given}
+        given.update(stored)
+        notes.append(f"flags from {path} (those given on the command line win)")
+    resume = given.get("resume", "")
+    if resume not in ("", "yes", "auto") and "output_dir" in fields and "output_dir" not in given:
+        given["output_dir"] = str(run_folder_of(resume))  # --resume PATH continues in its own folder
     recipe_name = given.get("recipe", values.get("recipe", ""))
     if recipe_name:
         if recipe_name not in (recipes or {}):
             raise HVPError(f"unknown --recipe {recipe_name!r} (recipes: {', '.join(sorted(recipes or {})) or 'none'})")
         recipe = recipes[recipe_name]
         values.update(recipe)
-        notes.append(f"recipe {recipe_name}: " + ", ".join(f"{k}={_show(v)}" for k, v in recipe.items() if k not in given))
+        used = [k for k in recipe if k not in given]
+        if used:
+            notes.append(f"recipe {recipe_name}: " + ", ".join(f"{k}={_show(recipe[k])}" for k in used))
     if "dataset" in values:
         dataset = given.get("dataset", values["dataset"])
         if dataset == DEFAULT_DATASET and not Path(dataset).exists():

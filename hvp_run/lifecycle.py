@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from hvp_utils import IMAGENET_MEAN, IMAGENET_STD
-from .config import _first_error_line, HVPError, mix_seed, progress_bar, seed_all
+from .config import _first_error_line, HVPError, mix_seed, progress_bar, run_folder_of, seed_all, UNDO_ON_ERROR
 from .data import BatchStream, default_workers, make_loader, open_source, Source, training_batches
-from .checkpoints import checkpoint_config, checkpoint_problem, checkpoints, cleanup_partial_checkpoints, _flatten, load_checkpoint, _replace_dir, save_checkpoint, _unflatten
+from .checkpoints import checkpoint_bytes, checkpoint_config, checkpoint_problem, checkpoints, cleanup_partial_checkpoints, _flatten, load_checkpoint, _replace_dir, save_checkpoint, _unflatten
 from .knn import knn_eval
 from .hub import HubPusher, _link_tree
 
@@ -63,13 +63,16 @@ def make_accelerator(mixed_precision, grad_accum, report_to, output_dir):
 class RunLock:
     """One run per output folder: an exclusive lock on <folder>/.lock (flock), held by the main
     process for the whole run. The kernel drops it when the process ends, however it ends, so a
-    lock left by a killed run is simply free again. On file systems without flock, a pid file:
-    a lock whose process is gone on this host is taken over."""
+    lock left by a killed run is simply free again. Where the file system has no flock (some network
+    file systems), the lock is <folder>/.lock-noflock instead, created only where it does not exist,
+    holding the run's pid, host and start time until the run ends: one left by a run that died on
+    this host is taken over; any other is refused, as a run on another host cannot be seen from here
+    (the error says to delete the file if that run has ended)."""
 
     def __init__(self, folder):
         import fcntl
         import socket
-        self.path = Path(folder) / ".lock"
+        self.folder, self.path, self.lock_file = Path(folder), Path(folder) / ".lock", None
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         me = f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}"
         try:
@@ -79,19 +82,56 @@ class RunLock:
             os.close(self.fd)
             raise HVPError(f"{folder} is in use by another run ({holder}): wait for it to end, or choose "
                            "another --output_dir") from None
-        except OSError:  # no flock here
-            holder = os.pread(self.fd, 200, 0).decode(errors="replace").split()
-            if len(holder) > 3 and holder[3].rstrip(",") == socket.gethostname() and _alive(int(holder[1])):
-                os.close(self.fd)
-                raise HVPError(f"{folder} is in use by another run ({' '.join(holder)}): wait for it to end, or "
-                               "choose another --output_dir") from None
+        except OSError as e:  # ENOLCK, EOPNOTSUPP, ...: this file system has no flock
+            os.close(self.fd)
+            self.fd = None
+            self._create_lock_file(me, e)
+            return
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, me.encode(), 0)
+
+    def _create_lock_file(self, me, flock_error):
+        import atexit
+        import re
+        import socket
+        path = self.folder / ".lock-noflock"
+        for attempt in (1, 2):
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            except FileExistsError:
+                holder = _read_text(path)  # "" while its run is still writing it
+                found = re.match(r"pid (\d+) on ([^,\s]+),", holder)
+                if attempt == 1 and found and found[2] == socket.gethostname() and not _alive(int(found[1])):
+                    path.unlink(missing_ok=True)  # left by a run that died on this host
+                    continue
+                raise HVPError(f"{self.folder} is in use by another run ({holder or 'no details yet'}; this file "
+                               f"system has no flock, so {path} is the lock): wait for it to end, or choose another "
+                               f"--output_dir; if that run has ended, delete {path}") from None
+            os.write(fd, me.encode())
+            os.fsync(fd)
+            os.close(fd)
+            break
+        self.lock_file, self.me, self.pid = path, me, os.getpid()
+        atexit.register(self.release)  # an error that ends the run frees the folder too; a kill cannot
+        print(f"note: the file system of {self.folder} has no flock ({flock_error.strerror or flock_error}): this "
+              f"run holds {path} instead, removed when it ends", flush=True)
 
     def release(self):
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+        # only the process that made the lock file removes it, and only while it is still its own
+        if self.lock_file is not None and os.getpid() == self.pid:
+            if _read_text(self.lock_file) == self.me:
+                self.lock_file.unlink(missing_ok=True)
+            self.lock_file = None
+
+
+def _read_text(path):
+    try:
+        return Path(path).read_text(errors="replace").strip()
+    except OSError:
+        return ""
 
 
 def _alive(pid):
@@ -110,8 +150,9 @@ class StopRequest:
     Ctrl-C more than 3 s after the first quits at once, without saving.
 
     Processes agree on the step to stop at without a host-device sync: each step starts an
-    asynchronous all-reduce of its flag over a CPU (gloo) group and reads the one of the step
-    before, so every process sees a request at the same step, one step after it arrived."""
+    asynchronous all-reduce (max) of the signal's number over a CPU (gloo) group and reads the one
+    of the step before, so every process sees a request at the same step, one step after it
+    arrived, and knows which signal it was (the main process reports it)."""
 
     def __init__(self, accelerator):
         self.requested, self.first_at, self.signal_name = False, None, None
@@ -144,8 +185,11 @@ class StopRequest:
             work, flag = self.pending
             work.wait()
             stop = bool(flag.item() > 0)
-        flag = torch.tensor([float(self.requested)])
-        self.pending = (dist.all_reduce(flag, group=self.group, async_op=True), flag)
+            if stop and self.signal_name is None:  # the signal came to another process
+                self.signal_name = signal.Signals(int(flag.item())).name
+        number = signal.Signals[self.signal_name].value if self.requested else 0
+        flag = torch.tensor([float(number)])
+        self.pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag)
         return stop
 
     def close(self):
@@ -364,7 +408,8 @@ class Run:
     (which checkpoint, which step) are made by the main process and shared; at start the main
     process's state (fresh or resumed) is sent to every process, so no process needs to read the
     checkpoint and all start identical (every model and buffer in the state), with or without a
-    shared file system. Only the main process writes to --output_dir.
+    shared file system. Only the main process writes to --output_dir. Under `run_main`, an HVPError
+    before a new run's first step is done removes what the run wrote (a folder it made, the lock).
 
     metrics.jsonl gets one record per logged step (`run.log`), the k-NN results, and, once per
     process lifetime, `startup_s` (seconds from the process start to its first batch; in the first
@@ -393,6 +438,9 @@ class Run:
             torch.backends.cudnn.allow_tf32 = True
             torch.backends.cudnn.benchmark = True
         self.lock, self.stopped, self.state, self.step, self._batches = None, False, {}, 0, None
+        self.metrics, self._stepped, self._new_folder = None, False, None
+        self.bar = None
+        UNDO_ON_ERROR.append(self._stop_on_error)
         self.pusher = self._everywhere(lambda: HubPusher.from_config(self.resolved_config(), acc, method))
         self.source = Source(**self._on_main(lambda: dataclasses.asdict(
             open_source(cfg.dataset, cfg.split, cfg.image_column, cfg.label_column))))
@@ -450,26 +498,71 @@ class Run:
     def _claim_output_dir(self):
         """Main process: the output folder is writable and ours; which checkpoint to resume from.
         A folder that does not exist yet is created (and locked) by `start`, so that bad input
-        found before then leaves nothing behind."""
+        found before then leaves nothing behind. --resume PATH of another folder continues that
+        run's checkpoint here (see `_continue_elsewhere`)."""
         cfg, out = self.cfg, self.output_dir
+        resume, named = cfg.resume, None
+        if resume not in ("", "yes", "auto"):  # --resume PATH
+            named = Path(resume).expanduser()
+            if not checkpoints(named):
+                raise HVPError(f"--resume takes no value, 'auto', or a checkpoint or run folder; {resume!r} is neither "
+                               "a checkpoint-N folder nor a folder holding one")
+            if run_folder_of(named).resolve() != out.resolve():
+                return self._continue_elsewhere(named)
+            resume = "yes"
         if not out.exists():
-            parent = next(p for p in [out, *out.parents] if p.exists())
-            if not (parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)):
-                raise HVPError(f"cannot create --output_dir {out}: {parent} is not a writable folder")
-            if cfg.resume == "yes":
+            self._check_creatable()
+            if resume == "yes":
                 raise HVPError(f"--resume: {out} does not exist, there is no run to continue (a new run starts "
                                "without --resume; --resume auto continues a run if there is one)")
             return {"checkpoint": None, "step": 0, "notes": []}
+        before = set(os.listdir(out))
         self._lock_output_dir()
         found = checkpoints(out)
         if not found:
-            if cfg.resume == "yes":
+            if resume == "yes":
                 raise HVPError(f"--resume: no checkpoint in {out} to continue (a new run starts without --resume; "
                                "--resume auto continues a run if there is one)")
+            self._new_folder = before
             return {"checkpoint": None, "step": 0, "notes": []}
-        if not cfg.resume:
+        if not resume:
             raise HVPError(f"{out} already holds a run ({found[0].name}): pass --resume to continue it, or choose "
                            "another --output_dir")
+        if named is not None and named.resolve() != out.resolve():  # one checkpoint of this folder
+            newer = [c.name for c in found if c.name > named.name]
+            if newer:  # its saves would mix with the newer checkpoints
+                raise HVPError(f"--resume: {named.name} is not the newest checkpoint in {out} ({newer[0]} is): resume "
+                               f"the newest, or continue from {named.name} in another folder with --output_dir")
+            return self._resume_decision(*self._newest_good([named], named))
+        return self._resume_decision(*self._newest_good(found, out))
+
+    def _continue_elsewhere(self, named):
+        """--resume PATH where PATH (a checkpoint, or a run folder: its newest good checkpoint) lies
+        outside --output_dir: the run goes on from it, writing to --output_dir, which holds no run."""
+        out = self.output_dir
+        if out.exists():
+            before = set(os.listdir(out))
+            self._lock_output_dir()
+            if checkpoints(out):
+                raise HVPError(f"--resume {named}: --output_dir {out} already holds a run: continue from {named} "
+                               "in a new folder")
+            self._new_folder = before
+        else:
+            self._check_creatable()
+        ckpt, notes = self._newest_good(checkpoints(named), named)
+        return self._resume_decision(ckpt, notes + [f"continuing from {ckpt} in {out}"])
+
+    def _check_creatable(self):
+        """A new --output_dir can be made; the folders `start` will create are what a failure removes."""
+        out = self.output_dir
+        parent = next(p for p in [out, *out.parents] if p.exists())
+        if not (parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)):
+            raise HVPError(f"cannot create --output_dir {out}: {parent} is not a writable folder")
+        self._new_folder = [p for p in [out, *out.parents] if not p.exists()]  # the folders start() makes
+
+    @staticmethod
+    def _newest_good(found, where):
+        """The newest undamaged checkpoint of `found` (newest first) and warnings about those skipped."""
         notes = []
         for ckpt in found:
             problem = checkpoint_problem(ckpt)
@@ -477,9 +570,22 @@ class Run:
                 break
             notes.append(f"warning: {ckpt.name} is damaged ({problem}): not resuming from it")
         else:
-            raise HVPError(f"--resume: every checkpoint in {out} is damaged (last problem: {problem})")
+            raise HVPError(f"--resume: every checkpoint in {where} is damaged (last problem: {problem})")
         if notes:
             notes.append(f"resuming from the previous good checkpoint, {ckpt.name}")
+        return ckpt, notes
+
+    def _resume_decision(self, ckpt, notes):
+        """Resuming from `ckpt`: refuse another method's or another model's checkpoint; note what changed."""
+        skeleton = json.loads((ckpt / "state.json").read_text())
+        method = skeleton.get("method")
+        if method is None:  # older checkpoints: the export's tag, hvp_<method>
+            export = ckpt / "backbone" / "config.json"
+            tag = json.loads(export.read_text()).get("pretrained_cfg", {}).get("tag") if export.is_file() else None
+            method = tag.removeprefix("hvp_") if tag else self.method
+        if method.lower() != self.method.lower():
+            script = skeleton.get("script") or "the script that trained it"
+            raise HVPError(f"--resume: {ckpt.name} holds a {method} run; resume it with {script}")
         saved = checkpoint_config(ckpt)
         mine = dataclasses.asdict(self.resolved_config())
         differ = [f for f in self.model_fields if f in saved and not _same(saved[f], mine[f])]
@@ -491,8 +597,40 @@ class Run:
                    if f in saved and f != "resume" and not _same(saved[f], mine[f])]
         if changed:
             notes.append("note: resuming with changed settings: " + ", ".join(changed))
-        step = json.loads((ckpt / "state.json").read_text())["step"]
-        return {"checkpoint": str(ckpt), "step": step, "notes": notes}
+        run = skeleton.get("run")
+        layout = None if not isinstance(run, dict) else _data_layout(run["processes"], run["num_workers"],
+                                                                      saved["batch_size"], run["grad_accum"],
+                                                                      saved["shuffle_buffer"])
+        return {"checkpoint": str(ckpt), "step": skeleton["step"], "notes": notes, "layout": layout}
+
+    def _stop_on_error(self):
+        """When main() stops with an HVPError (run_main calls this): end the progress bar's line (the
+        error gets its own), and if no step was done in a folder that held no run, remove what the
+        run wrote, the lock included (the folder too if the run made it), so that bad input found
+        before the first step leaves nothing behind. A resumed run's folder is left as it was."""
+        if self.bar is not None:
+            self.bar.close()
+        if not self.is_main or self._new_folder is None or self._stepped:
+            return
+        if self.metrics is not None:
+            self.metrics.close()
+        for tracker in self.accelerator.trackers:  # TensorBoard's event file
+            tracker.finish()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+        if isinstance(self._new_folder, list):  # made by this run: the folder and the parents it made
+            shutil.rmtree(self.output_dir, ignore_errors=True)
+            for parent in self._new_folder[1:]:
+                try:
+                    parent.rmdir()
+                except OSError:  # not empty (or gone): something else lives there now
+                    break
+        elif self.output_dir.is_dir():
+            for p in self.output_dir.iterdir():
+                if p.name not in self._new_folder:
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+        self._new_folder = None
 
     def _lock_output_dir(self):
         out = self.output_dir
@@ -568,6 +706,8 @@ class Run:
                    for k, v in dataclasses.asdict(self.resolved_config()).items()}
         purge = {"tensorboard": {"purge_step": self.step + 1}} if self.step and "tensorboard" in cfg.report_to else {}
         acc.init_trackers(self.tag, config=hparams, init_kwargs=purge)
+        if loader is None:
+            self.notes += self._layout_note()
         if self.is_main:
             self._print_banner(banner)
         self._stop = StopRequest(acc)
@@ -579,6 +719,21 @@ class Run:
         self.bar = progress_bar(self.total_steps, self.step, self.method, self.is_main)
         self.skipped, self._last_log = 0, (time.perf_counter(), self.step)
         self._startup_s, self._startup_logged = None, False
+
+    def _layout_note(self):
+        """Resuming mid-epoch with other processes, loader workers or batches: say what happens to the
+        rest of the epoch (the rows each step takes come from a plan of the layout, data.epoch_ranges,
+        and the rows the old layout already trained are not a position in the new one's plan)."""
+        saved, within = self.decision.get("layout"), self.step % self.steps_per_epoch
+        mine = _data_layout(self.world, self.num_workers, self.cfg.batch_size, self.grad_accum, self.cfg.shuffle_buffer)
+        changed = [f"{k} {saved[k]} -> {mine[k]}" for k in mine if saved and saved[k] != mine[k]]
+        if not within or not changed:
+            return []
+        epoch = self.step // self.steps_per_epoch
+        return [f"note: resuming mid-epoch {epoch} (step {within} of {self.steps_per_epoch}) with another data layout "
+                f"({', '.join(changed)}): its last {self.steps_per_epoch - within} steps take their rows from the new "
+                f"layout's plan, so in epoch {epoch} some rows are trained twice and some not at all; every later "
+                "epoch trains every example once"]
 
     def _dataset_loader(self, transform):
         """The built-in epoch loader: (epoch, skip) -> DataLoader over this process's BatchStream."""
@@ -631,12 +786,17 @@ class Run:
                     _load_state(obj, saved[name])
                 except (RuntimeError, ValueError, KeyError) as e:
                     raise HVPError(f"--resume: {ckpt} does not fit this {name}: {_first_error_line(e)[:300]}") from None
-        size = sum(t.numel() * t.element_size() for obj in self.state.values()
-                   for t in _tensors_in(_state_of(obj))) + sum(p.numel() * p.element_size() for p in self.export.state_dict().values())
+        # a save writes the new checkpoint before it removes the oldest: keep_checkpoints + 1 exist for a
+        # moment (the ones already here count; with keep_checkpoints 0, all are kept: room for the next)
+        keep, present = self.cfg.keep_checkpoints, len(checkpoints(self.output_dir))
+        count = max(1, keep + 1 - present) if keep > 0 else 1
+        size = checkpoint_bytes(self.state, self.export)
         free = shutil.disk_usage(self.output_dir).free
-        if free < 1.2 * size + 2**20:
+        if free < count * size + 16 * 2**20:  # + metrics, view grids, logs
             raise HVPError(f"--output_dir {self.output_dir} has {free / 2**30:.2f} GiB free; a checkpoint needs "
-                           f"about {size / 2**30:.2f} GiB")
+                           f"about {size / 2**30:.2f} GiB and this run needs room for {count} more ("
+                           + (f"--keep_checkpoints {keep}, and the newest is written before the oldest is removed)"
+                              if keep > 0 else "the next; --keep_checkpoints 0 keeps them all)"))
 
     def _print_banner(self, banner):
         cfg = self.cfg
@@ -672,6 +832,7 @@ class Run:
             if self._used != self.grad_accum:
                 raise RuntimeError(f"the training step used {self._used} of its {self.grad_accum} micro-batches")
             self.step += 1
+            self._stepped = True
             self.bar.update(1)
             if self.step % cfg.save_every == 0 and self.step < self.total_steps:
                 self.save()
@@ -730,17 +891,23 @@ class Run:
         """Checkpoint the state (main process), refresh <output_dir>/backbone, push when due."""
         self.accelerator.wait_for_everyone()
         path = self.output_dir / f"checkpoint-{self.step:08d}"
-        if self.is_main:
+
+        def write():  # main process; an HVPError there (a full disk) stops every process with its line
             state = {name: _state_of(obj) for name, obj in self.state.items()}
-            state.update(step=self.step, config=dataclasses.asdict(self.resolved_config()))
+            # the method and script name a checkpoint resumed by another script; the layout, a mid-epoch
+            # resume on other processes or workers
+            script = Path(sys.argv[0]).name if sys.argv and sys.argv[0].endswith(".py") else None
+            state.update(step=self.step, config=dataclasses.asdict(self.resolved_config()), method=self.method,
+                         script=script, run=self._derived())
             save_checkpoint(self.output_dir, self.step, state, self.export, self.data_config, self.tag,
-                            self.cfg.keep_checkpoints)
+                            self.cfg.keep_checkpoints, license=self.cfg.hub_license)
             tmp = self.output_dir / f"backbone.tmp-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             _link_tree(path / "backbone", tmp)  # the checkpoint's export, by hard links
             _replace_dir(tmp, self.output_dir / "backbone")
             if self.pusher.due(self.step) and self.step < self.total_steps:
                 self.pusher.push(self.output_dir / "backbone", self.step, state_dir=path)
+        self._on_main(write)
         self.accelerator.wait_for_everyone()
         return path
 
@@ -765,7 +932,8 @@ class Run:
         result = None
         if self.stopped:
             if self.is_main:
-                print(f"{self._stop.signal_name}: saved {path}; continue with the same command and --resume", flush=True)
+                print(f"{self._stop.signal_name or 'stop signal'}: saved {path}; continue with the same command and "
+                      "--resume", flush=True)
         else:
             result = self.knn()
             if result is not None and self.is_main:
@@ -779,7 +947,7 @@ class Run:
                 print(f"{self.export_name} exported to {export} (timm: create_model('local-dir:{export}', "
                       "pretrained=True))", flush=True)
             self.pusher.push(self.output_dir / "backbone", self.step, results=result, state_dir=path)
-        self.pusher.close()
+        pushed = self.pusher.close()
         self.metrics.log({"step": self.step, "epoch": self.step / self.steps_per_epoch,
                           "finish_s": time.perf_counter() - began})
         self.metrics.close()
@@ -787,15 +955,15 @@ class Run:
         self.accelerator.end_training()
         if self.lock is not None:
             self.lock.release()
+        if self._stop_on_error in UNDO_ON_ERROR:
+            UNDO_ON_ERROR.remove(self._stop_on_error)
+        if pushed is False and not self.stopped:  # a scheduler or CI sees the failure in the exit status
+            raise HVPError("training finished and is saved, but its final Hub push did not complete "
+                           "(see the hub: line above)")
         return result
 
 
-def _tensors_in(obj):
-    if torch.is_tensor(obj):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors_in(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors_in(v)
+def _data_layout(processes, num_workers, batch_size, grad_accum, shuffle_buffer):
+    """What decides which rows an epoch's steps take (see data.epoch_ranges; 0 workers read as 1)."""
+    return {"processes": processes, "loader workers": max(1, num_workers), "batch_size": batch_size,
+            "grad_accum": grad_accum, "shuffle_buffer": shuffle_buffer}

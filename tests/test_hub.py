@@ -214,6 +214,16 @@ def test_the_weights_licence_on_the_card_and_in_the_pushed_config_agree(tmp_path
     assert (export / "config.json").read_bytes() == before, "the export itself is not written through the link"
 
 
+def test_hub_license_is_the_licence_of_the_checkpoints_export_and_of_the_pushed_card(hub, tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    ok(run_with_hub(train(out, tiny_dataset, "--max_steps", 1, "--eval_split", "", "--push_to_hub", "--hub_model_id",
+                          "hvp-tester/licensed", "--hub_license", "apache-2.0"), hub.url, tmp_path / "hf"))
+    for export in (out / "backbone", hvp_run.latest_checkpoint(out) / "backbone"):
+        assert json.loads((export / "config.json").read_text())["pretrained_cfg"]["license"] == "apache-2.0"
+    assert json.loads(hub.file("hvp-tester/licensed", "config.json"))["pretrained_cfg"]["license"] == "apache-2.0"
+    assert "\nlicense: apache-2.0\n" in hub.file("hvp-tester/licensed", "README.md").decode()
+
+
 TRAINING_DATA_CONFIG = {"input_size": (3, 32, 32), "interpolation": "bicubic", "crop_pct": 0.875,
                         "mean": hvp.IMAGENET_MEAN, "std": hvp.IMAGENET_STD}  # what the training scripts export
 
@@ -425,9 +435,12 @@ def test_a_failing_hub_is_retried_and_reported_and_training_and_checkpoints_stay
     hub.add_files("hvp-tester/init", {p.name: p.read_bytes() for p in (tmp_path / "init").iterdir()})
     hub.fail(500, methods={"POST"})
     out = tmp_path / "run"
-    result = ok(run_with_hub(train(out, tiny_dataset, "--max_steps", 2, "--save_every", 1, "--push_to_hub",
-                                   "--hub_model_id", "hvp-tester/failing", "--hub_every", 1,
-                                   "--init_from", "hf-hub:hvp-tester/init"), hub.url, tmp_path / "hf"))
+    result = run_with_hub(train(out, tiny_dataset, "--max_steps", 2, "--save_every", 1, "--push_to_hub",
+                                "--hub_model_id", "hvp-tester/failing", "--hub_every", 1,
+                                "--init_from", "hf-hub:hvp-tester/init"), hub.url, tmp_path / "hf")
+    assert result.returncode == 2, "a scheduler or CI sees that the final push failed"
+    assert result.stderr.strip().splitlines()[-1] == ("error: training finished and is saved, but its final Hub push "
+                                                      "did not complete (see the hub: line above)")
     assert "backbone initialised from hf-hub:hvp-tester/init" in result.stdout
     assert "k-NN (k=20, T=0.07)" in result.stdout, "training ran to its end"
     assert re.search(r"push of step 2 to hvp-tester/failing failed \(try 1/3\): .*500", result.stderr)

@@ -416,7 +416,7 @@ class HubPusher:
         """Check --push_to_hub/--hub_model_id/--hub_private/--hub_every/--hub_push_state on every
         process before training (one-line HVPError) and return the pusher."""
         repo_id = hub_repo_id(cfg, cfg.output_dir)
-        license = getattr(cfg, "hub_license", None) or HUB_LICENSE
+        license = cfg.hub_license
         if repo_id is None:
             return cls(None, method, cfg, cfg.output_dir, enabled=False, license=license)
         enabled = accelerator.is_main_process

@@ -1,5 +1,6 @@
 """`hvp_utils.py` is the copyable HVP core: at most 1,000 lines, importable with torch alone (none of the
-run machinery's packages), its pair and multi-crop selection working there, and it never imports `hvp_run`."""
+run machinery's packages), its pair and multi-crop selection working there, and it never imports `hvp_run`;
+a training script copied with `hvp_utils.py` and `hvp_run/` into another folder runs there."""
 import ast
 import os
 import subprocess
@@ -118,3 +119,22 @@ def test_multicrop_selection_without_the_run_packages_gives_the_brute_force_answ
         """))
     assert result.returncode == 0, result.stderr
     assert result.stdout == "multicrop ok\n"
+
+
+def test_a_script_copied_with_the_core_and_the_machinery_runs_elsewhere(tiny_dataset, tmp_path):
+    # the second way to copy: one training script + hvp_utils.py + hvp_run/, into a folder of one's own
+    import shutil
+    from conftest import TINY_TRAIN, script_env
+    mine = tmp_path / "my_project"
+    mine.mkdir()
+    for name in ("train_simsiam.py", "hvp_utils.py"):
+        shutil.copy(ROOT / name, mine / name)
+    shutil.copytree(ROOT / "hvp_run", mine / "hvp_run", ignore=shutil.ignore_patterns("__pycache__"))
+    env = script_env()
+    env["PYTHONPATH"] = ""  # nothing of this repository on the path: only the copies
+    result = subprocess.run([sys.executable, "train_simsiam.py", "--dataset", str(tiny_dataset), "--output_dir", "out",
+                             "--max_steps", "2", "--eval_split", "", *TINY_TRAIN], cwd=mine, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (mine / "out" / "backbone" / "model.safetensors").is_file()
+    assert (mine / "out" / "metrics.jsonl").read_text().count('"loss"') == 2

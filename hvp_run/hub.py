@@ -486,7 +486,9 @@ class HubPusher:
                 self._write_card(job)
             kept = self.output_dir / "hub_upload"
             shutil.rmtree(kept, ignore_errors=True)
-            _link_tree(job["folder"], kept)
+            os.rename(job["folder"], kept)  # (open files of a push still running stay readable)
+            for older in self.output_dir.glob(".hub-push-*"):  # queued or running pushes it supersedes
+                shutil.rmtree(older, ignore_errors=True)
         print(f"hub: {reason}: push of step {job['step']} to {self.repo_id} abandoned. The local checkpoints are "
               f"intact; {upload_later(self.repo_id, kept / 'backbone')}", file=sys.stderr, flush=True)
 

@@ -438,6 +438,7 @@ class Run:
             torch.backends.cudnn.allow_tf32 = True
             torch.backends.cudnn.benchmark = True
         self.lock, self.stopped, self.state, self.step, self._batches = None, False, {}, 0, None
+        self._saved_step = None  # the step of the last checkpoint this process wrote
         self.metrics, self._stepped, self._new_folder = None, False, None
         self.bar = None
         UNDO_ON_ERROR.append(self._stop_on_error)
@@ -887,8 +888,8 @@ class Run:
 
     # --- checkpoints, evaluation, the end
 
-    def save(self):
-        """Checkpoint the state (main process), refresh <output_dir>/backbone, push when due."""
+    def save(self, push=True):
+        """Checkpoint the state (main process), refresh <output_dir>/backbone, push when due (and `push`)."""
         self.accelerator.wait_for_everyone()
         path = self.output_dir / f"checkpoint-{self.step:08d}"
 
@@ -905,10 +906,11 @@ class Run:
             shutil.rmtree(tmp, ignore_errors=True)
             _link_tree(path / "backbone", tmp)  # the checkpoint's export, by hard links
             _replace_dir(tmp, self.output_dir / "backbone")
-            if self.pusher.due(self.step) and self.step < self.total_steps:
+            if push and self.pusher.due(self.step) and self.step < self.total_steps:
                 self.pusher.push(self.output_dir / "backbone", self.step, state_dir=path)
         self._on_main(write)
         self.accelerator.wait_for_everyone()
+        self._saved_step = self.step
         return path
 
     def knn(self):
@@ -928,7 +930,10 @@ class Run:
         cfg, began = self.cfg, time.perf_counter()
         self.bar.close()
         self._batches = None  # ends the loader workers before evaluation starts its own
-        path = self.save()
+        if self._saved_step == self.step:  # right after a scheduled checkpoint: not written twice
+            path = self.output_dir / f"checkpoint-{self.step:08d}"
+        else:  # stopped by a signal: no new push (the one under way is abandoned at once, below)
+            path = self.save(push=not self.stopped)
         result = None
         if self.stopped:
             if self.is_main:
@@ -947,7 +952,9 @@ class Run:
                 print(f"{self.export_name} exported to {export} (timm: create_model('local-dir:{export}', "
                       "pretrained=True))", flush=True)
             self.pusher.push(self.output_dir / "backbone", self.step, results=result, state_dir=path)
-        pushed = self.pusher.close()
+        # a signal: a scheduler's SIGKILL follows soon, so a push under way is abandoned at once (kept in
+        # hub_upload with its command); otherwise it gets until the deadline
+        pushed = self.pusher.close(timeout=0 if self.stopped else None)
         self.metrics.log({"step": self.step, "epoch": self.step / self.steps_per_epoch,
                           "finish_s": time.perf_counter() - began})
         self.metrics.close()

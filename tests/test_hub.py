@@ -522,6 +522,7 @@ def test_a_hub_that_never_answers_is_abandoned_at_the_close_deadline_and_the_exp
         f"upload it later with: hf upload hvp-tester/silent {kept} ."]
     assert (kept / "model.safetensors").read_bytes() == (export / "model.safetensors").read_bytes()
     assert (kept / "README.md").is_file()
+    assert not list(tmp_path.glob(".hub-push-*")), "the abandoned push's staging folder was moved, not left"
 
 
 def test_every_hub_request_has_a_timeout_so_a_silent_hub_fails_its_tries(silent_hub, tmp_path):
@@ -554,6 +555,34 @@ def test_a_stop_signal_ends_the_wait_for_a_silent_hub(silent_hub, tmp_path):
     assert line.startswith("hub: SIGTERM received: push of step 3 to hvp-tester/silent abandoned.")
     assert (tmp_path / "hub_upload" / "backbone" / "model.safetensors").is_file()
 
+
+
+def test_sigterm_during_training_does_not_wait_for_a_silent_hub(silent_hub, tiny_dataset, tmp_path):
+    import signal
+    import time
+    out = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, *map(str, train(out, tiny_dataset, "--max_steps", 500, "--save_every", 2, "--log_every", 1,
+                                          "--eval_split", "", "--push_to_hub", "--hub_model_id", "hvp-tester/silent",
+                                          "--hub_every", 1))],
+        cwd=REPO, env=hub_env(silent_hub.url, tmp_path / "hf", HVP_HUB_CLOSE_TIMEOUT="300", HVP_HUB_TIMEOUT="300"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while silent_hub.connections == 0 and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.1)  # until a periodic push hangs on the silent server
+        assert silent_hub.connections >= 1, "no push reached the silent server"
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=60)
+        took = time.monotonic() - signalled
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr[-3000:]
+    assert took < 30, f"the run waited {took:.0f} s after SIGTERM"
+    assert "SIGTERM: saved" in stdout and "abandoned" in stderr
+    assert (out / "hub_upload" / "backbone" / "model.safetensors").is_file()
+    assert not list(out.glob(".hub-push-*"))
 
 def test_an_unknown_hub_repo_is_a_one_line_error(hub, tiny_dataset, tmp_path):
     result = run_with_hub(["eval/knn.py", "--backbone", "hf-hub:hvp-tester/no-such-repo", "--dataset", tiny_dataset,

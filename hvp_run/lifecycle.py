@@ -654,6 +654,11 @@ class Run:
                   flush=True)
             return None
         source = open_source(cfg.dataset, cfg.eval_split, cfg.image_column, cfg.label_column)
+        if source.files and (source.files, source.pieces) == (self.source.files, self.source.pieces):
+            # files given directly are one split: its queries would be the memory bank itself
+            print(f"note: {cfg.dataset!r} has one split only (files given directly): no k-NN evaluation (give a "
+                  "folder with a test split, or --eval_split '')", flush=True)
+            return None
         if not source.label_column:
             raise HVPError(f"evaluation split {cfg.eval_split!r} of {cfg.dataset!r} has no integer label column "
                            f"{cfg.label_column!r} for the k-NN evaluation (--eval_split '' skips it)")

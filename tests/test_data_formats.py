@@ -265,3 +265,13 @@ def test_every_row_has_the_same_chance_to_be_left_out_whatever_its_piece_size():
     per_piece = collections.Counter(p for epoch in range(2000) for p, _ in left_out(sizes, epoch, batch_size=16))
     rates = [per_piece[p] / (2000 * n) for p, n in enumerate(sizes)]
     assert all(abs(rate - 0.04) < 0.01 for rate in rates), rates
+
+
+def test_a_run_on_files_given_directly_evaluates_no_k_nn_on_its_own_training_rows(tmp_path):
+    # one split only: the "test" queries would be the memory bank itself (a top-1 of about 100 %)
+    from conftest import TINY_TRAIN, run_script
+    write_shards(tmp_path / "shards", [16, 16])
+    result = run_script(["train_simsiam.py", "--dataset", tmp_path / "shards" / "train-{000..001}.tar",
+                         "--output_dir", tmp_path / "out", "--max_steps", 2, *TINY_TRAIN])
+    assert "has one split only (files given directly): no k-NN evaluation" in result.stdout
+    assert "k-NN (k=" not in result.stdout and not (tmp_path / "out" / "knn.json").exists()

@@ -87,7 +87,7 @@ class Config:
     seed: int = 0  # model head initialisation, data order and flips
     num_workers: int = 2  # data loader workers per process
     mixed_precision: str = ""  # auto (bf16 where native, else fp32) | no | fp16 | bf16; empty = accelerate's setting
-    output: str = ""  # JSON result file; default <backbone folder>/detection.json
+    output: str = ""  # JSON result file; default <backbone folder>/detection.json (hf-hub:<org>/<name>: outputs/<org>--<name>/)
 
 
 PROTOCOLS = {
@@ -223,6 +223,8 @@ def training_batches(dataset, cfg, rank, world):
 # ----------------------------------------------------------------------------------- model
 
 def is_vit(model):
+    # the simple feature pyramid needs timm's VisionTransformer itself (its patch_embed, blocks and
+    # position-embedding resampling), not any model with a class token (common.is_vit)
     from timm.models.vision_transformer import VisionTransformer
     return isinstance(model, VisionTransformer)
 
@@ -408,7 +410,8 @@ def coco_ap(coco, results, iou_type):
 # ----------------------------------------------------------------------------------- main
 
 def run(cfg, accelerator):
-    """The whole fine-tuning and evaluation; returns the result dict (every process gets it)."""
+    """The whole fine-tuning and evaluation; returns the result dict (box_ap and mask_ap on the main
+    process only: COCOeval runs there on the gathered detections)."""
     check_config(cfg)
     start_time = time.perf_counter()
     is_main, device, world = accelerator.is_main_process, accelerator.device, accelerator.num_processes
@@ -424,8 +427,7 @@ def run(cfg, accelerator):
     steps = parse_ints(cfg.lr_steps, "lr_steps")
     if cfg.max_iter < 1 or not parse_ints(cfg.min_size, "min_size") or cfg.max_size < 1 or cfg.test_min_size < 1:
         raise hvp_run.HVPError("--max_iter, --min_size, --max_size and --test_min_size must be >= 1")
-    pretrained = config.get("pretrained_cfg", {})
-    mean, std = pretrained.get("mean", (0.485, 0.456, 0.406)), pretrained.get("std", (0.229, 0.224, 0.225))
+    _, mean, std = common.data_config(config)
     model = build_model(cfg, backbone, len(train_set.category_ids), mean, std, world, device)
     global_batch = cfg.batch_size * world
     peak_lr = cfg.lr * global_batch / REFERENCE_BATCH[cfg.protocol]
@@ -494,8 +496,7 @@ def main():
     accelerator = common.make_accelerator(cfg.mixed_precision)
     result = run(cfg, accelerator)
     if accelerator.is_main_process:
-        source = Path(cfg.backbone).expanduser()
-        output = Path(cfg.output) if cfg.output else (source if source.is_dir() else Path(".")) / "detection.json"
+        output = Path(cfg.output) if cfg.output else common.results_folder(cfg.backbone) / "detection.json"
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(result, indent=2))
         print(f"wrote {output}", flush=True)

@@ -190,8 +190,9 @@ def check_export(path):
     """Check a local backbone export against the checkpoint manifest that lists its files: that of
     the checkpoint holding it, or, for a run's <output_dir>/backbone (hard links of a checkpoint's
     export), those of the checkpoints beside it (the export matches one of them). A damaged file is
-    an HVPError naming it; an export no manifest lists (made by hand or by an older version, or
-    copied out of its run) loads with a one-line warning."""
+    an HVPError naming it. An export beside checkpoints that do not list it (an older version's run)
+    loads with a one-line warning; one with no checkpoint beside it (made by hand, copied out of its
+    run, downloaded) has nothing to be checked against and loads as it is."""
     path = Path(path)
     owners = [path.parent] if (path.parent / MANIFEST).is_file() else checkpoints(path.parent)
     prefix, listed = f"{path.name}/", []
@@ -204,8 +205,9 @@ def check_export(path):
         if export_files:
             listed.append((owner, export_files))
     if not listed:
-        print(f"warning: no checkpoint manifest lists the files of {path} (an export made by hand or by an older "
-              "version, or copied out of its run): loading it unchecked", file=sys.stderr, flush=True)
+        if owners:
+            print(f"warning: the checkpoint manifests beside {path} do not list its files (a run of an older "
+                  "version): loading it unchecked", file=sys.stderr, flush=True)
         return
     owner, export_files = listed[0]  # the newest: normally what <output_dir>/backbone links to
     problem = _mismatch(path, export_files)

@@ -254,13 +254,21 @@ def test_a_run_export_copied_and_then_damaged_is_found_too(tmp_path):
     hvp_run.load_backbone(checkpoint)  # the checkpoint's own export is intact
 
 
-def test_an_export_no_manifest_lists_loads_with_a_one_line_warning(tmp_path, capsys):
+def test_an_export_without_checkpoints_beside_it_loads_as_it_is(tmp_path, capsys):
     backbone = hvp_run.create_backbone("test_resnet", 32).eval()
-    hvp_run.export_backbone(backbone, tmp_path / "backbone", DATA, "hvp_test")  # by hand, or by an older version
+    hvp_run.export_backbone(backbone, tmp_path / "backbone", DATA, "hvp_test")  # by hand, or copied out of its run
     loaded, _ = hvp_run.load_backbone(tmp_path / "backbone")
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(backbone(x), loaded.eval()(x))
+    assert capsys.readouterr().err == ""  # nothing to check it against, nothing to warn about
+
+
+def test_an_export_beside_checkpoints_that_do_not_list_it_loads_with_a_one_line_warning(tmp_path, capsys):
+    backbone = hvp_run.create_backbone("test_resnet", 32).eval()
+    hvp_run.save_checkpoint(tmp_path, 1, {"step": 1})  # a checkpoint without an export, as an older version's
+    hvp_run.export_backbone(backbone, tmp_path / "backbone", DATA, "hvp_test")
+    hvp_run.load_backbone(tmp_path / "backbone")
     assert capsys.readouterr().err.splitlines() == [
-        f"warning: no checkpoint manifest lists the files of {tmp_path / 'backbone'} (an export made by hand or by an "
-        "older version, or copied out of its run): loading it unchecked"]
+        f"warning: the checkpoint manifests beside {tmp_path / 'backbone'} do not list its files (a run of an older "
+        "version): loading it unchecked"]

@@ -44,6 +44,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import hvp_run  # noqa: E402
+from eval.common import data_config, results_folder  # noqa: E402
 
 FORMATS = ("detectron2", "vitdet", "mmdet", "mmseg")
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -213,9 +214,7 @@ def from_target(target_state, names):
 def pixel_stats(config):
     """(mean, std) in 0-255 RGB: the backbone's own normalisation (its export's data config), scaled the
     way detectron2 and MMDetection take it."""
-    pretrained = config.get("pretrained_cfg", {})
-    mean = pretrained.get("mean", (0.485, 0.456, 0.406))
-    std = pretrained.get("std", (0.229, 0.224, 0.225))
+    _, mean, std = data_config(config)
     return [round(255 * m, 3) for m in mean], [round(255 * s, 3) for s in std]
 
 
@@ -328,9 +327,8 @@ def export(source, target, output=""):
     if output:
         weights = Path(output)
     else:
-        where = Path(source).expanduser()
         arch = str(config.get("architecture", "backbone")).replace("/", "_")
-        weights = (where if where.is_dir() else Path(".")) / f"{target}_{arch}{weights_suffix}"
+        weights = results_folder(source) / f"{target}_{arch}{weights_suffix}"
     if weights.suffix != weights_suffix:
         raise hvp_run.HVPError(f"--format {target} writes a {weights_suffix} file, --output is {str(weights)!r}")
     settings = weights.with_suffix(settings_suffix)
@@ -353,13 +351,14 @@ def export(source, target, output=""):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 2)[2],
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 2)[2],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", required=True,
                         help="training output folder, checkpoint folder, export folder or hf-hub:<id>")
     parser.add_argument("--format", required=True, choices=FORMATS, help="target library layout (see below)")
     parser.add_argument("--output", default="", help="weights file (.pkl for detectron2/vitdet, .pth for mmdet/mmseg); "
-                        "default <backbone folder>/<format>_<arch>.<ext>; the settings file goes next to it")
+                        "default <backbone folder>/<format>_<arch>.<ext> (hf-hub:<org>/<name>: outputs/<org>--<name>/); the "
+                        "settings file goes next to it")
     args = parser.parse_args(argv)
     weights, settings = export(args.backbone, args.format, args.output)
     print(f"wrote {weights} and {settings}", flush=True)

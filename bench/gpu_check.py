@@ -34,8 +34,8 @@ and hvp_run.Run are not changed: the timings, peak memory and k-NN come from wha
 itself (metrics.jsonl: startup_s, images_per_s, peak_mem_gib on CUDA, finish_s; config.json's "run"
 entry: global batch, workers, crops, device; knn.json).
 
-`datasets`: hvp_utils.open_source imports it only for image folders and Hub ids; a parquet file
-(what this check trains on) needs pyarrow alone. Where it is missing and no wheels are carried,
+`datasets`: hvp_run.open_source imports it only for Hub ids, image folders and CSV/JSON files; a
+parquet file (what this check trains on) needs pyarrow alone. Where it is missing and no wheels are carried,
 the children also get a stand-in module named `datasets` (a folder put first on PYTHONPATH), so
 that an import of it elsewhere fails with a clear message (every attribute raises); the report
 says so. `python bench/gpu_wheels.py` downloads wheels of the real one.
@@ -519,12 +519,11 @@ class Check:
             (stub / "__init__.py").write_text(STUB)
             self.pythonpath.append(str(stub.parent))
             imports["datasets"] = ("stand-in (no importable `datasets` here, none carried or the carried one failed: "
-                                   "hvp_utils.open_source imports it but does not use it for a parquet file; any use "
-                                   "raises)")
+                                   "hvp_run.open_source does not import it for a parquet file; any use raises)")
         elif "datasets" in missing:
             imports["datasets"] = "installed from the carried wheels"
         if missing == ["datasets"] and imports["datasets"].startswith("stand-in"):
-            # the project modules were imported above without it (hvp_utils imports `datasets` lazily)
+            # the project modules were imported above without it (hvp_run imports `datasets` lazily)
             info["modules"]["datasets"] = {"version": "absent (gpu_check stand-in)", "file": str(stub / "__init__.py")}
         elif missing:  # again, with what was installed
             rc, wall, log = self.run_child(self.me("_env", self.work / "env.json"), "env2", 120)
@@ -780,8 +779,8 @@ class Check:
 
 
 STUB = '''"""Stand-in for `datasets`, written by bench/gpu_check.py: the package is not installed on this
-machine and no wheels were carried. hvp_utils.open_source imports `datasets` before it looks at
-its argument, but never uses it for a parquet file, which is all the check trains on."""
+machine and no wheels were carried. hvp_run.open_source does not import `datasets` for a parquet
+file, which is all the check trains on: any other use ends here with this message."""
 __version__ = "absent (gpu_check stand-in)"
 
 

@@ -413,7 +413,7 @@ def model_card(repo_id, cfg, result, backbone_config, small_stem=False, folder_n
             method.lower() if method else None, dataset_name]))),
         model_name=repo_id or folder_name, eval_results=eval_results)
     if small_stem:  # run from a clone of the HVP repository: plain timm cannot build the small-stem ResNet
-        imports = 'import sys\nsys.path.insert(0, "eval")\nimport finetune  # eval/finetune.py of the HVP repository\n'
+        imports = 'from eval import finetune  # run from a clone of the HVP repository\n'
         load = f'model = finetune.load_model("{where.removeprefix("local-dir:")}")'
     else:
         imports, load = "", f'model = timm.create_model("{where}", pretrained=True).eval()'

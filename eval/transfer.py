@@ -26,9 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import hvp_run  # noqa: E402
-from eval import common  # noqa: E402
-import finetune  # noqa: E402  (eval/finetune.py and eval/linear.py, the evaluations this runs)
-import linear  # noqa: E402
+from eval import common, finetune, linear  # noqa: E402  (the evaluations this runs)
 
 
 @dataclass

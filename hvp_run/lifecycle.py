@@ -868,6 +868,7 @@ class Run:
         if not step.log_now:
             return
         done = step.index + 1
+        record = dict(record)  # the caller's dict stays as it was
         loss = self.accelerator.reduce(record.pop("loss").detach().float(), reduction="mean").item()
         if not math.isfinite(loss):
             raise HVPError(f"loss became {loss} at step {done}: training diverged; the last checkpoint in "

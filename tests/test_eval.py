@@ -14,12 +14,7 @@ import hvp_utils as hvp
 import hvp_run
 from conftest import REPO, run_script
 
-sys.path.insert(0, str(REPO / "eval"))
-from eval import common  # noqa: E402
-import finetune  # noqa: E402
-import knn  # noqa: E402
-import linear  # noqa: E402
-import transfer  # noqa: E402
+from eval import common, finetune, knn, linear, transfer  # noqa: E402
 
 COLOURS = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (230, 230, 230)]
 
@@ -456,8 +451,8 @@ import numpy as np, timm, torch
 from PIL import Image
 from huggingface_hub import ModelCard
 repo, local, code = sys.argv[1], sys.argv[2], sys.argv[3]
-sys.path.insert(0, str(Path(code) / "eval"))
-import finetune
+sys.path.insert(0, code)
+from eval import finetune
 x = torch.randn(4, 3, 12, 12, generator=torch.Generator().manual_seed(0))
 with torch.no_grad():
     hub = timm.create_model(f"hf-hub:{repo}", pretrained=True).eval()

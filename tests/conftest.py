@@ -1,5 +1,5 @@
 """Shared fixtures: offline Hugging Face settings, a tiny copy of the shipped dataset, a runner for
-the training scripts as real subprocesses."""
+the training scripts as real subprocesses; and how the suite shares the machine's cores (below)."""
 import os
 import subprocess
 import sys
@@ -20,6 +20,40 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 sys.path.insert(0, str(REPO))
 
 SHIPPED = REPO / "data" / "fashion_mnist_small"
+
+
+# ----------------------------------------------------------------------------------- every core, heavy tests first
+# `python -m pytest tests` runs on every core (pytest-xdist, one worker per core) unless told otherwise:
+# `-n 0` or `-n 3` choose, and `-p no:xdist` still works because nothing in pytest.ini names xdist's flags.
+# --dist worksteal: each worker starts on its own half of the tests, in order, and one that runs out takes
+# over the end of another's. Tests marked heavy come first, so the two workers end on short tests, and the
+# heavy ones (the GPU check's dry run, shared by three tests; the runs of two processes each) start one
+# after another on the first worker instead of crowding the cores together. (xdist_group marks are not
+# used: with pytest 9.2, --dist loadgroup no longer keeps a group on one worker, pytest-xdist#1386.)
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    if not config.pluginmanager.hasplugin("xdist") or hasattr(config, "workerinput"):
+        return  # without xdist, or in a worker (it runs what the controller sends it)
+    if config.option.numprocesses is None:
+        # the cores this process may use (xdist's "auto" counts physical cores with psutil: 1 on a 2-vCPU
+        # machine whose vCPUs are one core's two threads)
+        config.option.numprocesses = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else (os.cpu_count() or 1)
+    if config.option.dist == "no":  # xdist then drops it again for -n 0
+        config.option.dist = "worksteal"
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)  # stable: heavy ones first, in order
+
+
+def pytest_runtest_setup(item):
+    # One torch thread per worker (the workers already fill the cores), also after a test whose Run
+    # chose its own count; the training scripts' subprocesses get OMP_NUM_THREADS=1 from script_env.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+        torch.set_num_threads(1)
 
 
 def write_parquet_split(folder, split, rows, row_group_size):
@@ -58,8 +92,9 @@ def run_script(args, timeout=300, check=True, **popen):
     return result
 
 
-# Small, fast settings shared by the training-script tests.
-TINY_TRAIN = ["--arch", "resnet18", "--small_stem", "--image_size", "28", "--batch_size", "8",
+# Small, fast settings shared by the training-script tests: timm's 0.4M-parameter test ResNet (its deep
+# stem at stride 1) trains a step in about a tenth of ResNet-18's time.
+TINY_TRAIN = ["--arch", "test_resnet", "--small_stem", "--image_size", "28", "--batch_size", "8",
               "--proj_dim", "64", "--pred_dim", "16", "--num_workers", "0", "--log_every", "1",
               "--report_to", "none", "--mixed_precision", "no"]
 
@@ -80,6 +115,7 @@ def two_process_command(script_args):
 
 
 def run_two_processes(script_args, timeout=400, check=True, **env):
+    """A test that calls this (or two_process_command) is marked heavy."""
     result = subprocess.run(two_process_command(script_args), cwd=REPO, env=script_env(**env), capture_output=True,
                             text=True, timeout=timeout)
     if check and result.returncode != 0:

@@ -26,6 +26,8 @@ def finite_positive(value):
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
+    """One dry run (1-2 CPU-minutes) for the three tests that read it: they are marked heavy, so they go
+    out first, one after another, to the same xdist worker."""
     root = tmp_path_factory.mktemp("gpu_check")
     broken = root / "no_datasets" / "datasets"  # the GPU machine has no `datasets`: make it fail to import here
     broken.mkdir(parents=True)
@@ -41,6 +43,7 @@ def dry_run(tmp_path_factory):
     return out, json.loads((out / "summary.json").read_text()), (out / "report.md").read_text()
 
 
+@pytest.mark.heavy
 def test_dry_run_report_has_every_section_and_every_part_ran(dry_run):
     out, summary, report = dry_run
     for heading in SECTIONS:
@@ -56,6 +59,7 @@ def test_dry_run_report_has_every_section_and_every_part_ran(dry_run):
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.log", "report.md", "summary.json"]
 
 
+@pytest.mark.heavy
 def test_dry_run_training_numbers_are_finite(dry_run):
     _, summary, _ = dry_run
     runs = {r["name"]: r for r in summary["train"]}
@@ -75,6 +79,7 @@ def test_dry_run_training_numbers_are_finite(dry_run):
     assert finite_positive(summary["dino_crops"]["device_over_worker"])
 
 
+@pytest.mark.heavy
 def test_dry_run_overflow_control_and_benches(dry_run):
     _, summary, _ = dry_run
     [control] = summary["overflow"]

@@ -8,9 +8,9 @@ import torch
 import hvp_run
 from conftest import run_script
 
-# a ViT small enough for tests: 16 px globals (4 x 4 patches of 4 px), 8 px locals, 64-prototype heads
-# (equal sizes: the teacher's patch tokens use its [CLS] last layer, the official default)
-TINY_IBOT = ["--arch", "vit_tiny", "--small_stem", "--image_size", "16", "--local_size", "8", "--batch_size", "8",
+# a ViT small enough for tests (timm's 6-block, 64-wide test ViT): 16 px globals (4 x 4 patches of 4 px), 8 px
+# locals, 64-prototype heads (equal sizes: the teacher's patch tokens use its [CLS] last layer, the official default)
+TINY_IBOT = ["--arch", "test_vit", "--small_stem", "--image_size", "16", "--local_size", "8", "--batch_size", "8",
              "--out_dim", "64", "--patch_out_dim", "64", "--hidden_dim", "64", "--bottleneck_dim", "32",
              "--global_views", "4", "--local_views", "4", "--local_crops_number", "2", "--pred_ratio", "0.4",
              "--num_workers", "0", "--log_every", "1", "--report_to", "none", "--mixed_precision", "no"]
@@ -32,7 +32,7 @@ def final_state(output_dir):
 def test_smoke_run_selects_tuples_with_masks_logs_both_losses_exports_the_teacher_and_prints_knn(tiny_dataset, tmp_path):
     out = tmp_path / "vit"
     result = run_script(train_args(out, tiny_dataset, "--max_steps", 2))
-    assert "iBOT + HVP | vit_tiny 16/8px patch 4 | globals 4 -> 2, locals 4 -> 2 | mask ratio 0.4" in result.stdout
+    assert "iBOT + HVP | test_vit 16/8px patch 4 | globals 4 -> 2, locals 4 -> 2 | mask ratio 0.4" in result.stdout
     logged = records(out)
     assert [r["step"] for r in logged] == [1, 2]
     for key in ("loss", "cls_loss", "patch_loss", "mask_ratio", "teacher_temp", "teacher_patch_temp", "select_s",

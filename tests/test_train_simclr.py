@@ -88,7 +88,7 @@ def test_resuming_from_a_checkpoint_gives_the_same_parameters_as_an_uninterrupte
         assert torch.equal(expected[name], again[name]), name
 
 
-
+@pytest.mark.heavy
 def test_two_process_cpu_ddp_runs_hvp_and_keeps_parameters_identical_across_ranks(tiny_dataset, tmp_path):
     out = tmp_path / "ddp"
     result = run_two_processes(train_args(out, tiny_dataset, "--max_steps", 2, "--num_workers", 2))

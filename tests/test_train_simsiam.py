@@ -31,7 +31,7 @@ def test_smoke_run_logs_metrics_exports_the_backbone_and_prints_knn(tiny_dataset
     assert all(r["hard_score"] >= r["random_score"] for r in logged)
     assert "k-NN (k=20, T=0.07)" in result.stdout and json.loads((out / "knn.json").read_text())["knn_top1"] > 0
     backbone, config = hvp_run.load_backbone(out)
-    assert config["architecture"] == "resnet18" and config["pretrained_cfg"]["tag"] == "hvp_simsiam"
+    assert config["architecture"] == "test_resnet" and config["pretrained_cfg"]["tag"] == "hvp_simsiam"
     assert (out / "config.json").exists()
     grid = np.asarray(Image.open(next((out / "grids").glob("*.png"))).convert("RGB")).astype(float)
     assert grid.std() > 20, "the view grid shows images, not a blank canvas"
@@ -47,7 +47,7 @@ def test_smoke_run_logs_metrics_exports_the_backbone_and_prints_knn(tiny_dataset
 def test_two_views_is_plain_simsiam_without_a_selection_pass(tiny_dataset, tmp_path):
     """No selection statistics and no selection time in any record (an HVP run logs both: the smoke test)."""
     result = run_script(train_args(tmp_path / "plain", tiny_dataset, "--max_steps", 2, "--num_views", 2))
-    assert "SimSiam | resnet18" in result.stdout, "the banner says plain SimSiam (no '+ HVP')"
+    assert "SimSiam | test_resnet" in result.stdout, "the banner says plain SimSiam (no '+ HVP')"
     logged = records(tmp_path / "plain")
     assert [r["step"] for r in logged] == [1, 2]
     for r in logged:

@@ -581,15 +581,18 @@ class Check:
         cell = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
         images = pa.array([{"bytes": jpegs[i % s.unique], "path": f"{i % s.unique:05d}.jpg"} for i in range(s.rows)], cell)
         labels = pa.array([i % s.unique % 10 for i in range(s.rows)], pa.int64())
-        path = self.work / "data" / "train.parquet"
+        folder = self.work / "data"  # the Hub layout: a train split and a test split (the k-NN queries)
+        path, test = folder / "data" / "train-00000-of-00001.parquet", folder / "data" / "test-00000-of-00001.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.table({"image": images, "label": labels}), path, row_group_size=s.row_group)
-        self.dataset_path = path
+        table = pa.table({"image": images, "label": labels})
+        pq.write_table(table, path, row_group_size=s.row_group)
+        pq.write_table(table.slice(0, s.unique), test, row_group_size=s.row_group)  # each distinct image once
+        self.dataset_path = folder
         self.summary["dataset"] = {
             "path": str(path), "rows": s.rows, "unique_images": s.unique, "size": f"{s.width} x {s.height}",
             "row_group": s.row_group, "jpeg_kib_mean": sum(map(len, jpegs)) / len(jpegs) / 1024,
             "file_mib": path.stat().st_size / 2**20, "seconds": time.monotonic() - start,
-            "labels": "unique image index % 10 (rows repeat the unique images)"}
+            "labels": "unique image index % 10 (rows repeat the unique images; the test split holds each once)"}
 
     # --- training runs
 
@@ -959,8 +962,8 @@ def report(s):
                      f"{fmt(r['startup_s'])} / {fmt(r['loop_s'])} / {fmt(r['finish_s'])} | {r['status']} |")
     knn = next((r for r in s["train"] if r.get("knn")), None)
     if knn:
-        lines += ["", f"k-NN at the end of {knn['name']} (queries = the training file itself, so only a functional "
-                  f"check): top-1 {fmt(knn['knn'].get('knn_top1'), 2)} %."]
+        lines += ["", f"k-NN at the end of {knn['name']} (queries = the test split, the training images once each, "
+                  f"so only a functional check): top-1 {fmt(knn['knn'].get('knn_top1'), 2)} %."]
     errors = [r for r in s["train"] if r.get("error")]
     for r in errors:
         lines += ["", f"{r['name']} ({r['status']}), last lines:", "", "```", r["error"], "```"]

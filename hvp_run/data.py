@@ -302,10 +302,16 @@ def open_source(name, split, image_column="image", label_column="label"):
             return _files_source(name, _data_files(name), image_column, label_column)
         if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
             return _saved_source(name, split, path, image_column, label_column)
-        import datasets
-        if not path.exists():
-            _check_hub_reachable(name)
-        builder = datasets.load_dataset_builder(str(path) if path.exists() else name)
+        try:
+            import datasets
+            if not path.exists():
+                _check_hub_reachable(name)
+            builder = datasets.load_dataset_builder(str(path) if path.exists() else name)
+        except ImportError:  # no `datasets` here: parquet files in the Hub layout are read with pyarrow alone
+            files = _hub_layout_parquet(name, path, split)
+            if files is None:
+                raise
+            return _parquet_source(name, split, files, image_column, label_column)
     except HVPError:
         raise
     except Exception as e:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, HTTP...)
@@ -327,6 +333,19 @@ def open_source(name, split, image_column="image", label_column="label"):
         return Source(name, split, "imagefolder", files, [[i, 0, 1] for i in range(len(files))], image_column,
                       "label" if has_labels else None, classes if has_labels else None)
     return _datasets_source(name, split, image_column, label_column)
+
+
+def _hub_layout_parquet(name, path, split):
+    """The parquet files of `split` in a local folder in the Hub layout (data/<split>-00000-of-00002.parquet
+    or <split>.parquet), found without `datasets`; None where the folder holds no parquet file."""
+    found = sorted(str(f) for f in path.rglob("*.parquet")) if path.is_dir() else []
+    if not found:
+        return None
+    splits = {f: Path(f).stem.split("-")[0] for f in found}
+    files = [f for f in found if splits[f] == split]
+    if not files:
+        raise HVPError(f"dataset {name!r} has no split {split!r} (it has: {', '.join(sorted(set(splits.values())))})")
+    return files
 
 
 def _files_source(name, files, image_column, label_column):

@@ -275,3 +275,23 @@ def test_a_run_on_files_given_directly_evaluates_no_k_nn_on_its_own_training_row
                          "--output_dir", tmp_path / "out", "--max_steps", 2, *TINY_TRAIN])
     assert "has one split only (files given directly): no k-NN evaluation" in result.stdout
     assert "k-NN (k=" not in result.stdout and not (tmp_path / "out" / "knn.json").exists()
+
+
+def test_a_parquet_folder_in_the_hub_layout_opens_without_datasets(tmp_path):
+    # the GPU machine has no `datasets`: its splits are then found by file name, read with pyarrow alone
+    from conftest import write_parquet_split
+    write_parquet_split(tmp_path, "train", 24, 8)
+    write_parquet_split(tmp_path, "test", 12, 6)
+    code = ("import sys\n"
+            "class Refuse:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.partition('.')[0] == 'datasets': raise ImportError('no datasets here')\n"
+            "sys.meta_path.insert(0, Refuse())\n"
+            "import hvp_run\n"
+            f"train, test = (hvp_run.open_source({str(tmp_path)!r}, s) for s in ('train', 'test'))\n"
+            "print(train.num_rows, test.num_rows, train.kind, 'datasets' in sys.modules)\n"
+            f"hvp_run.open_source({str(tmp_path)!r}, 'validation')\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=script_env(), capture_output=True, text=True,
+                            timeout=120)
+    assert result.stdout.split() == ["24", "12", "parquet", "False"]
+    assert result.stderr.strip().splitlines()[-1].endswith("has no split 'validation' (it has: test, train)")

@@ -25,7 +25,8 @@ def simsiam_args(output_dir, dataset, *extra):
 def simsiam_run(output_dir, dataset, *extra):
     """A SimSiam Run built in this process, with its model and SGD optimizer (momentum: state per parameter)."""
     import train_simsiam as ts
-    cfg, notes = hvp_run.parse_config(ts.Config, [str(a) for a in simsiam_args(output_dir, dataset, *extra)[1:]])
+    argv = simsiam_args(output_dir, dataset, "--arch", "resnet18", "--small_stem", *extra)[1:]  # the model below
+    cfg, notes = hvp_run.parse_config(ts.Config, [str(a) for a in argv])
     run = hvp_run.Run(cfg, "SimSiam", ts.MODEL_FIELDS, notes)
     model = ts.SimSiam(hvp_run.create_backbone("resnet18", 28, True), 64, 16)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)

@@ -217,7 +217,7 @@ def test_resuming_mid_epoch_with_other_loader_workers_says_what_happens_to_that_
 # ----------------------------------------------------------------------------------- signals
 
 @pytest.mark.heavy
-@pytest.mark.xdist_group("two_processes")
+@pytest.mark.heavy
 def test_sigterm_to_a_process_other_than_the_main_one_names_the_signal_when_it_saves(tiny_dataset, tmp_path):
     import psutil
     out = tmp_path / "run"

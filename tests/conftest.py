@@ -54,6 +54,12 @@ def pytest_runtest_setup(item):
     if os.environ.get("PYTEST_XDIST_WORKER"):
         import torch
         torch.set_num_threads(1)
+    # Accelerate's state is one per process, fixed by the first Accelerator: a test that builds one in
+    # this process (a Run, an eval script's main) must not inherit the precision of whichever test ran
+    # before it on this worker.
+    if "accelerate" in sys.modules:
+        from accelerate.state import AcceleratorState
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def write_parquet_split(folder, split, rows, row_group_size):

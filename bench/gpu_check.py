@@ -63,7 +63,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = ("simsiam", "simclr", "dino", "ibot")
-PARTS = ("train_bf16", "train_fp16", "loader", "dino_crops", "benches", "bench_data", "train_fp16_plain")
+PARTS = ("train_bf16", "train_fp16", "loader", "dino_crops", "benches", "bench_data", "detection", "train_fp16_plain")
 MODULES = ("torch", "torchvision", "timm", "accelerate", "safetensors", "huggingface_hub", "datasets", "pyarrow",
            "PIL", "numpy", "fsspec", "tqdm", "tensorboard", "pytest")
 DISTRIBUTIONS = {"PIL": "pillow", "huggingface_hub": "huggingface-hub"}
@@ -105,6 +105,8 @@ class Settings:
     cap_bench: float
     est_loader: float
     est_bench_data: float
+    detection: dict     # eval/detection.py: shapes set (images, size), backbones {label: create_backbone args}, flags
+    est_detection: float
 
 
 VIT_VIEWS_GPU = (["--global_views", "4", "--local_views", "16", "--local_crops_number", "10"],
@@ -131,7 +133,12 @@ def gpu_settings():
         bench_data_flags=["--images", "16", "--repeats", "2", "--device", "cuda", "--loader", "--image_size", "224",
                           "--views", "4", "--workers", "1", "4", "8", "15", "--crops", "worker", "device",
                           "--batch_size", "64", "--batches", "8"],
-        extra_flags=[], est_train=30, cap_train=150, est_bench=45, cap_bench=150, est_loader=80, est_bench_data=90)
+        extra_flags=[], est_train=30, cap_train=150, est_bench=45, cap_bench=150, est_loader=80, est_bench_data=90,
+        detection=dict(images=32, size=320, backbones={"resnet50": ("resnet50", 224, {}),
+                                                       "vit_small": ("vit_small", 224, {"pos_embed_resample": "dino"})},
+                       flags=["--max_iter", "40", "--batch_size", "4", "--min_size", "320", "--max_size", "480",
+                              "--test_min_size", "320", "--num_workers", "4"]),
+        est_detection=60)
 
 
 def dry_settings():
@@ -158,7 +165,14 @@ def dry_settings():
                           "--device_batch", "2", "--sets", "SimSiam", "--loader", "--image_size", "32", "--views", "2",
                           "--workers", "1", "2", "--crops", "worker", "device", "--batch_size", "8", "--batches", "2"],
         extra_flags=["--report_to", "none"], est_train=12, cap_train=90, est_bench=30, cap_bench=120, est_loader=20,
-        est_bench_data=20)
+        est_bench_data=20,
+        detection=dict(images=4, size=64, backbones={"resnet18": ("resnet18", 64, {}),
+                                                     "vit_tiny": ("vit_tiny", 32, {"depth": 2, "embed_dim": 32,
+                                                                                  "num_heads": 2})},
+                       flags=["--max_iter", "2", "--batch_size", "2", "--min_size", "64", "--max_size", "96",
+                              "--test_min_size", "64", "--fpn_channels", "32", "--detections_per_image", "5",
+                              "--num_workers", "0"]),
+        est_detection=15)
 
 
 # ----------------------------------------------------------------------------------- small helpers
@@ -734,6 +748,47 @@ class Check:
                 "the synthetic split with its generic N-view recipe; the loader part above does the same for "
                 "DINO's HVP crop set")
 
+    def detection(self):
+        """eval/detection.py end to end on the generated shapes set: a ResNet through the FPN and a ViT
+        through the simple feature pyramid, each exported untrained (the check is that it runs and
+        COCOeval scores it, not the AP)."""
+        sys.path.insert(0, str(REPO))
+        import torch
+
+        import hvp_run
+        from eval.detection import write_shapes_dataset
+        s, d = self.s, self.s.detection
+        shapes = write_shapes_dataset(self.work / "shapes", d["images"], d["size"])
+        data = ["--train_images", shapes / "images", "--train_annotations", shapes / "instances.json",
+                "--val_images", shapes / "images", "--val_annotations", shapes / "instances.json"]
+        precision = self.s.precisions[0]
+        self.summary["detection"] = {}
+        for label, (arch, size, kwargs) in d["backbones"].items():
+            self.need(f"detection {label}", "detection", s.est_detection)
+            torch.manual_seed(0)
+            export = hvp_run.export_backbone(hvp_run.create_backbone(arch, size, **kwargs).eval(),
+                                             self.work / f"det-{label}", {"input_size": (3, size, size)}, "gpu_check")
+            out = self.work / f"detection-{label}.json"
+            cmd = [sys.executable, REPO / "eval" / "detection.py", "--backbone", export, *data, *d["flags"],
+                   "--mixed_precision", precision, "--output", out]
+            rc, wall, log = self.run_child(cmd, f"detection-{label}", max(4 * s.est_detection, 60))
+            self.note_time("detection", wall)
+            if rc != 0 or not out.exists():
+                self.skip_item("detection", label, "killed at its time limit" if rc is None
+                               else f"exit {rc}: {tail(log, 3)}")
+                continue
+            result = json.loads(out.read_text())
+            self.summary["detection"][label] = {
+                "command": " ".join(map(str, ["python eval/detection.py", "--backbone", f"<untrained {arch}>",
+                                              *d["flags"], "--mixed_precision", precision])),
+                "protocol": result["protocol"], "box_ap": result["box_ap"]["AP"], "mask_ap": result["mask_ap"]["AP"],
+                "loss_first": result["losses"][0]["loss"] if result["losses"] else None,
+                "loss_last": result["losses"][-1]["loss"] if result["losses"] else None,
+                "seconds": result["seconds"], "wall_s": wall}
+            self.write()
+        if not self.summary["detection"]:
+            raise RuntimeError("no detection run finished")
+
     # --- all of it
 
     def run(self):
@@ -752,6 +807,7 @@ class Check:
             "dino_crops": self.dino_crops,
             "benches": self.benches,
             "bench_data": self.bench_data,
+            "detection": self.detection,
             "train_fp16_plain": self.train_fp16_plain,
         }
         for name in PARTS:
@@ -1026,6 +1082,18 @@ def report(s):
     note = s["parts"].get("bench_data", {}).get("note")
     if note:
         lines += [f"Note: {note}.", ""]
+    lines += ["## Detection: eval/detection.py", "",
+              "Untrained backbones fine-tuned for a few iterations on the generated shapes set (a ResNet through "
+              "the FPN, a ViT through the simple feature pyramid): whether the script runs and COCOeval scores it "
+              "on this machine, not what AP a pretrained backbone reaches.", ""]
+    det = s.get("detection") or {}
+    if det:
+        lines += ["| backbone | protocol | loss first -> last | box AP | mask AP | s (script) | s (wall) |",
+                  "|---|---|---|---|---|---|---|"]
+        for label, r in det.items():
+            lines.append(f"| {label} | {r['protocol']} | {fmt(r['loss_first'], 3)} -> {fmt(r['loss_last'], 3)} | "
+                         f"{fmt(r['box_ap'], 2)} | {fmt(r['mask_ap'], 2)} | {fmt(r['seconds'])} | {fmt(r['wall_s'])} |")
+        lines += ["", f"`{next(iter(det.values()))['command']}`", ""]
     lines += ["## Parts, skipped and failed", "", "| part | status | wall s | note |", "|---|---|---|---|"]
     for name, p in s["parts"].items():
         lines.append(f"| {name} | {p['status']} | {fmt(p.get('wall_s'))} | {p.get('note', '')} |")

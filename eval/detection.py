@@ -142,6 +142,41 @@ def check_config(cfg):
 
 # ----------------------------------------------------------------------------------- data
 
+SHAPE_CATEGORIES = [{"id": 5, "name": "square"}, {"id": 9, "name": "disc"}]  # ids not 1..K: the label map is used
+
+
+def write_shapes_dataset(folder, count=8, size=64, seed=0):
+    """A tiny COCO-format set to check an installation end to end (tests, bench/gpu_check.py):
+    `count` images of `size` px with one red square (polygon mask) and one blue disc (RLE mask) each,
+    at varying places: folder/images + folder/instances.json. Returns folder."""
+    import numpy as np
+    import pycocotools.mask as mask_utils
+    from PIL import Image
+    folder, gen = Path(folder), np.random.default_rng(seed)
+    (folder / "images").mkdir(parents=True)
+    images, annotations = [], []
+    for i in range(count):
+        pixels = np.full((size, size, 3), 235, np.uint8)
+        x, y, s = (int(v) for v in gen.integers(2, size // 2 - 4, 3))
+        s = max(s, 10)
+        pixels[y:y + s, x:x + s] = (210, 30, 30)
+        cx, cy, r = int(gen.integers(size // 2 + 8, size - 10)), int(gen.integers(10, size - 10)), 8
+        yy, xx = np.mgrid[:size, :size]
+        disc = ((xx - cx) ** 2 + (yy - cy) ** 2 <= r * r).astype(np.uint8)
+        pixels[disc.astype(bool)] = (30, 30, 210)
+        Image.fromarray(pixels).save(folder / "images" / f"{i:03d}.png")
+        images.append({"id": i + 1, "file_name": f"{i:03d}.png", "width": size, "height": size})
+        annotations.append({"id": 2 * i + 1, "image_id": i + 1, "category_id": 5, "iscrowd": 0, "area": s * s,
+                            "bbox": [x, y, s, s], "segmentation": [[x, y, x + s, y, x + s, y + s, x, y + s]]})
+        rle = mask_utils.encode(np.asfortranarray(disc))
+        annotations.append({"id": 2 * i + 2, "image_id": i + 1, "category_id": 9, "iscrowd": 0,
+                            "area": float(mask_utils.area(rle)), "bbox": mask_utils.toBbox(rle).tolist(),
+                            "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")}})
+    (folder / "instances.json").write_text(json.dumps(
+        {"images": images, "annotations": annotations, "categories": SHAPE_CATEGORIES}))
+    return folder
+
+
 def load_coco(annotations):
     """pycocotools' COCO index of an instances JSON, quietly (it prints), with a one-line error."""
     import contextlib

@@ -12,7 +12,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import hvp_run
 from conftest import REPO, run_script
@@ -22,43 +21,13 @@ sys.path.insert(0, str(REPO / "eval"))
 import detection  # noqa: E402
 import export_detection  # noqa: E402
 
-CATEGORIES = [{"id": 5, "name": "square"}, {"id": 9, "name": "disc"}]  # ids not 1..K: the label map is exercised
 
 
 # ----------------------------------------------------------------------------------- fixtures
 
-def shapes_dataset(folder, count=8, size=64):
-    """`count` images of `size` px with one red square (polygon mask) and one blue disc (RLE mask)
-    each, at varying places, as a COCO-format dataset: folder/images + folder/instances.json."""
-    import pycocotools.mask as mask_utils
-    gen = np.random.default_rng(0)
-    (folder / "images").mkdir(parents=True)
-    images, annotations = [], []
-    for i in range(count):
-        pixels = np.full((size, size, 3), 235, np.uint8)
-        x, y, s = (int(v) for v in gen.integers(2, size // 2 - 4, 3))
-        s = max(s, 10)
-        pixels[y:y + s, x:x + s] = (210, 30, 30)
-        cx, cy, r = int(gen.integers(size // 2 + 8, size - 10)), int(gen.integers(10, size - 10)), 8
-        yy, xx = np.mgrid[:size, :size]
-        disc = ((xx - cx) ** 2 + (yy - cy) ** 2 <= r * r).astype(np.uint8)
-        pixels[disc.astype(bool)] = (30, 30, 210)
-        Image.fromarray(pixels).save(folder / "images" / f"{i:03d}.png")
-        images.append({"id": i + 1, "file_name": f"{i:03d}.png", "width": size, "height": size})
-        annotations.append({"id": 2 * i + 1, "image_id": i + 1, "category_id": 5, "iscrowd": 0, "area": s * s,
-                            "bbox": [x, y, s, s], "segmentation": [[x, y, x + s, y, x + s, y + s, x, y + s]]})
-        rle = mask_utils.encode(np.asfortranarray(disc))
-        annotations.append({"id": 2 * i + 2, "image_id": i + 1, "category_id": 9, "iscrowd": 0,
-                            "area": float(mask_utils.area(rle)), "bbox": mask_utils.toBbox(rle).tolist(),
-                            "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")}})
-    (folder / "instances.json").write_text(json.dumps(
-        {"images": images, "annotations": annotations, "categories": CATEGORIES}))
-    return folder
-
-
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    return shapes_dataset(tmp_path_factory.mktemp("shapes"))
+    return detection.write_shapes_dataset(tmp_path_factory.mktemp("shapes") / "set")
 
 
 @pytest.fixture(scope="module")

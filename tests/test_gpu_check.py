@@ -17,7 +17,8 @@ from bench import gpu_check  # noqa: E402
 
 SECTIONS = ("## Machine", "## Imports", "## Synthetic dataset", "## Training scripts", "## HVP / plain",
             "## fp16 overflow injection", "## DINO crops: device vs worker", "## Data pipeline: loader workers",
-            "## Step benches", "## Data pipeline: bench_data.py", "## Parts, skipped and failed")
+            "## Step benches", "## Data pipeline: bench_data.py", "## Detection: eval/detection.py",
+            "## Parts, skipped and failed")
 
 
 def finite_positive(value):
@@ -94,6 +95,16 @@ def test_dry_run_overflow_control_and_benches(dry_run):
     assert "Worker CPU per image" in bench_data["table"] and "Loader (wall clock)" in bench_data["table"]
     loader = bench_data["results"]["loader"]  # --workers 1 2 x --crops worker device
     assert len(loader) == 4 and all(finite_positive(r["loader_views_per_s"]) for r in loader.values()), loader
+
+
+def test_dry_run_fine_tunes_a_resnet_and_a_vit_for_detection_and_scores_them(dry_run):
+    _, summary, report = dry_run
+    det = summary["detection"]
+    assert {label: r["protocol"] for label, r in det.items()} == {"resnet18": "resnet", "vit_tiny": "vit"}
+    for r in det.values():
+        assert all(v == -1 or 0 <= v <= 100 for v in (r["box_ap"], r["mask_ap"]))  # COCOeval's numbers (-1: none)
+        assert math.isfinite(r["loss_first"]) and math.isfinite(r["loss_last"]) and finite_positive(r["wall_s"])
+    assert "| resnet18 | resnet |" in report and "| vit_tiny | vit |" in report
 
 
 def fp16_run(**overflow):

@@ -8,6 +8,7 @@ go. The scripts import it as they import hvp_run, from the repository root:
 """
 import copy
 import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -164,6 +165,13 @@ def default_output(cfg, name):
     """<results folder>/<name>.json, "_random_init" added with --random_init (the same architecture,
     none of the weights: another result)."""
     return results_folder(cfg.backbone) / (f"{name}_random_init.json" if cfg.random_init else f"{name}.json")
+
+
+def write_result(output, result):
+    """Write an evaluation's result dict as JSON to `output` (its folder created)."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2))
 
 
 def results_folder(backbone):

@@ -532,8 +532,7 @@ def main():
     result = run(cfg, accelerator)
     if accelerator.is_main_process:
         output = Path(cfg.output) if cfg.output else common.results_folder(cfg.backbone) / "detection.json"
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(result, indent=2))
+        common.write_result(output, result)
         print(f"wrote {output}", flush=True)
     accelerator.end_training()
 

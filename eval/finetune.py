@@ -572,9 +572,7 @@ def main():
             print(note, flush=True)
     result = run(cfg, accelerator)
     if accelerator.is_main_process:
-        output, _ = default_paths(cfg)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(result, indent=2))
+        common.write_result(default_paths(cfg)[0], result)
     accelerator.end_training()
     if result.get("pushed_to_hub") is False:  # the user asked for the Hub: a script or scheduler must see it failed
         raise hvp_run.HVPError(f"the fine-tuned model is saved in {result['model_dir']} but did not reach the Hub "

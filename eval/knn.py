@@ -18,7 +18,6 @@ Writes a JSON result (--output; default <backbone folder>/eval/knn-<dataset>.jso
 knn.json a training run writes; outputs/<org>--<name>/eval/ for a Hub backbone, outputs/raw-pixels/eval/
 for --raw_pixels) and prints one line per k.
 """
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,8 +97,7 @@ def main():
                   f"top-1 {top1:.2f} %, top-5 {top5:.2f} % | {common.skipped_text(skipped)}", flush=True)
     if accelerator.is_main_process:
         output = Path(cfg.output) if cfg.output else default_output(cfg)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(results, indent=2))
+        common.write_result(output, results)
         print(f"results written to {output}", flush=True)
     accelerator.end_training()
 

@@ -34,7 +34,6 @@ any epoch met at the top (an epoch reads every image at most once).
 Writes a JSON result (--output, default <backbone folder>/linear.json; outputs/<org>--<name>/linear.json for
 a Hub backbone) with every epoch's accuracy.
 """
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -317,9 +316,7 @@ def main():
             print(note, flush=True)
     result = run(cfg, accelerator)
     if accelerator.is_main_process:
-        output = Path(cfg.output) if cfg.output else common.default_output(cfg, "linear")
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(result, indent=2))
+        common.write_result(Path(cfg.output) if cfg.output else common.default_output(cfg, "linear"), result)
     accelerator.end_training()
 
 

@@ -314,7 +314,7 @@ class MultiViewTransform:
         return out
 
 
-def collate_views(samples):
+def collate_views(samples, apply_photometric=False):
     """Stack a list of MultiViewTransform outputs (plus any scalars the stream adds, e.g. "label",
     "skipped") into one batch, batch-major: tensors are stacked ((B, ...)), Python numbers become
     tensors ((B,)), anything else is kept as a list. Device-mode "image"s, whose sizes differ, are
@@ -322,7 +322,12 @@ def collate_views(samples):
     (channels-last memory, as PIL decodes: 3-4x cheaper to fill than planar), plus "image_size"
     (B, 2) int64 = each image's own (h, w). Meant to run in the loader workers
     (DataLoader collate_fn): in a worker the big tensors are allocated in shared memory, so that
-    handing the batch to the training process copies nothing."""
+    handing the batch to the training process copies nothing.
+
+    apply_photometric=True (worker-mode crops only) also finishes the views here: every group of
+    uint8 crops becomes photometric(crops, params), float32 normalised with the ImageNet mean and
+    std, which views_from_batch then passes through. For training on a CPU, where the loader
+    workers have cores of their own and the training process does not wait for them."""
     in_worker = torch.utils.data.get_worker_info() is not None
 
     def empty(shape, like):
@@ -353,6 +358,11 @@ def collate_views(samples):
             batch[key] = torch.tensor(values)
         else:
             batch[key] = values
+    if apply_photometric:
+        for key in [k for k in batch if k + "_params" in batch]:
+            if batch[key].dtype != torch.uint8:
+                raise ValueError(f"apply_photometric needs worker-mode uint8 crops; {key!r} is {batch[key].dtype}")
+            batch[key] = photometric(batch[key], batch[key + "_params"])
     return batch
 
 
@@ -433,11 +443,11 @@ def crop_views(images, image_size, image_box, params, size, interpolation="bilin
 
 
 def pixels_to_device(batch, device):
-    """The batch with its pixels (device-mode "image", worker-mode uint8 views) moved to `device`
+    """The batch with its pixels (device-mode "image", worker-mode views) moved to `device`
     (asynchronously from pinned memory); parameters and labels stay where they are."""
     moved = dict(batch)
     for key, value in batch.items():
-        if torch.is_tensor(value) and value.dtype == torch.uint8 and value.dim() >= 4:
+        if torch.is_tensor(value) and value.dim() >= 4 and (value.dtype == torch.uint8 or value.is_floating_point()):
             moved[key] = value.to(device, non_blocking=True)
     return moved
 
@@ -449,8 +459,13 @@ def views_from_batch(batch, name, size, interpolation, mean=IMAGENET_MEAN, std=I
     (batch["image"], "image_size", "image_box") -> crop_views, then photometric. size and
     interpolation: the group's (MultiViewTransform.geometry(name)). The parameters
     batch[name + "_params"] may stay on the CPU (they usually do: photometric then reads what it
-    needs from them without waiting for the device)."""
+    needs from them without waiting for the device). Views the loader already finished
+    (collate_views(..., apply_photometric=True): float, not uint8) are returned as they are."""
     params = batch[name + "_params"]
+    if name in batch and batch[name].is_floating_point():
+        if (tuple(mean), tuple(std)) != (IMAGENET_MEAN, IMAGENET_STD):
+            raise ValueError(f"views {name!r} were finished in the loader with the ImageNet mean and std, not {mean}, {std}")
+        return batch[name]
     if name in batch:
         return photometric(batch[name], params, mean, std, sync_free=sync_free)
     crops = crop_views(batch["image"], batch["image_size"], batch["image_box"], params, size, interpolation)

@@ -1,6 +1,7 @@
 """The lifecycle of a training run around the method's step: precision, CPU threads, the
 Accelerator, the run lock, stop signals, metrics, checkpoints, k-NN, export and Hub push (`Run`)."""
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from hvp_utils import IMAGENET_MEAN, IMAGENET_STD
+from hvp_utils import collate_views, IMAGENET_MEAN, IMAGENET_STD
 from .config import _first_error_line, HVPError, mix_seed, progress_bar, run_folder_of, seed_all, UNDO_ON_ERROR
 from .data import BatchStream, default_workers, make_loader, open_source, Source, training_batches
 from .checkpoints import checkpoint_bytes, checkpoint_config, checkpoint_problem, checkpoints, cleanup_partial_checkpoints, _flatten, load_checkpoint, _replace_dir, save_checkpoint, _unflatten
@@ -464,6 +465,9 @@ class Run:
         self.threads = torch.get_num_threads()
         # where views are cut: batched on a GPU; on a CPU the workers' resizes are cheaper (bench_data.py)
         self.crops = cfg.crops if cfg.crops != "auto" else ("device" if self.device.type == "cuda" else "worker")
+        # on a CPU the training process and the loader workers share the cores: the workers also apply the
+        # photometric step (jitter, blur, ...; a fifth of the main job's step) beside the training process
+        self.photometric = "worker" if self.crops == "worker" and self.device.type == "cpu" and self.num_workers else "device"
         torch.manual_seed(cfg.seed)  # the same initial weights on every process
 
     @property
@@ -745,10 +749,11 @@ class Run:
         """The built-in epoch loader: (epoch, skip) -> DataLoader over this process's BatchStream."""
         cfg, pin = self.cfg, self.device.type == "cuda"
         batches = self.steps_per_epoch * self.grad_accum
+        collate = functools.partial(collate_views, apply_photometric=True) if self.photometric == "worker" else None
 
         def epoch_loader(epoch, skip):
             stream = BatchStream(self.source, transform, cfg.batch_size, epoch, cfg.seed, self.rank, self.world,
-                                 batches, skip, cfg.shuffle_buffer)
+                                 batches, skip, cfg.shuffle_buffer, collate)
             return make_loader(stream, self.num_workers, pin_memory=pin)
         return epoch_loader
 
@@ -771,7 +776,8 @@ class Run:
         """What the run derived from the config and the machine (config.json's "run" entry)."""
         return {"grad_accum": self.grad_accum, "global_batch": self.global_batch, "processes": self.world,
                 "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
-                "num_workers": self.num_workers, "crops": self.crops, "threads": self.threads,
+                "num_workers": self.num_workers, "crops": self.crops, "photometric": self.photometric,
+                "threads": self.threads,
                 "device": str(self.device), "precision": self.accelerator.mixed_precision}
 
     def _load_and_check_room(self):
@@ -811,7 +817,8 @@ class Run:
                 f"{self.global_batch} ({cfg.batch_size} x {self.world} x {self.grad_accum} accumulated) | "
                 f"{self.steps_per_epoch} steps/epoch | {self.total_steps} steps | precision {precision}"
                 + (f" ({self.precision_note})" if self.precision_note else "")
-                + f" | {self.num_workers} loader workers, crops on the {self.crops} | {self.threads} torch thread(s)"
+                + f" | {self.num_workers} loader workers, crops on the {self.crops}, photometric on the {self.photometric} | "
+                  f"{self.threads} torch thread(s)"
                 + (f" | resumed at step {self.step}" if self.step else ""))
         print(line, flush=True)
         for note in self.notes:

@@ -349,3 +349,27 @@ def test_photometric_paths_agree():
     floats = views.float() / 255
     hvp.photometric(floats, params, sync_free=False)
     assert torch.equal(floats, views.float() / 255)              # the input is not modified
+
+
+def test_photometric_applied_in_a_loader_worker_equals_views_from_batch(photos):
+    """collate_views(..., apply_photometric=True) in a loader worker process gives exactly the
+    views the training process makes from the plain batch; views_from_batch passes them through."""
+    import functools
+    aug = hvp.ViewAug(size=24, scale=(0.2, 1.0), jitter_p=0.8, gray_p=0.2, blur_p=0.5, solarize_p=0.2)
+    transform = hvp.MultiViewTransform({"v": [aug] * 3, "w": [hvp.ViewAug(size=12)] * 2}, crops="worker")
+    samples = [transform(image, torch.Generator().manual_seed(i)) for i, image in enumerate(photos[:5])]
+    plain = hvp.collate_views(samples)
+    loader = torch.utils.data.DataLoader(samples, batch_size=5, num_workers=1,
+                                         collate_fn=functools.partial(hvp.collate_views, apply_photometric=True))
+    (finished,) = list(loader)
+    for name, size in (("v", 24), ("w", 12)):
+        expected = hvp.views_from_batch(plain, name, size, "bilinear")
+        assert finished[name].dtype == torch.float32 and finished[name].shape == (5, len(transform.groups[name]), 3, size, size)
+        torch.testing.assert_close(finished[name], expected, atol=1e-6, rtol=0)
+        assert hvp.views_from_batch(finished, name, size, "bilinear") is finished[name]
+        assert torch.equal(finished[name + "_params"], plain[name + "_params"])
+    with pytest.raises(ValueError, match="ImageNet mean"):
+        hvp.views_from_batch(finished, "v", 24, "bilinear", mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2))
+    with pytest.raises(ValueError, match="uint8"):
+        hvp.collate_views([{"v": torch.zeros(2, 3, 4, 4), "v_params": torch.zeros(2, len(hvp.PARAM_NAMES))}],
+                          apply_photometric=True)

@@ -26,6 +26,10 @@ train_step's own timing (select_s, train_s); the scoring + gather part is
 train_dino.select_hard_views run again on the selection forward's cached teacher and student
 outputs (hvp.teacher_probs, cross_entropy_table, select_multicrop, tuple_score), plus the gathers
 of the chosen views.
+
+On a CPU the training scripts apply the photometric step in the loader workers, beside the training
+process (hvp_run.Run: photometric "worker"); this bench keeps it in the timed step, as on a GPU, so
+its CPU step times are what the training process would spend if it did that work itself.
 """
 import argparse
 import sys

@@ -17,6 +17,10 @@ machine hit all alike; the tables report medians, in wall clock and in this proc
 and the ratio HVP / plain. The HVP step is split by train_step's own timing (select_s, train_s);
 the scoring + gather part is train_simsiam.select_hard_pair (hvp.select_hard_pairs with pair_loss)
 run again on the selection forward's cached outputs, plus the gathers of the chosen views.
+
+On a CPU the training scripts apply the photometric step in the loader workers, beside the training
+process (hvp_run.Run: photometric "worker"); this bench keeps it in the timed step, as on a GPU, so
+its CPU step times are what the training process would spend if it did that work itself.
 """
 import argparse
 import sys

@@ -27,8 +27,8 @@ def finite_positive(value):
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
-    """One dry run (1-2 CPU-minutes) for the three tests that read it: they are marked heavy, so they go
-    out first, one after another, to the same xdist worker."""
+    """One dry run (1-2 CPU-minutes), read by one test (test_dry_run_of_the_gpu_check): a fixture shared
+    by several tests ran once per xdist worker that drew one of them."""
     root = tmp_path_factory.mktemp("gpu_check")
     broken = root / "no_datasets" / "datasets"  # the GPU machine has no `datasets`: make it fail to import here
     broken.mkdir(parents=True)
@@ -44,8 +44,7 @@ def dry_run(tmp_path_factory):
     return out, json.loads((out / "summary.json").read_text()), (out / "report.md").read_text()
 
 
-@pytest.mark.heavy
-def test_dry_run_report_has_every_section_and_every_part_ran(dry_run):
+def check_report_has_every_section_and_every_part_ran(dry_run):
     out, summary, report = dry_run
     for heading in SECTIONS:
         assert heading in report, heading
@@ -60,8 +59,7 @@ def test_dry_run_report_has_every_section_and_every_part_ran(dry_run):
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.log", "report.md", "summary.json"]
 
 
-@pytest.mark.heavy
-def test_dry_run_training_numbers_are_finite(dry_run):
+def check_training_numbers_are_finite(dry_run):
     _, summary, _ = dry_run
     runs = {r["name"]: r for r in summary["train"]}
     expected = {f"{s}-{k}-no" for s in gpu_check.SCRIPTS for k in ("hvp", "plain")}
@@ -80,8 +78,7 @@ def test_dry_run_training_numbers_are_finite(dry_run):
     assert finite_positive(summary["dino_crops"]["device_over_worker"])
 
 
-@pytest.mark.heavy
-def test_dry_run_overflow_control_and_benches(dry_run):
+def check_overflow_control_and_benches(dry_run):
     _, summary, _ = dry_run
     [control] = summary["overflow"]
     # fp32 has no GradScaler: the injected step is applied, the check must see non-finite parameters
@@ -97,7 +94,7 @@ def test_dry_run_overflow_control_and_benches(dry_run):
     assert len(loader) == 4 and all(finite_positive(r["loader_views_per_s"]) for r in loader.values()), loader
 
 
-def test_dry_run_fine_tunes_a_resnet_and_a_vit_for_detection_and_scores_them(dry_run):
+def check_fine_tunes_a_resnet_and_a_vit_for_detection_and_scores_them(dry_run):
     _, summary, report = dry_run
     det = summary["detection"]
     assert {label: r["protocol"] for label, r in det.items()} == {"resnet18": "resnet", "vit_tiny": "vit"}
@@ -105,6 +102,14 @@ def test_dry_run_fine_tunes_a_resnet_and_a_vit_for_detection_and_scores_them(dry
         assert all(v == -1 or 0 <= v <= 100 for v in (r["box_ap"], r["mask_ap"]))  # COCOeval's numbers (-1: none)
         assert math.isfinite(r["loss_first"]) and math.isfinite(r["loss_last"]) and finite_positive(r["wall_s"])
     assert "| resnet18 | resnet |" in report and "| vit_tiny | vit |" in report
+
+
+@pytest.mark.heavy
+def test_dry_run_of_the_gpu_check(dry_run):
+    check_report_has_every_section_and_every_part_ran(dry_run)
+    check_training_numbers_are_finite(dry_run)
+    check_overflow_control_and_benches(dry_run)
+    check_fine_tunes_a_resnet_and_a_vit_for_detection_and_scores_them(dry_run)
 
 
 def fp16_run(**overflow):

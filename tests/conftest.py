@@ -89,6 +89,16 @@ def script_env(**extra):
     return env
 
 
+def assert_same_tensors(a, b, buffers=True):
+    """Equal tensors (two state dicts); buffers=False skips BatchNorm statistics (each CPU process
+    normalises its own batch)."""
+    import torch
+    assert a.keys() == b.keys() and len(a) > 10
+    for name in a:
+        if buffers or not any(part in name for part in ("running_mean", "running_var", "num_batches_tracked")):
+            assert torch.equal(a[name], b[name]), name
+
+
 def run_script(args, timeout=300, check=True, **popen):
     """Run a repository script (`python <args>`) in the repository, return CompletedProcess."""
     result = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=script_env(), capture_output=True,

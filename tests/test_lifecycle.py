@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import hvp_run
-from conftest import (REPO, TINY_TRAIN, probe_records, run_script, run_two_processes, script_env,
-                      two_process_command)
+from conftest import (REPO, TINY_TRAIN, assert_same_tensors, probe_records, run_script, run_two_processes,
+                      script_env, two_process_command)
 from test_data import uneven_parquet
 from test_train_dino import TINY_DINO
 from test_train_ibot import TINY_IBOT
@@ -34,14 +34,6 @@ def steps_logged(output_dir):
 
 def final_model(output_dir):
     return hvp_run.load_checkpoint(hvp_run.latest_checkpoint(output_dir))["model"]
-
-
-def assert_same_tensors(a, b, buffers=True):
-    """Equal tensors; buffers=False skips BatchNorm statistics (each CPU process normalises its own batch)."""
-    assert a.keys() == b.keys() and len(a) > 10
-    for name in a:
-        if buffers or not any(part in name for part in ("running_mean", "running_var", "num_batches_tracked")):
-            assert torch.equal(a[name], b[name]), name
 
 
 def wait_for(predicate, proc, seconds=240):

@@ -192,11 +192,13 @@ def _view_param_values(height, width, aug, g):
 
 def crop_view(image, params, aug):
     """The geometric part of a view: crop the recorded box from a uint8 (3, H, W) image, resize to
-    aug.size, flip if recorded. Stays uint8 (4x less to move between processes)."""
-    import torchvision.transforms.v2.functional as TF
+    aug.size (antialiased, on the uint8 pixels: what torchvision's resized_crop does on CPUs with
+    AVX2 or AVX-512, tests/test_views.py), flip if recorded. Stays uint8 (4x less to move between
+    processes). params: the view's row of recorded parameters, a tensor or a list (a list is
+    faster to read)."""
     top, left, h, w = (int(v) for v in params[:4])
-    mode = TF.InterpolationMode.BICUBIC if aug.interpolation == "bicubic" else TF.InterpolationMode.BILINEAR
-    view = TF.resized_crop(image, top, left, h, w, [aug.size, aug.size], interpolation=mode, antialias=True)
+    view = F.interpolate(image[None, :, top:top + h, left:left + w], size=(aug.size, aug.size),
+                         mode=aug.interpolation, align_corners=False, antialias=True)[0]
     return view.flip(-1) if params[P["flip"]] else view
 
 
@@ -228,7 +230,7 @@ class MultiViewTransform:
     jitter, grayscale, blur, solarize) are drawn from `generator` in the same order in both modes,
     so boxes, flips and every statistic computed from them are identical for the same seed.
 
-    crops="worker": the crops are made here (crop_view: torchvision resized_crop, antialiased):
+    crops="worker": the crops are made here (crop_view: as torchvision's resized_crop, antialiased):
         {name: (n, 3, S, S) uint8, name + "_params": (n, len(PARAM_NAMES)) float}.
     crops="device": the crops are left to the training device (views_from_batch / crop_views);
         here only the pixels they need are decoded:
@@ -277,7 +279,7 @@ class MultiViewTransform:
             src = TF.pil_to_tensor(loaded[0])
             out = {}
             for name, params in self.sample_params(src.shape[1], src.shape[2], generator).items():
-                out[name] = torch.stack([crop_view(src, p, aug) for p, aug in zip(params, self.groups[name])])
+                out[name] = torch.stack([crop_view(src, p, aug) for p, aug in zip(params.tolist(), self.groups[name])])
                 out[name + "_params"] = params
             return out
         orientation = image_orientation(image)
@@ -563,6 +565,8 @@ def _photometric_subsets(x, p):
         for position in range(4):
             for k in range(4):
                 rows = ((order >= 0) & (perms[:, position] == k) & (factors[:, k] != identity[k])).nonzero()[:, 0]
+                if k == 3 and len(rows):  # a hue shift leaves grey pixels exactly as they are: skip all-grey views
+                    rows = rows[(x[rows].amax(1) != x[rows].amin(1)).flatten(1).any(1)]
                 if len(rows):
                     x[rows] = _jitter_op(x[rows], k, factors[rows, k])
     rows = (p[:, P["grayscale"]] > 0).nonzero()[:, 0]

@@ -156,3 +156,42 @@ def test_resize_views_keeps_leading_dims():
     views = torch.randn(2, 4, 3, 16, 16)
     assert hvp.resize_views(views, 0.5).shape == (2, 4, 3, 8, 8)
     assert hvp.resize_views(views, 1.0) is views
+
+
+def test_grey_views_skip_the_hue_shift_exactly():
+    """The CPU path skips the hue shift for views whose pixels are all grey (R = G = B), where it is
+    the identity; the result equals the path that shifts every view, and torchvision view by view."""
+    aug = hvp.ViewAug(size=24, jitter=(0.4, 0.4, 0.4, 0.3), jitter_p=1.0, gray_p=0.3, blur_p=0.5)
+    t = hvp.MultiViewTransform({"views": [aug] * 4})
+    images = [random_image(40, 32, seed=i) for i in range(8)]
+    images = [im.convert("L").convert("RGB") if i % 2 else im for i, im in enumerate(images)]  # grey, colour
+    batch = [t(im, torch.Generator().manual_seed(i)) for i, im in enumerate(images)]
+    views = torch.stack([b["views"] for b in batch])
+    params = torch.stack([b["views_params"] for b in batch])
+    assert (params[..., hvp.P["hue"]] != 0).all()
+    grey = views[1::2].float() / 255
+    assert torch.equal(hvp._shift_hue(grey.flatten(0, 1), params[1::2, :, hvp.P["hue"]].flatten()), grey.flatten(0, 1))
+    cpu = hvp.photometric(views, params, sync_free=False)
+    torch.testing.assert_close(cpu, hvp.photometric(views, params, sync_free=True), atol=1e-5, rtol=1e-6)
+    for b in range(8):
+        for n in range(4):
+            expected = reference_photometric(views[b, n], params[b, n], hvp.IMAGENET_MEAN, hvp.IMAGENET_STD)
+            torch.testing.assert_close(cpu[b, n], expected, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_crop_view_equals_torchvision_resized_crop(interpolation):
+    """crop_view resizes the uint8 crop itself (one interpolate call: a third of torchvision's time
+    per view); pixel for pixel it is torchvision's antialiased resized_crop, then the flip."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("torchvision resizes uint8 through float on CPUs without AVX2")
+    image = TF.pil_to_tensor(random_image(40, 56, seed=3))
+    aug = hvp.ViewAug(size=24, scale=(0.05, 1.0), interpolation=interpolation)
+    g = torch.Generator().manual_seed(0)
+    mode = TF.InterpolationMode.BICUBIC if interpolation == "bicubic" else TF.InterpolationMode.BILINEAR
+    for params in [hvp.sample_view_params(40, 56, aug, g) for _ in range(64)]:
+        top, left, h, w = (int(v) for v in params[:4])
+        expected = TF.resized_crop(image, top, left, h, w, [24, 24], interpolation=mode, antialias=True)
+        expected = expected.flip(-1) if params[hvp.P["flip"]] else expected
+        assert torch.equal(hvp.crop_view(image, params, aug), expected)
+        assert torch.equal(hvp.crop_view(image, params.tolist(), aug), expected)

@@ -12,7 +12,7 @@ The sections, in file order:
 - selection: `select_hard_pairs` (two-view methods: the per-sample loss of every pair -> the hardest
   pair) and `select_multicrop` (DINO-style: the (even, odd) global pair and the exact top-L locals
   from a cross-entropy table); `gather_views` takes the chosen views, `selection_stats` describes them.
-- schedules and step timing: `cosine`, `linear_warmup`, `clock`.
+- schedules, step timing and threads: `cosine`, `linear_warmup`, `clock`, `threads`.
 - self-distillation (DINO, iBOT): `dino_augs`, `DINOHead`, `ema_update`, `teacher_probs`,
   `cross_entropy_table`, the centre, the optimizer groups and per-step schedules.
 
@@ -32,6 +32,7 @@ package `hvp_run/` beside it, which imports this file, never the other way round
 Tensor layout: batches are batch-major. `views` is (B, N, C, H, W) and `params` is (B, N, P).
 Score matrices are (B, K): K candidates per sample, the first candidate wins ties.
 """
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -846,6 +847,21 @@ def linear_warmup(epoch, start, end, epochs):
     if epoch >= epochs:
         return end
     return start if epochs == 1 else start + (end - start) * epoch / (epochs - 1)
+
+
+@contextlib.contextmanager
+def threads(count):
+    """Run the block with `count` torch CPU threads, then restore the count (None or 0: unchanged).
+    The training scripts run the selection forward so on a CPU with loader workers: fewer threads
+    there leave the workers a core while the training step uses them all (hvp_run.torch_threads)."""
+    before = torch.get_num_threads()
+    if count and count != before:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def clock(enabled, device):

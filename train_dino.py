@@ -256,14 +256,15 @@ def select_hard_views(student, teacher, global_views, local_views, center, teach
 # ----------------------------------------------------------------------------------- training step
 
 def train_step(model, teacher, optimizer, center, micro_batches, schedule, cfg, accelerator, step, epoch,
-               patch=1, log_now=False):
+               patch=1, log_now=False, select_threads=None):
     """One optimizer step of DINO + HVP over the step's micro-batches: views made on the device;
     the hardest (even, odd, top-L locals) tuple of each image (every --hvp_every steps from
     --hvp_start_epoch on; otherwise globals 0, 1 and the first L locals); the teacher's outputs of
     the chosen globals (reused from the selection, DESIGN.md, D3); an ordinary DINO forward and
     backward with per-parameter clipping and the frozen last layer; after the last micro-batch the
     optimizer step, the teacher EMA and the centre update. `schedule` is distillation_schedule's
-    dict, applied here. Returns (record, views to show or None)."""
+    dict, applied here. Returns (record, views to show or None).
+    select_threads: torch's CPU threads for the selection forward (Run.select_threads; None: as they are)."""
     unwrapped = accelerator.unwrap_model(model)
     device, L, L_loader = accelerator.device, cfg.local_crops_number, cfg.local_views
     hvp.apply_schedule(optimizer, schedule)
@@ -282,8 +283,9 @@ def train_step(model, teacher, optimizer, center, micro_batches, schedule, cfg, 
         teacher_logits = None
         if hard:
             limit_rng = torch.Generator().manual_seed(hvp_run.mix_seed(cfg.seed, accelerator.process_index, step, micro, "limit"))
-            chosen = select_hard_views(unwrapped, teacher, global_views, local_views, center, teacher_temp, cfg,
-                                       accelerator, patch, limit_rng)
+            with hvp.threads(select_threads):
+                chosen = select_hard_views(unwrapped, teacher, global_views, local_views, center, teacher_temp, cfg,
+                                           accelerator, patch, limit_rng)
             x_globals = hvp.gather_views(global_views, chosen["globals"])
             x_locals = hvp.gather_views(local_views, chosen["locals"])
             teacher_logits = chosen["teacher_logits"]
@@ -361,7 +363,7 @@ def main():
     for step in run.steps():
         schedule = hvp.distillation_schedule(step.index, cfg, init_lr, run.steps_per_epoch, run.total_steps)
         record, shown = train_step(model, teacher, optimizer, center, step.micro_batches, schedule, cfg,
-                                   run.accelerator, step.index, step.epoch, patch, step.log_now)
+                                   run.accelerator, step.index, step.epoch, patch, step.log_now, run.select_threads)
         for name, (views, chosen) in (shown or {}).items() if step.grid_now else ():
             run.save_grid(step, name, views, chosen)
         run.log(step, record)

@@ -498,7 +498,7 @@ def select_hard_views(student, teacher, global_views, masks, local_views, center
 # ----------------------------------------------------------------------------------- training step
 
 def train_step(model, teacher, optimizer, centers, micro_batches, schedule, cfg, accelerator, step, epoch,
-               patch=1, log_now=False):
+               patch=1, log_now=False, select_threads=None):
     """One optimizer step of iBOT + HVP over the step's micro-batches: views made on the device, the
     masks (none before --pred_start_epoch); the hardest (even, odd, top-L locals) tuple of each
     image, whose globals keep their masks (every --hvp_every steps from --hvp_start_epoch on;
@@ -506,7 +506,8 @@ def train_step(model, teacher, optimizer, centers, micro_batches, schedule, cfg,
     (reused from the selection, DESIGN.md, D3); an ordinary iBOT forward and backward with
     per-parameter clipping and frozen last layers; after the last micro-batch the optimizer step,
     the teacher EMA and both centre updates. centers = ([CLS] centre, patch centre), updated in
-    place; `schedule` is distillation_schedule's dict. Returns (record, views to show or None)."""
+    place; `schedule` is distillation_schedule's dict. Returns (record, views to show or None).
+    select_threads: torch's CPU threads for the selection forward (Run.select_threads; None: as they are)."""
     unwrapped = accelerator.unwrap_model(model)
     center, patch_center = centers
     device, L, L_loader = accelerator.device, cfg.local_crops_number, cfg.local_views
@@ -527,8 +528,9 @@ def train_step(model, teacher, optimizer, centers, micro_batches, schedule, cfg,
         teacher_out = None
         if hard:
             limit_rng = torch.Generator().manual_seed(hvp_run.mix_seed(cfg.seed, accelerator.process_index, step, micro, "limit"))
-            chosen = select_hard_views(unwrapped, teacher, global_views, masks, local_views, centers, temps, cfg,
-                                       accelerator, patch, limit_rng)
+            with hvp.threads(select_threads):
+                chosen = select_hard_views(unwrapped, teacher, global_views, masks, local_views, centers, temps, cfg,
+                                           accelerator, patch, limit_rng)
             x_globals, x_masks = hvp.gather_views(global_views, chosen["globals"]), hvp.gather_views(masks, chosen["globals"])
             x_locals = hvp.gather_views(local_views, chosen["locals"])
             teacher_out = chosen["teacher_out"]
@@ -613,7 +615,7 @@ def main():
     for step in run.steps():
         schedule = hvp.distillation_schedule(step.index, cfg, init_lr, run.steps_per_epoch, run.total_steps)
         record, shown = train_step(model, teacher, optimizer, centers, step.micro_batches, schedule, cfg,
-                                   run.accelerator, step.index, step.epoch, patch, step.log_now)
+                                   run.accelerator, step.index, step.epoch, patch, step.log_now, run.select_threads)
         for name, (views, chosen) in (shown or {}).items() if step.grid_now else ():
             run.save_grid(step, name, views, chosen)
         run.log(step, record)

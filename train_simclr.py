@@ -250,12 +250,13 @@ def select_hard_pair(model, views, cfg, accelerator):
 
 # ----------------------------------------------------------------------------------- training step
 
-def train_step(model, optimizer, micro_batches, cfg, accelerator, step, epoch, log_now=False):
+def train_step(model, optimizer, micro_batches, cfg, accelerator, step, epoch, log_now=False, select_threads=None):
     """One optimizer step of SimCLR + HVP over the step's micro-batches: views made on the device,
     the hardest pair of each image by its NT-Xent loss with negatives from every process (every
     --hvp_every steps from --hvp_start_epoch on; the plain pair (0, 1) otherwise), an ordinary
     SimCLR forward and backward (both views in one forward, so BatchNorm normalises them together);
-    the optimizer steps after the last micro-batch. Returns (record, (views, pair) or None)."""
+    the optimizer steps after the last micro-batch. Returns (record, (views, pair) or None).
+    select_threads: torch's CPU threads for the selection forward (Run.select_threads; None: as they are)."""
     unwrapped = accelerator.unwrap_model(model)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     # the same decision on every process: selection gathers embeddings from all of them
@@ -266,7 +267,8 @@ def train_step(model, optimizer, micro_batches, cfg, accelerator, step, epoch, l
                                      simclr_aug(cfg).interpolation)
         t0 = hvp.clock(log_now, accelerator.device)
         if hard:
-            pair, hard_score, scores = select_hard_pair(unwrapped, views, cfg, accelerator)
+            with hvp.threads(select_threads):
+                pair, hard_score, scores = select_hard_pair(unwrapped, views, cfg, accelerator)
             x1, x2 = hvp.gather_views(views, pair[:, 0]), hvp.gather_views(views, pair[:, 1])
         else:
             x1, x2 = views[:, 0], views[:, 1]
@@ -319,7 +321,7 @@ def main():
         for group in optimizer.param_groups:
             group["lr"] = lr
         record, shown = train_step(model, optimizer, step.micro_batches, cfg, run.accelerator, step.index, step.epoch,
-                                   step.log_now)
+                                   step.log_now, run.select_threads)
         if shown and step.grid_now:
             run.save_grid(step, "", *shown)
         run.log(step, {**record, "lr": lr})

@@ -185,12 +185,13 @@ def learning_rate(step, cfg, init_lr, steps_per_epoch, total_steps):
     return hvp.cosine(step, total_steps, init_lr)
 
 
-def train_step(model, optimizer, micro_batches, cfg, accelerator, step, epoch, log_now=False):
+def train_step(model, optimizer, micro_batches, cfg, accelerator, step, epoch, log_now=False, select_threads=None):
     """One optimizer step of SimSiam + HVP over the step's micro-batches: views made on the device,
     the hardest pair of each image (every --hvp_every steps from --hvp_start_epoch on; the plain pair
     (0, 1) otherwise), an ordinary SimSiam forward and backward; the optimizer steps after the last
     micro-batch. Returns (record, (views, pair) of the last micro-batch or None): the record has the
-    loss, the time split and, when log_now, the selection statistics."""
+    loss, the time split and, when log_now, the selection statistics. select_threads: torch's CPU
+    threads for the selection forward (Run.select_threads; None leaves them as they are)."""
     unwrapped = accelerator.unwrap_model(model)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     hard = cfg.num_views > 2 and epoch >= cfg.hvp_start_epoch and step % cfg.hvp_every == 0
@@ -200,7 +201,8 @@ def train_step(model, optimizer, micro_batches, cfg, accelerator, step, epoch, l
                                      simsiam_aug(cfg).interpolation)
         t0 = hvp.clock(log_now, accelerator.device)
         if hard:
-            pair, hard_score, scores = select_hard_pair(unwrapped, views, cfg, accelerator)
+            with hvp.threads(select_threads):
+                pair, hard_score, scores = select_hard_pair(unwrapped, views, cfg, accelerator)
             x1, x2 = hvp.gather_views(views, pair[:, 0]), hvp.gather_views(views, pair[:, 1])
         else:
             x1, x2 = views[:, 0], views[:, 1]
@@ -254,7 +256,7 @@ def main():
         for group in optimizer.param_groups:
             group["lr"] = init_lr if group["fix_lr"] else lr
         record, shown = train_step(model, optimizer, step.micro_batches, cfg, run.accelerator, step.index, step.epoch,
-                                   step.log_now)
+                                   step.log_now, run.select_threads)
         if shown and step.grid_now:
             run.save_grid(step, "", *shown)
         run.log(step, {**record, "lr": lr})

@@ -64,7 +64,7 @@ class RunConfig:
     global_batch: int = 0  # if > 0: images per optimizer step over all processes; sets --grad_accum from the process count
     mixed_precision: str = ""  # auto (bf16 where native, else fp32) | no | fp16 | bf16; "" = as `accelerate launch` says
     num_workers: int = -1  # loader workers per process; -1 = the process's share of the CPU cores, minus one
-    threads: int = 0  # torch CPU threads per process; 0 = OMP_NUM_THREADS if set, else (CPU runs) the process's share of the cores minus its loader workers
+    threads: int = 0  # torch CPU threads per process; 0 = OMP_NUM_THREADS if set, else (CPU runs) the process's share of the cores, less its loader workers in the selection forward
     crops: str = "auto"  # where views are cut and resized: worker (loader workers), device (batched on the training device), auto (device on CUDA, worker on CPU)
     shuffle_buffer: int = 5000  # rows each loader worker shuffles among (pieces are shuffled too)
     seed: int = 0  # seeds every random source; a CPU run is reproducible

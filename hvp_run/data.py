@@ -3,6 +3,7 @@ groups, Arrow record batches, webdataset shards, image files, `datasets` shards)
 over processes and loader workers."""
 import atexit
 import dataclasses
+import functools
 import glob
 import io
 import itertools
@@ -587,12 +588,15 @@ def _shuffled(rows, buffer_size, rng):
     yield from buffer
 
 
-def _ignore_stop_signals(_worker_id=None):
+def _init_worker(_worker_id=None, nice=0):
     """Loader workers ignore SIGTERM/SIGINT: a scheduler or a Ctrl-C signals the whole process group,
     and the main process needs its workers for the rest of the step before it saves. Workers end
-    when the main process shuts its loaders down (always, see `_shut_down_loaders`) or dies."""
+    when the main process shuts its loaders down (always, see `_shut_down_loaders`) or dies.
+    nice > 0 lowers the worker's priority by that much (os.nice)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if nice:
+        os.nice(nice)
 
 
 _LIVE_LOADERS = __import__("weakref").WeakSet()
@@ -698,10 +702,12 @@ class BatchStream(torch.utils.data.IterableDataset):
         return batch, (good[-1] if good else fallback)
 
 
-def make_loader(stream, num_workers, pin_memory=False, prefetch_factor=2):
-    """DataLoader over a BatchStream (its items are whole batches)."""
+def make_loader(stream, num_workers, pin_memory=False, prefetch_factor=2, nice=0):
+    """DataLoader over a BatchStream (its items are whole batches); nice > 0 lowers its workers'
+    priority (on a CPU run they then use only what the training process leaves of the cores)."""
     return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                                       worker_init_fn=_ignore_stop_signals, persistent_workers=False,
+                                       worker_init_fn=functools.partial(_init_worker, nice=nice),
+                                       persistent_workers=False,
                                        prefetch_factor=prefetch_factor if num_workers else None)
 
 

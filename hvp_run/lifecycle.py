@@ -355,16 +355,22 @@ def _same(a, b):
 
 
 def torch_threads(requested, omp_num_threads, on_cpu, cores, processes_per_node, workers):
-    """Torch's CPU threads per process, or None to leave torch's own count: --threads when given
-    (> 0); torch's own where OMP_NUM_THREADS is set (torch reads it) or the run is not on the CPU;
-    else the process's share of the cores it may use, less its loader workers (they decode and
-    augment beside the training loop), at least 1. On 2 cores, torch's default 2 threads beside
-    one loader worker ran 1.08x slower than 1 thread while using 1.75x the CPU."""
+    """Torch's CPU threads per process, as (threads, select_threads); None leaves torch's own count.
+    threads: --threads when given (> 0); torch's own where OMP_NUM_THREADS is set (torch reads it) or
+    the run is not on the CPU; else the process's share of the cores it may use. select_threads: on
+    a CPU with loader workers (and no --threads), that share less the workers, at least 1, for the
+    selection forward (hvp_utils.threads): the workers decode and augment the next batch on the
+    cores it leaves, while the training step, on every core, has them to itself (Run also lowers
+    the workers' priority, so that they take only what the training process leaves). On 2 Xeon cores
+    with one worker the main job's step was 1.04-1.16x faster so than on 1 thread throughout, and 2
+    threads throughout beside a worker of the same priority 1.16x slower (README, "Results")."""
     if requested > 0:
-        return requested
+        return requested, None
     if omp_num_threads or not on_cpu:
-        return None
-    return max(1, cores // max(1, processes_per_node) - workers)
+        return None, None
+    share = max(1, cores // max(1, processes_per_node))
+    select = max(1, share - workers)
+    return share, (select if select < share else None)
 
 
 def _process_age():
@@ -458,11 +464,13 @@ class Run:
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         self.num_workers = cfg.num_workers if cfg.num_workers >= 0 else default_workers(per_node)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        threads = torch_threads(cfg.threads, os.environ.get("OMP_NUM_THREADS"), self.device.type == "cpu", cores,
-                                per_node, self.num_workers)
+        threads, self.select_threads = torch_threads(cfg.threads, os.environ.get("OMP_NUM_THREADS"),
+                                                     self.device.type == "cpu", cores, per_node, self.num_workers)
         if threads:
             torch.set_num_threads(threads)
         self.threads = torch.get_num_threads()
+        # the loader workers of a CPU run fill the cores the training process leaves (torch_threads)
+        self.worker_nice = 19 if self.select_threads else 0
         # where views are cut: batched on a GPU; on a CPU the workers' resizes are cheaper (bench_data.py)
         self.crops = cfg.crops if cfg.crops != "auto" else ("device" if self.device.type == "cuda" else "worker")
         # on a CPU the training process and the loader workers share the cores: the workers also apply the
@@ -754,7 +762,7 @@ class Run:
         def epoch_loader(epoch, skip):
             stream = BatchStream(self.source, transform, cfg.batch_size, epoch, cfg.seed, self.rank, self.world,
                                  batches, skip, cfg.shuffle_buffer, collate)
-            return make_loader(stream, self.num_workers, pin_memory=pin)
+            return make_loader(stream, self.num_workers, pin_memory=pin, nice=self.worker_nice)
         return epoch_loader
 
     def _user_batches(self, loader):
@@ -777,7 +785,7 @@ class Run:
         return {"grad_accum": self.grad_accum, "global_batch": self.global_batch, "processes": self.world,
                 "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
                 "num_workers": self.num_workers, "crops": self.crops, "photometric": self.photometric,
-                "threads": self.threads,
+                "threads": self.threads, "select_threads": self.select_threads, "worker_nice": self.worker_nice,
                 "device": str(self.device), "precision": self.accelerator.mixed_precision}
 
     def _load_and_check_room(self):
@@ -819,6 +827,7 @@ class Run:
                 + (f" ({self.precision_note})" if self.precision_note else "")
                 + f" | {self.num_workers} loader workers, crops on the {self.crops}, photometric on the {self.photometric} | "
                   f"{self.threads} torch thread(s)"
+                + (f", {self.select_threads} in the selection forward beside the workers" if self.select_threads else "")
                 + (f" | resumed at step {self.step}" if self.step else ""))
         print(line, flush=True)
         for note in self.notes:

@@ -2,6 +2,7 @@
 broken images, exact resume of the stream."""
 import collections
 import itertools
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -235,3 +236,15 @@ def test_training_batches_cross_epochs_and_resume_exactly(tiny_dataset):
 def test_default_workers_leave_a_core_for_the_training_loop():
     assert hvp_run.default_workers(1) >= 1
     assert hvp_run.default_workers(10_000) == 1
+
+
+class _Niceness(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield torch.tensor(os.nice(0))  # os.nice(0) reads the process's niceness
+
+
+def test_make_loader_lowers_its_workers_priority_when_asked():
+    own = os.nice(0)
+    assert [int(b) for b in hvp_run.make_loader(_Niceness(), 1)] == [own]
+    assert [int(b) for b in hvp_run.make_loader(_Niceness(), 1, nice=5)] == [min(19, own + 5)]
+    assert os.nice(0) == own  # the training process keeps its priority

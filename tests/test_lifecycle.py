@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import hvp_run
+import hvp_utils as hvp
 from conftest import (REPO, TINY_TRAIN, assert_same_tensors, probe_records, run_script, run_two_processes,
                       script_env, two_process_command)
 from test_data import uneven_parquet
@@ -278,13 +279,44 @@ def test_a_run_trains_from_a_loader_of_the_users_own(tiny_dataset, tmp_path):
 
 
 @pytest.mark.parametrize("requested,omp,on_cpu,cores,per_node,workers,expected", [
-    (0, None, True, 2, 1, 1, 1),     # 2 cores, one loader worker: one thread beside it
-    (0, None, True, 16, 2, 3, 5),    # 16 cores shared by 2 processes, 3 workers each
-    (0, None, True, 2, 1, 4, 1),     # more workers than cores: still one thread
-    (0, "4", True, 16, 1, 1, None),  # OMP_NUM_THREADS set: torch's own count (it reads the variable)
-    (0, None, False, 16, 1, 1, None),  # CUDA: torch's own count
-    (3, "4", True, 2, 1, 1, 3),      # --threads wins over everything
+    (0, None, True, 2, 1, 1, (2, 1)),     # 2 cores, one loader worker: 2 threads, 1 in the selection forward
+    (0, None, True, 16, 2, 3, (8, 5)),    # 16 cores shared by 2 processes, 3 workers each
+    (0, None, True, 2, 1, 4, (2, 1)),     # more workers than cores: still one thread for the selection
+    (0, None, True, 2, 1, 0, (2, None)),  # no workers: every thread throughout
+    (0, "4", True, 16, 1, 1, (None, None)),   # OMP_NUM_THREADS set: torch's own count (it reads the variable)
+    (0, None, False, 16, 1, 1, (None, None)),  # CUDA: torch's own count
+    (3, "4", True, 2, 1, 1, (3, None)),   # --threads wins over everything, throughout
 ])
-def test_torch_threads_are_the_processes_share_of_its_cores_minus_its_loader_workers(
+def test_torch_threads_are_the_processes_share_of_its_cores_and_fewer_beside_its_loader_workers(
         requested, omp, on_cpu, cores, per_node, workers, expected):
     assert hvp_run.torch_threads(requested, omp, on_cpu, cores, per_node, workers) == expected
+
+
+def test_threads_sets_the_count_inside_the_block_and_restores_it():
+    before = torch.get_num_threads()
+    inside = 2 if before != 2 else 1
+    with hvp.threads(inside):
+        assert torch.get_num_threads() == inside
+    assert torch.get_num_threads() == before
+    with hvp.threads(None):
+        assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), hvp.threads(inside):
+        raise RuntimeError("the count comes back after an error too")
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("workers,expected", [(1, (2, 1, 19)), (0, (2, None, 0))])
+def test_a_cpu_run_beside_loader_workers_selects_on_fewer_threads_and_lowers_the_workers_priority(
+        tiny_dataset, tmp_path, monkeypatch, workers, expected):
+    """On 2 cores (no OMP_NUM_THREADS, no --threads), the run trains on 2 threads; with a loader
+    worker the selection forward gets 1 (the worker works on the other core meanwhile) and the
+    worker runs at niceness +19, so that it takes only what the training process leaves."""
+    import train_simsiam as ts
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    args = simsiam(tmp_path / "out", tiny_dataset, "--num_workers", workers, "--threads", 0)
+    cfg, notes = hvp_run.parse_config(ts.Config, [str(a) for a in args[1:]])
+    run = hvp_run.Run(cfg, "SimSiam", ts.MODEL_FIELDS, notes)
+    assert (run.threads, run.select_threads, run.worker_nice) == expected
+    assert {k: run._derived()[k] for k in ("threads", "select_threads", "worker_nice")} == dict(
+        zip(("threads", "select_threads", "worker_nice"), expected))

@@ -85,7 +85,7 @@ RECIPES = {
 }
 
 # The shipped Fashion-MNIST subset: 28 px grayscale, 10k images. This preset pretrains on 2 CPU
-# cores in about 4.5 minutes in fp32 (README, "Results": the times and seeds); it replaces the
+# cores in 4 to 4.7 minutes in fp32 (README, "Results": the times and seeds); it replaces the
 # ImageNet defaults above for flags you do not give. Chosen by a sweep at a fixed time budget
 # (README, "Results"): timm's test_resnet (0.37 M parameters: a deep stem and 4 basic blocks) at
 # 32 px for 20 epochs beat ResNet-18 at 64 px for 2 epochs (75.3 %) by 7 points of k-NN accuracy;

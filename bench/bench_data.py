@@ -20,7 +20,7 @@ disturbs less than wall-clock time; 1 torch thread, as in a loader worker):
                process: no shared memory); both paths in the same run, repeat by repeat interleaved,
                the median repeat reported. "real loader - parts" is what the parts leave out.
   worker path: crops="worker": full-size decode, every view's parameters, every view's antialiased
-               resized crop (torchvision resized_crop) and flip, uint8 crops collated.
+               resized crop (crop_view: torchvision resized_crop's pixels) and flip, uint8 crops collated.
   device path: crops="device": the same parameters, the JPEG decoded at reduced size when every
                view allows it (draft_reduction), only the region covering the view boxes kept,
                images padded and collated.

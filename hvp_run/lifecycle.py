@@ -362,8 +362,8 @@ def torch_threads(requested, omp_num_threads, on_cpu, cores, processes_per_node,
     selection forward (hvp_utils.threads): the workers decode and augment the next batch on the
     cores it leaves, while the training step, on every core, has them to itself (Run also lowers
     the workers' priority, so that they take only what the training process leaves). On 2 Xeon cores
-    with one worker the main job's step was 1.04-1.16x faster so than on 1 thread throughout, and 2
-    threads throughout beside a worker of the same priority 1.16x slower (README, "Results")."""
+    with one worker the main job trained 1.21x the images/s of 1 thread throughout, and 2 threads
+    throughout beside a worker of the same priority 0.95x (bench/bench_cpu_threads.py)."""
     if requested > 0:
         return requested, None
     if omp_num_threads or not on_cpu:

@@ -164,3 +164,18 @@ def test_replayed_outputs_give_the_selection_of_the_real_forward(res):
                                  temps, ibot_cfg, NoAccelerator(), 4)
     for key in ("globals", "locals", "score", "plain_score"):
         assert torch.equal(real[key], again[key]), key
+
+
+def test_bench_cpu_threads_times_each_rule_on_the_real_script(tmp_path):
+    """A few steps of the main job under each thread rule, in processes of their own (the rule
+    itself is tested in test_lifecycle.py; here: the bench runs the script and reads its metrics)."""
+    output = tmp_path / "threads.md"
+    result = subprocess.run([sys.executable, "bench/bench_cpu_threads.py", "--steps", "10", "--skip", "0", "--rounds",
+                             "1", "--output", str(output)], cwd=REPO, env=script_env(), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    rows = [line.split(" | ") for line in output.read_text().splitlines()
+            if line.startswith(("| auto", "| 1 thread", "| all"))]
+    assert [row[0] for row in rows] == ["| auto", "| 1 thread", "| all cores"]
+    assert all(float(row[1]) > 0 and float(row[3]) > 0 and float(row[4]) > 0 for row in rows)
+    assert rows[0][5] == "1.00 |"

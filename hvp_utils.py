@@ -567,7 +567,7 @@ def _photometric_subsets(x, p):
             for k in range(4):
                 rows = ((order >= 0) & (perms[:, position] == k) & (factors[:, k] != identity[k])).nonzero()[:, 0]
                 if k == 3 and len(rows):  # a hue shift leaves grey pixels exactly as they are: skip all-grey views
-                    rows = rows[(x[rows].amax(1) != x[rows].amin(1)).flatten(1).any(1)]
+                    rows = rows[((views := x[rows]).amax(1) != views.amin(1)).flatten(1).any(1)]
                 if len(rows):
                     x[rows] = _jitter_op(x[rows], k, factors[rows, k])
     rows = (p[:, P["grayscale"]] > 0).nonzero()[:, 0]

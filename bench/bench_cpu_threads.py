@@ -20,7 +20,6 @@ make both timings meaningless.
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -28,19 +27,8 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def cpu_name():
-    """The CPU's model name and its widest vector units (AMX / AVX-512 / AVX2), from /proc/cpuinfo."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "unknown CPU"
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "CPU")
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    units = next((label for flag, label in (("amx_bf16", "AMX"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
-                  if flag in flags), "no AVX2")
-    return f"{name} ({units})"
+sys.path.insert(0, str(REPO))
+from bench.common import cpu_name  # noqa: E402
 
 
 def run_once(script, flags, steps, skip, output_dir):

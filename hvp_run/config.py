@@ -28,10 +28,13 @@ UNDO_ON_ERROR = []  # functions run_main calls when main() stops with an HVPErro
 def run_main(main):
     """Run `main()`, turning HVPError into a one-line message (printed by the main process only:
     every process raises the same one) and exit status 2, after undoing what UNDO_ON_ERROR's
-    functions undo."""
+    functions undo. When main() is the program's own (`python script.py`), a normal end exits at
+    once (exit_now)."""
     UNDO_ON_ERROR.clear()  # only what this main() set up
     try:
         main()
+        if getattr(sys.modules["__main__"], "__file__", None) == main.__code__.co_filename:
+            exit_now()
     except HVPError as e:
         for undo in list(UNDO_ON_ERROR):
             undo()
@@ -41,6 +44,23 @@ def run_main(main):
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def exit_now():
+    """End the process with status 0 as Python would, less its teardown of the modules: importing timm
+    imports torchvision and with it torch._dynamo and triton, whose objects take the interpreter
+    about a second of CPU to dismantle at exit (measured: a 3-step script run 4.4 s -> 3.4 s). The
+    non-daemon threads are joined and the atexit functions run first, as at a normal exit; files
+    must be closed by then (the scripts close theirs)."""
+    import atexit
+    import threading
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # ----------------------------------------------------------------------------------- config / CLI

@@ -243,3 +243,37 @@ def test_sigterm_to_a_process_other_than_the_main_one_names_the_signal_when_it_s
     assert stopped_at < 200
     assert f"SIGTERM: saved {out / f'checkpoint-{stopped_at:08d}'}; continue with the same command and --resume" in stdout
     assert "None: saved" not in stdout
+
+
+def test_a_script_that_ends_normally_exits_at_once_as_python_would(tmp_path):
+    """run_main ends the program's own main() with exit_now: status 0, buffered output flushed, the
+    non-daemon threads joined and the atexit functions run first. main() of another module (a script's
+    main called in-process, as the GPU check and the tests do) returns to its caller."""
+    script = tmp_path / "ends.py"
+    script.write_text(f"""import atexit, sys, threading, time
+sys.path.insert(0, {str(REPO)!r})
+import hvp_run
+from pathlib import Path
+out = Path({str(tmp_path)!r})
+
+def late():
+    time.sleep(0.3)
+    (out / "thread.txt").write_text("joined")
+
+def main():
+    atexit.register(lambda: (out / "atexit.txt").write_text("ran"))
+    threading.Thread(target=late).start()
+    sys.stdout.write("no newline, still buffered")
+
+hvp_run.run_main(main)
+(out / "after.txt").write_text("main returned to the module: no fast exit")
+""")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                            env={k: v for k, v in script_env().items() if k != "PYTHONUNBUFFERED"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout == "no newline, still buffered"
+    assert (tmp_path / "thread.txt").read_text() == "joined" and (tmp_path / "atexit.txt").read_text() == "ran"
+    assert not (tmp_path / "after.txt").exists()
+    returned = []
+    hvp_run.run_main(lambda: returned.append(True))  # this module's function: pytest goes on
+    assert returned == [True]

@@ -29,6 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from bench.common import cpu_name  # noqa: E402
+from hvp_run import usable_cores  # noqa: E402
 
 
 def run_once(script, flags, steps, skip, output_dir):
@@ -56,7 +57,7 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3, help="runs per rule, alternated")
     parser.add_argument("--output", default="", help="also write the table here (markdown)")
     args = parser.parse_args(argv)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     rules = {"auto": [], "1 thread": ["--threads", "1"], "all cores": ["--threads", str(cores)]}
     runs = {name: [] for name in rules}
     with tempfile.TemporaryDirectory() as tmp:

@@ -21,7 +21,7 @@ from .config import (  # noqa: F401
     run_main, RunConfig)
 from .data import (  # noqa: F401
     BatchStream, decode_image, default_workers, epoch_batches, epoch_ranges, make_loader, open_image,
-    open_source, Source, training_batches)
+    open_source, Source, training_batches, usable_cores)
 from .models import check_arch, create_backbone, is_vit_arch, set_pos_embed_resample  # noqa: F401
 from .checkpoints import (  # noqa: F401
     checkpoint_problem, cleanup_partial_checkpoints, download_hub_backbone, export_backbone, init_backbone,

@@ -741,8 +741,12 @@ def training_batches(make_epoch_loader, steps_per_epoch, start_step=0, grad_accu
         current, upcoming, epoch, done = upcoming, None, epoch + 1, 0
 
 
+def usable_cores():
+    """The CPU cores this process may run on (its affinity where the OS tells it, else all)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_workers(processes_per_node=1):
     """Loader workers per process when --num_workers is not given: the CPU cores this process may
     use, shared by the node's processes, minus one for the training loop itself (at least 1)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
-    return max(1, cores // max(1, processes_per_node) - 1)
+    return max(1, usable_cores() // max(1, processes_per_node) - 1)

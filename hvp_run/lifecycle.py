@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from hvp_utils import collate_views, IMAGENET_MEAN, IMAGENET_STD
 from .config import _first_error_line, HVPError, mix_seed, progress_bar, run_folder_of, seed_all, UNDO_ON_ERROR
-from .data import BatchStream, default_workers, make_loader, open_source, Source, training_batches
+from .data import BatchStream, default_workers, make_loader, open_source, Source, training_batches, usable_cores
 from .checkpoints import checkpoint_bytes, checkpoint_config, checkpoint_problem, checkpoints, cleanup_partial_checkpoints, _flatten, load_checkpoint, _replace_dir, save_checkpoint, _unflatten
 from .knn import knn_eval
 from .hub import HubPusher, _link_tree
@@ -463,9 +463,9 @@ class Run:
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         self.num_workers = cfg.num_workers if cfg.num_workers >= 0 else default_workers(per_node)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         threads, self.select_threads = torch_threads(cfg.threads, os.environ.get("OMP_NUM_THREADS"),
-                                                     self.device.type == "cpu", cores, per_node, self.num_workers)
+                                                     self.device.type == "cpu", usable_cores(), per_node,
+                                                     self.num_workers)
         if threads:
             torch.set_num_threads(threads)
         self.threads = torch.get_num_threads()

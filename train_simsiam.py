@@ -190,8 +190,8 @@ def train_step(model, optimizer, micro_batches, cfg, accelerator, step, epoch, l
     the hardest pair of each image (every --hvp_every steps from --hvp_start_epoch on; the plain pair
     (0, 1) otherwise), an ordinary SimSiam forward and backward; the optimizer steps after the last
     micro-batch. Returns (record, (views, pair) of the last micro-batch or None): the record has the
-    loss, the time split and, when log_now, the selection statistics. select_threads: torch's CPU
-    threads for the selection forward (Run.select_threads; None leaves them as they are)."""
+    loss, the time split and, when log_now, the selection statistics.
+    select_threads: torch's CPU threads for the selection forward (Run.select_threads; None: as they are)."""
     unwrapped = accelerator.unwrap_model(model)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     hard = cfg.num_views > 2 and epoch >= cfg.hvp_start_epoch and step % cfg.hvp_every == 0

@@ -27,9 +27,9 @@ train_dino.select_hard_views run again on the selection forward's cached teacher
 outputs (hvp.teacher_probs, cross_entropy_table, select_multicrop, tuple_score), plus the gathers
 of the chosen views.
 
-On a CPU the training scripts apply the photometric step in the loader workers, beside the training
-process (hvp_run.Run: photometric "worker"); this bench keeps it in the timed step, as on a GPU, so
-its CPU step times are what the training process would spend if it did that work itself.
+The photometric step is in the timed step, as in the training scripts on a GPU and in the DINO
+CPU preset, which has no loader workers (with workers, a CPU run applies it in them instead:
+hvp_run.Run.photometric).
 """
 import argparse
 import sys

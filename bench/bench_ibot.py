@@ -29,9 +29,9 @@ the scoring + gather part is train_ibot.select_hard_views run again on the selec
 cached teacher and student outputs (hvp.cross_entropy_table, masked_patch_loss, select_multicrop,
 tuple_score), plus the gathers of the chosen views and masks.
 
-On a CPU the training scripts apply the photometric step in the loader workers, beside the training
-process (hvp_run.Run: photometric "worker"); this bench keeps it in the timed step, as on a GPU, so
-its CPU step times are what the training process would spend if it did that work itself.
+The photometric step is in the timed step, as in the training scripts on a GPU and in the iBOT
+CPU preset, which has no loader workers (with workers, a CPU run applies it in them instead:
+hvp_run.Run.photometric).
 """
 import argparse
 import sys

@@ -20,9 +20,10 @@ the scoring + gather part is train_simclr.select_hard_pair (nt_xent_table, pair_
 hvp.hardest) run again on the selection forward's cached embeddings, plus the gathers of the
 chosen views.
 
-On a CPU the training scripts apply the photometric step in the loader workers, beside the training
-process (hvp_run.Run: photometric "worker"); this bench keeps it in the timed step, as on a GPU, so
-its CPU step times are what the training process would spend if it did that work itself.
+On a CPU with loader workers (as the SimCLR preset has) the training scripts apply the photometric
+step in the workers, beside the training process (hvp_run.Run.photometric: "worker"); this bench
+keeps it in the timed step, as on a GPU, so its CPU step times are what the training process would
+spend if it did that work itself.
 """
 import argparse
 import sys

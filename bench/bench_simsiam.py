@@ -18,9 +18,10 @@ and the ratio HVP / plain. The HVP step is split by train_step's own timing (sel
 the scoring + gather part is train_simsiam.select_hard_pair (hvp.select_hard_pairs with pair_loss)
 run again on the selection forward's cached outputs, plus the gathers of the chosen views.
 
-On a CPU the training scripts apply the photometric step in the loader workers, beside the training
-process (hvp_run.Run: photometric "worker"); this bench keeps it in the timed step, as on a GPU, so
-its CPU step times are what the training process would spend if it did that work itself.
+On a CPU with loader workers (as the SimSiam preset has) the training scripts apply the photometric
+step in the workers, beside the training process (hvp_run.Run.photometric: "worker"); this bench
+keeps it in the timed step, as on a GPU, so its CPU step times are what the training process would
+spend if it did that work itself.
 """
 import argparse
 import sys

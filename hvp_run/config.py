@@ -180,7 +180,7 @@ def parse_config(cls, argv=None, presets=None, recipes=None, description=None):
 
     Values come, later ones winning, from: the dataclass defaults; the named --recipe (`recipes`:
     name -> values); the CPU preset of the dataset (`presets`: dataset -> values; used only without
-    --recipe); --config FILE (a run's config.json, or a {flag: value} JSON object); the precision
+    --recipe; its max_steps only without --epochs); --config FILE (a run's config.json, or a {flag: value} JSON object); the precision
     `accelerate launch` chose (its fp16 or bf16 replaces a --mixed_precision not on the command
     line); the flags on the command line. A bool becomes --flag/--no-flag; a tuple takes as many
     values as its default has, except a tuple default of length 1, which means "one number or more"
@@ -250,6 +250,8 @@ def parse_config(cls, argv=None, presets=None, recipes=None, description=None):
         given["dataset"] = dataset_key(dataset)
         if not recipe_name:
             preset = {dataset_key(k): v for k, v in (presets or {}).items()}.get(given["dataset"], {})
+            if "epochs" in given:  # a preset's max_steps shortens its own epochs, not the ones you give
+                preset = {k: v for k, v in preset.items() if k != "max_steps"}
             values.update(preset)
             used = [k for k in preset if k not in given]
             if used:

@@ -260,3 +260,16 @@ def test_a_dino_run_under_a_recipe_prints_the_values_it_took_from_it(tiny_datase
     resolved = written["config"]
     assert resolved["recipe"] == name and resolved["lr"] == 7.5e-4 and resolved["local_crops_number"] == 10
     assert resolved["mixed_precision"] == "no" and written["run"]["precision"] == "no"  # DINO's fp32, pinned
+
+
+def test_a_presets_max_steps_gives_way_to_the_epochs_you_give():
+    """The iBOT preset stops at 260 steps (1.67 of its 2 epochs); --epochs N runs N epochs in full,
+    --max_steps still sets the length."""
+    cfg, notes = resolve("train_ibot.py", [])
+    assert (cfg.epochs, cfg.max_steps) == (2, 260) and "max_steps=260" in notes[0]
+    cfg, notes = resolve("train_ibot.py", ["--epochs", "3"])
+    assert (cfg.epochs, cfg.max_steps) == (3, 0) and "max_steps" not in notes[0]
+    cfg, _ = resolve("train_ibot.py", ["--epochs", "3", "--max_steps", "100"])
+    assert (cfg.epochs, cfg.max_steps) == (3, 100)
+    cfg, _ = resolve("train_ibot.py", ["--max_steps", "100"])
+    assert (cfg.epochs, cfg.max_steps) == (2, 100)

@@ -303,6 +303,9 @@ def open_source(name, split, image_column="image", label_column="label"):
             return _files_source(name, _data_files(name), image_column, label_column)
         if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
             return _saved_source(name, split, path, image_column, label_column)
+        files = _bare_hub_folder(path, split)
+        if files:
+            return _parquet_source(name, split, files, image_column, label_column)
         try:
             import datasets
             if not path.exists():
@@ -334,6 +337,23 @@ def open_source(name, split, image_column="image", label_column="label"):
         return Source(name, split, "imagefolder", files, [[i, 0, 1] for i in range(len(files))], image_column,
                       "label" if has_labels else None, classes if has_labels else None)
     return _datasets_source(name, split, image_column, label_column)
+
+
+_HUB_SHARD = re.compile(r"(train|validation|test)-\d{5}-of-\d{5}\.parquet")
+
+
+def _bare_hub_folder(path, split):
+    """The parquet files of `split` in a folder holding nothing but data/<split>-NNNNN-of-NNNNN.parquet
+    shards of train, validation or test (as push_to_hub writes them, without a dataset card): the
+    files `datasets` resolves there, found without importing it (half a second of every run's
+    start). None for any other folder, or a split it lacks: `datasets` resolves those."""
+    visible = lambda folder: [p for p in folder.iterdir() if not p.name.startswith(".")]  # noqa: E731
+    if not path.is_dir() or [p.name for p in visible(path)] != ["data"] or not (path / "data").is_dir():
+        return None
+    shards = visible(path / "data")
+    if not shards or not all(p.is_file() and _HUB_SHARD.fullmatch(p.name) for p in shards):
+        return None
+    return sorted(str(p.resolve()) for p in shards if p.name.startswith(split + "-")) or None
 
 
 def _hub_layout_parquet(name, path, split):

@@ -266,13 +266,14 @@ def write_run_info(output_dir, config, derived=None):
     """Record the resolved config, what the run derived from it (`derived`), versions and the
     command line next to the results."""
     import platform
+    from importlib import metadata
     info = {"config": dataclasses.asdict(config), "run": derived or {}, "argv": sys.argv,
             "processes": int(os.environ.get("WORLD_SIZE", 1)),
             "python": platform.python_version(), "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-    for mod in ("timm", "accelerate", "datasets"):
+    for mod in ("timm", "accelerate", "datasets"):  # installed versions, read without importing them
         try:
-            info[mod] = __import__(mod).__version__
-        except ImportError:
+            info[mod] = metadata.version(mod)
+        except metadata.PackageNotFoundError:
             pass
     Path(output_dir, "config.json").write_text(json.dumps(info, indent=2))
 

@@ -295,3 +295,34 @@ def test_a_parquet_folder_in_the_hub_layout_opens_without_datasets(tmp_path):
                             timeout=120)
     assert result.stdout.split() == ["24", "12", "parquet", "False"]
     assert result.stderr.strip().splitlines()[-1].endswith("has no split 'validation' (it has: test, train)")
+
+
+def test_a_bare_hub_folder_opens_without_importing_datasets_as_datasets_opens_it(tmp_path, monkeypatch):
+    """Nothing but data/<split>-NNNNN-of-NNNNN.parquet (the tests' tiny datasets): the same Source as
+    through `datasets`, which is not imported for it (half a second of every run's start); any other
+    folder still goes through `datasets`."""
+    from hvp_run import data
+    from conftest import write_parquet_split
+    folder = tmp_path / "bare"
+    write_parquet_split(folder, "train", 24, 8)
+    write_parquet_split(folder, "test", 12, 6)
+    (folder / ".cache").mkdir()  # hidden entries do not count
+    fast = [hvp_run.open_source(str(folder), s) for s in ("train", "test")]
+    assert data._bare_hub_folder(folder, "train") == [str(folder.resolve() / "data" / "train-00000-of-00001.parquet")]
+    monkeypatch.setattr(data, "_bare_hub_folder", lambda path, split: None)
+    data._OPEN.clear()
+    assert fast == [hvp_run.open_source(str(folder), s) for s in ("train", "test")]
+    monkeypatch.undo()
+    assert data._bare_hub_folder(folder, "validation") is None  # a split it lacks: datasets' error
+    (folder / "README.md").write_text("---\nconfigs: []\n---\n")  # a card may map the files otherwise
+    assert data._bare_hub_folder(folder, "train") is None
+    (folder / "README.md").unlink()
+    (folder / "data" / "dev-00000-of-00001.parquet").write_bytes(b"")  # a split name datasets maps to another
+    assert data._bare_hub_folder(folder, "train") is None
+    code = ("import sys, hvp_run\n"
+            f"hvp_run.open_source({str(tmp_path / 'tiny')!r}, 'train')\n"
+            "print('datasets' in sys.modules)\n")
+    write_parquet_split(tmp_path / "tiny", "train", 8, 8)
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=script_env(), capture_output=True, text=True,
+                            timeout=120)
+    assert result.stdout.split() == ["False"], result.stderr[-2000:]

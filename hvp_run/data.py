@@ -347,10 +347,10 @@ def _bare_hub_folder(path, split):
     shards of train, validation or test (as push_to_hub writes them, without a dataset card): the
     files `datasets` resolves there, found without importing it (half a second of every run's
     start). None for any other folder, or a split it lacks: `datasets` resolves those."""
-    visible = lambda folder: [p for p in folder.iterdir() if not p.name.startswith(".")]  # noqa: E731
-    if not path.is_dir() or [p.name for p in visible(path)] != ["data"] or not (path / "data").is_dir():
+    data = path / "data"
+    if not data.is_dir() or [p.name for p in path.iterdir() if not p.name.startswith(".")] != ["data"]:
         return None
-    shards = visible(path / "data")
+    shards = [p for p in data.iterdir() if not p.name.startswith(".")]  # hidden files (.cache, .lock) aside
     if not shards or not all(p.is_file() and _HUB_SHARD.fullmatch(p.name) for p in shards):
         return None
     return sorted(str(p.resolve()) for p in shards if p.name.startswith(split + "-")) or None

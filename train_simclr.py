@@ -82,7 +82,7 @@ RECIPES = {
 # ResNet stem. lr 1.2 at batch 256 is SimCLR's square-root scaling for small batches (0.075 x
 # sqrt(256)). timm's test_resnet (0.37 M parameters) at 20 epochs beat ResNet-18 at 8 epochs
 # (77.55 %) in about the same time; batch 128 did worse than 256 (README, "Results"). 16 epochs
-# train in about 3.5 minutes on 2 CPU cores in fp32 (20 took 4 min 12 s: about 7 minutes on the
+# train in about 3 minutes on 2 CPU cores in fp32 (20 took 4 min 12 s: about 7 minutes on the
 # slowest CPU measured). It replaces the ImageNet defaults above for flags you do not give.
 PRESETS = {hvp_run.DEFAULT_DATASET: dict(
     arch="test_resnet", small_stem=False, image_size=32, epochs=16, warmup_epochs=1.0, batch_size=256, lr=1.2,

@@ -151,7 +151,8 @@ RECIPES = {
 # 2 CPU cores: 24 px globals (3 x 3 patches of 8 px, ~3 masked) and 16 px locals, a 1024-wide head with
 # 2048 prototypes (the patch head runs on every token), a faster teacher, 2 of 4 candidate locals, no
 # teacher-temperature warm-up (the run is short). A ViT-S trains one epoch in the time of two ViT-Ti
-# epochs (README, "Results"); both full epochs (312 steps, a fifth more) gave 63.70 % instead of 64.00 %. No loader workers: loading is a few per cent of a ViT step here, and torch then gets every
+# epochs (README, "Results"); both full epochs (312 steps, a fifth more) gave 63.70 % instead of
+# 64.00 %. No loader workers: loading is a few per cent of a ViT step here, and torch then gets every
 # core (2 threads ran 1.7x faster than 1 beside a worker). It replaces the ImageNet defaults above for
 # the flags you do not give (with --epochs, the epochs you give run in full).
 PRESETS = {hvp_run.DEFAULT_DATASET: dict(

@@ -188,9 +188,9 @@ def parse_config(cls, argv=None, presets=None, recipes=None, description=None):
     --mixed_precision not on the command line); the flags on the command line. A bool becomes
     --flag/--no-flag; a tuple takes as many values as its default has, except a tuple default of
     length 1, which means "one number or more" (e.g. --pred_ratio 0 0.3); a field with metadata
-    {"const": v} may be given bare (--resume means --resume yes). Local dataset paths are stored resolved; --resume PATH without --output_dir
-    continues in the run folder PATH names. A bad flag is a one-line error (exit status 2); flags
-    are never abbreviated.
+    {"const": v} may be given bare (--resume means --resume yes). Local dataset paths are stored
+    resolved; --resume PATH without --output_dir continues in the run folder PATH names. A bad flag
+    is a one-line error (exit status 2); flags are never abbreviated.
     Returns (config, notes): notes are start-up lines naming what a recipe, preset or --config file
     set. --help shows each flag's default and, where the shipped dataset's preset replaces
     it, the preset's value (what a run without arguments uses).
